@@ -1,0 +1,144 @@
+"""The `miner` command: serve, simulate, jobs, status."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from .settings import Settings, load_settings
+from .store import JobStore
+
+DEMO_TASK = Path(__file__).parent / "demo_task"
+
+
+def _settings_with_metagraph() -> Settings:
+    """Settings, with MINER_METAGRAPH_FILE defaulting to <state>/metagraph.json."""
+    if not os.environ.get("MINER_METAGRAPH_FILE"):
+        os.environ["MINER_METAGRAPH_FILE"] = str(load_settings().state_dir / "metagraph.json")
+    return load_settings()
+
+
+def cmd_serve(args) -> int:
+    from .embedded import deploy
+
+    settings = _settings_with_metagraph()
+    ends = deploy(host=args.host, port=args.port)
+    from .identity import miner_hotkey
+
+    print(f"miner API:   {ends.api_url}   (hotkey {miner_hotkey(settings)})")
+    print(f"dashboard:   {ends.dashboard_url}")
+    print(f"state dir:   {settings.state_dir}   metagraph: {settings.metagraph_file}")
+    print("Ctrl-C stops the API (jobs on a shared cluster keep running; state is in SQLite).")
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _miner_running(url: str) -> bool:
+    try:
+        return httpx.get(url.rstrip("/") + "/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def cmd_simulate(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .identity import miner_hotkey
+    from .simulate import ValidatorClient, load_task, run_simulation, validator_keypair
+
+    settings = _settings_with_metagraph()
+    tasks = [load_task(Path(t), args.minutes) for t in (args.task or [str(DEMO_TASK)])]
+    if not _miner_running(args.miner_url):
+        from .embedded import deploy
+
+        port = int(args.miner_url.rsplit(":", 1)[1].split("/")[0])
+        print(f"no miner at {args.miner_url}: starting an embedded one ...", flush=True)
+        ends = deploy(host="127.0.0.1", port=port, reconcile_interval_s=5.0)
+        print(f"embedded miner API {ends.api_url}, dashboard {ends.dashboard_url}", flush=True)
+    model = args.model
+    if model is None and any("model" not in json.loads((t.path / "task.json").read_text()) for t in tasks):
+        from .demo_model import demo_model
+
+        model = str(demo_model(settings.state_dir, DEMO_TASK))
+        print(f"base model: {model}")
+    client = ValidatorClient(args.miner_url, validator_keypair(settings), miner_hotkey(settings))
+    outcomes = run_simulation(tasks, model, client, settings)
+
+    table = Table(title="miner simulate")
+    for col in ("task", "type", "accepted", "status", "base loss", "submission loss", "hash ok"):
+        table.add_column(col)
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for o in outcomes:
+        table.add_row(o.task, o.task_type, str(o.accepted), o.status, fmt(o.base_loss),
+                      fmt(o.submission_loss), "-" if o.hash_ok is None else str(o.hash_ok))
+    Console(width=130).print(table)
+    for o in outcomes:
+        if o.accepted and not o.verified:
+            print(f"{o.task}: {o.detail}")
+    accepted = [o for o in outcomes if o.accepted]
+    if not accepted:
+        print("no task was accepted")
+    ok = bool(accepted) and all(o.verified for o in accepted)
+    return 0 if ok else 1
+
+
+def cmd_jobs(args) -> int:
+    store = JobStore(load_settings().db_path)
+    jobs = store.list_jobs()
+    if not jobs:
+        print("no jobs")
+    for j in jobs:
+        left = j.deadline - time.time()
+        print(f"{j.task_id}  {j.task_type:<16} {j.status:<10} deadline {'in %.0fs' % left if left > 0 else 'passed'}"
+              f"  {j.repo or ''}  {j.reason or ''}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    settings = load_settings()
+    store = JobStore(settings.db_path)
+    counts: dict[str, int] = {}
+    for j in store.list_jobs():
+        counts[j.status] = counts.get(j.status, 0) + 1
+    print(f"state dir: {settings.state_dir}")
+    print(f"publishing to: {'Hugging Face as ' + settings.hf_username if settings.publishes_to_hf else settings.hub_dir}")
+    print("jobs: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"))
+    url = os.environ.get("MINER_API_URL", "http://127.0.0.1:7999")
+    print(f"API {url}: {'up' if _miner_running(url) else 'not reachable'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="miner", description="Ray-distributed Gradients miner")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("serve", help="start (or join) Ray, deploy the API, run the control plane")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=7999)
+    p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("simulate", help="play a validator against the miner on local tasks")
+    p.add_argument("--task", action="append", help="task folder (train.json, test.json, task.json); repeatable")
+    p.add_argument("--model", help="base model: local directory or HF id (overrides task.json)")
+    p.add_argument("--minutes", type=float, help="hours_to_complete, in minutes, for short runs")
+    p.add_argument("--miner-url", default="http://127.0.0.1:7999")
+    p.set_defaults(fn=cmd_simulate)
+    sub.add_parser("jobs", help="list jobs and their states").set_defaults(fn=cmd_jobs)
+    sub.add_parser("status", help="what the control plane knows").set_defaults(fn=cmd_status)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Where models are published: the real Hugging Face Hub, or a local hub directory.
+
+Both implement the same small interface (`upload_folder`, `snapshot`), which is all the
+publisher and the validator simulator use; the local hub is the embedded default and the
+stand-in for the Hub in tests (no network here).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Protocol
+
+from .settings import Settings
+
+
+class Hub(Protocol):
+    def upload_folder(self, folder: Path, repo_id: str) -> None: ...
+    def snapshot(self, repo_id: str) -> Path: ...
+
+
+class LocalHub:
+    """Repos are folders `<root>/<user>/<name>`; an upload replaces the whole repo atomically."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _repo_dir(self, repo_id: str) -> Path:
+        parts = repo_id.split("/")
+        if len(parts) != 2 or not all(parts) or any(p in (".", "..") for p in parts):
+            raise ValueError(f"invalid repo id {repo_id!r}: expected 'user/name'")
+        return self.root / parts[0] / parts[1]
+
+    def upload_folder(self, folder: Path, repo_id: str) -> None:
+        dest = self._repo_dir(repo_id)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = dest.with_name(dest.name + ".uploading")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(folder, staging)
+        shutil.rmtree(dest, ignore_errors=True)
+        staging.rename(dest)
+
+    def snapshot(self, repo_id: str) -> Path:
+        path = self._repo_dir(repo_id)
+        if not path.is_dir():
+            raise FileNotFoundError(f"repo {repo_id} not found in local hub {self.root}")
+        return path
+
+
+class HuggingFaceHub:
+    """The real Hub: public repos, as the validator downloads them without a token."""
+
+    def __init__(self, token: str, cache_dir: Path):
+        from huggingface_hub import HfApi
+
+        self.token = token
+        self.cache_dir = cache_dir
+        self.api = HfApi(token=token)
+
+    def upload_folder(self, folder: Path, repo_id: str) -> None:
+        self.api.create_repo(repo_id, private=False, exist_ok=True)
+        self.api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="miner submission")
+        self.api.update_repo_visibility(repo_id, private=False)
+
+    def snapshot(self, repo_id: str) -> Path:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, token=self.token, cache_dir=str(self.cache_dir)))
+
+
+def hub_from_settings(settings: Settings) -> Hub:
+    if settings.publishes_to_hf:
+        return HuggingFaceHub(settings.hf_token, settings.state_dir / "hf_cache")
+    return LocalHub(settings.hub_dir)
+
+
+def repo_owner(settings: Settings) -> str:
+    return settings.hf_username if settings.publishes_to_hf else "local"
+
+
+def point_adapter_at_base(folder: Path, base_model_id: str) -> None:
+    """The validator resolves the base from `adapter_config.base_model_name_or_path`, which must
+    be the HF id (or, for local demo models, the path it was given) - never our cache path."""
+    cfg_path = folder / "adapter_config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = base_model_id
+        cfg_path.write_text(json.dumps(cfg, indent=2))

@@ -1,0 +1,40 @@
+"""One Ray Job per training job: submission id `miner-<task_id>`, metadata for the dashboard.
+
+Jobs run in the job supervisor's process tree, not in a Serve replica, so they survive
+Serve redeploys and show in the dashboard's Jobs tab.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from .settings import Settings
+from .store import Job
+
+
+class RayJobRunner:
+    def __init__(self, address: str | None = None):
+        self.client = JobSubmissionClient(address)
+
+    def submit(self, job: Job, settings: Settings) -> str:
+        # Use this interpreter: the cluster PATH's `python` may not have the miner installed.
+        entrypoint = f"{sys.executable} -m cluster.job_main --task-id {job.task_id}"
+        metadata = {
+            "kind": "miner-finetune", "task_id": job.task_id, "task_type": job.task_type,
+            "model": job.model[:200], "expected_repo_name": job.expected_repo_name,
+            "deadline": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(job.deadline)),
+        }
+        return self.client.submit_job(
+            entrypoint=entrypoint, submission_id=job.submission_id, metadata=metadata,
+            runtime_env={"env_vars": settings.as_env()},
+            entrypoint_num_cpus=0, entrypoint_num_gpus=0)
+
+    def status(self, submission_id: str) -> tuple[str | None, str]:
+        """(status, message) of a Ray Job, (None, "") when the cluster does not know it."""
+        try:
+            info = self.client.get_job_info(submission_id)
+        except RuntimeError:
+            return None, ""
+        return str(info.status.value if isinstance(info.status, JobStatus) else info.status), info.message or ""

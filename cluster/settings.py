@@ -1,0 +1,106 @@
+"""Miner settings from the environment: G.O.D's names where they exist, MINER_* for ours."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path
+    metagraph_file: Path | None
+    miner_hotkey: str | None
+    wallet_name: str | None
+    hotkey_name: str | None
+    netuid: int
+    subtensor_network: str
+    min_stake_threshold: float
+    hf_token: str | None
+    hf_username: str | None
+    hub_dir: Path
+    max_dataset_bytes: int
+    num_workers: int
+    use_gpu: bool
+    max_hours: float
+    min_hours: float
+    training_repo: str
+    training_commit: str
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "miner.db"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.state_dir / "jobs"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.state_dir / "models"
+
+    @property
+    def publishes_to_hf(self) -> bool:
+        return bool(self.hf_token and self.hf_username)
+
+    def job_dir(self, task_id: str) -> Path:
+        return self.jobs_dir / task_id
+
+    def as_env(self) -> dict[str, str]:
+        """The variables a Ray Job needs to rebuild these settings on any node."""
+        keep = {k: v for k, v in os.environ.items() if k.startswith("MINER_") or k in _GOD_NAMES}
+        keep["MINER_STATE_DIR"] = str(self.state_dir)
+        keep["MINER_HUB_DIR"] = str(self.hub_dir)
+        return keep
+
+
+_GOD_NAMES = ("WALLET_NAME", "HOTKEY_NAME", "NETUID", "SUBTENSOR_NETWORK", "MIN_STAKE_THRESHOLD",
+              "HUGGINGFACE_TOKEN", "HUGGINGFACE_USERNAME")
+
+
+def load_settings() -> Settings:
+    state_dir = Path(_env("MINER_STATE_DIR", "~/.miner")).expanduser().resolve()
+    metagraph = _env("MINER_METAGRAPH_FILE")
+    return Settings(
+        state_dir=state_dir,
+        metagraph_file=Path(metagraph).expanduser().resolve() if metagraph else None,
+        miner_hotkey=_env("MINER_HOTKEY"),
+        wallet_name=_env("WALLET_NAME"),
+        hotkey_name=_env("HOTKEY_NAME"),
+        netuid=int(_env("NETUID", "56")),
+        subtensor_network=_env("SUBTENSOR_NETWORK", "finney"),
+        min_stake_threshold=float(_env("MIN_STAKE_THRESHOLD", "1000")),
+        hf_token=_env("HUGGINGFACE_TOKEN"),
+        hf_username=_env("HUGGINGFACE_USERNAME"),
+        hub_dir=Path(_env("MINER_HUB_DIR", str(state_dir / "hub"))).expanduser().resolve(),
+        max_dataset_bytes=int(_env("MINER_MAX_DATASET_BYTES", str(2 * 1024**3))),
+        num_workers=int(_env("MINER_TRAIN_WORKERS", "1")),
+        use_gpu=_env("MINER_USE_GPU", "auto") in ("1", "true", "auto") and _gpu_available(),
+        max_hours=float(_env("MINER_MAX_HOURS", "48")),
+        min_hours=float(_env("MINER_MIN_HOURS", "0.02")),
+        training_repo=_env("MINER_TRAINING_REPO", "https://github.com/rayonlabs/G.O.D"),
+        training_commit=_env("MINER_TRAINING_COMMIT", "076e87fc746985e272015322cc91fb3bbbca2f26"),
+    )
+
+
+def _gpu_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def read_metagraph(path: Path | None) -> dict[str, float]:
+    """The validator allow-list: hotkey -> stake, from a JSON list of {"hotkey", "stake"}."""
+    if path is None or not path.exists():
+        return {}
+    rows = json.loads(path.read_text())
+    return {str(r["hotkey"]): float(r.get("stake", 0.0)) for r in rows}

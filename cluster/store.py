@@ -1,0 +1,181 @@
+"""Durable job store: SQLite in WAL mode, one transaction per state change.
+
+Jobs are the source of truth for the miner's promises: every accepted training request is a
+row before the HTTP answer goes out, and the submission (repo, hash) is read from here.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator
+
+# Life of a job. `published` and `failed` are terminal.
+QUEUED, SUBMITTED, RUNNING, PUBLISHING, PUBLISHED, FAILED = (
+    "queued", "submitted", "running", "publishing", "published", "failed")
+ACTIVE = (QUEUED, SUBMITTED, RUNNING, PUBLISHING)
+TERMINAL = (PUBLISHED, FAILED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    task_id TEXT PRIMARY KEY,
+    task_type TEXT NOT NULL,
+    model TEXT NOT NULL,
+    dataset_url TEXT NOT NULL,
+    dataset_type TEXT NOT NULL,
+    file_format TEXT NOT NULL,
+    expected_repo_name TEXT NOT NULL,
+    hours_to_complete REAL NOT NULL,
+    created_at REAL NOT NULL,
+    deadline REAL NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    ray_submission_id TEXT,
+    repo TEXT,
+    model_hash TEXT,
+    hparams TEXT,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS offers (
+    task_id TEXT PRIMARY KEY,
+    task_type TEXT NOT NULL,
+    model TEXT NOT NULL,
+    hours_to_complete REAL NOT NULL,
+    accepted INTEGER NOT NULL,
+    message TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+@dataclass
+class Job:
+    task_id: str
+    task_type: str
+    model: str
+    dataset_url: str
+    dataset_type: dict
+    file_format: str
+    expected_repo_name: str
+    hours_to_complete: float
+    created_at: float
+    deadline: float
+    status: str = QUEUED
+    reason: str | None = None
+    ray_submission_id: str | None = None
+    repo: str | None = None
+    model_hash: str | None = None
+    hparams: dict | None = None
+    updated_at: float = 0.0
+
+    @property
+    def submission_id(self) -> str:
+        return f"miner-{self.task_id}"
+
+
+@dataclass
+class Offer:
+    task_id: str
+    task_type: str
+    model: str
+    hours_to_complete: float
+    accepted: bool
+    message: str
+    created_at: float
+
+
+_JSON_COLUMNS = ("dataset_type", "hparams")
+
+
+class JobStore:
+    """A thread-safe SQLite store; every public method is one transaction."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30,
+                                     isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(_SCHEMA)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # jobs -----------------------------------------------------------------
+    def add_job(self, job: Job) -> bool:
+        """Inserts the job; False (and no change) if this task_id is already known."""
+        job.updated_at = time.time()
+        row = {f.name: getattr(job, f.name) for f in fields(Job)}
+        for col in _JSON_COLUMNS:
+            row[col] = json.dumps(row[col]) if row[col] is not None else None
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self._tx() as c:
+            cur = c.execute(f"INSERT OR IGNORE INTO jobs ({cols}) VALUES ({marks})", tuple(row.values()))
+            return cur.rowcount == 1
+
+    def get_job(self, task_id: str) -> Job | None:
+        row = self._conn.execute("SELECT * FROM jobs WHERE task_id = ?", (task_id,)).fetchone()
+        return _job_from_row(row) if row else None
+
+    def list_jobs(self, statuses: tuple[str, ...] | None = None) -> list[Job]:
+        if statuses:
+            marks = ",".join("?" for _ in statuses)
+            rows = self._conn.execute(
+                f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY deadline", statuses).fetchall()
+        else:
+            rows = self._conn.execute("SELECT * FROM jobs ORDER BY created_at").fetchall()
+        return [_job_from_row(r) for r in rows]
+
+    def update_job(self, task_id: str, *, only_if_status: tuple[str, ...] | None = None, **changes) -> bool:
+        """Applies `changes`; with `only_if_status`, only when the job is in one of those states."""
+        for col in _JSON_COLUMNS:
+            if col in changes and changes[col] is not None:
+                changes[col] = json.dumps(changes[col])
+        changes["updated_at"] = time.time()
+        sets = ", ".join(f"{k} = ?" for k in changes)
+        args = list(changes.values()) + [task_id]
+        where = "task_id = ?"
+        if only_if_status:
+            where += f" AND status IN ({','.join('?' for _ in only_if_status)})"
+            args += list(only_if_status)
+        with self._tx() as c:
+            return c.execute(f"UPDATE jobs SET {sets} WHERE {where}", args).rowcount == 1
+
+    # offers ---------------------------------------------------------------
+    def record_offer(self, offer: Offer) -> None:
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO offers VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (offer.task_id, offer.task_type, offer.model, offer.hours_to_complete,
+                       int(offer.accepted), offer.message, offer.created_at))
+
+    def get_offer(self, task_id: str) -> Offer | None:
+        row = self._conn.execute("SELECT * FROM offers WHERE task_id = ?", (task_id,)).fetchone()
+        if row is None:
+            return None
+        return Offer(**{**dict(row), "accepted": bool(row["accepted"])})
+
+
+def _job_from_row(row: sqlite3.Row) -> Job:
+    data = dict(row)
+    for col in _JSON_COLUMNS:
+        data[col] = json.loads(data[col]) if data[col] else None
+    return Job(**data)

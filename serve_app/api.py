@@ -1,0 +1,75 @@
+"""The miner's HTTP API: G.O.D's offer-era endpoints (exact paths, trailing slashes) and the
+tournament endpoint. Routes live on the module-level `api` so they are testable without Serve;
+the control plane and authenticator are attached with `wiring.install()`."""
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import Depends, FastAPI, HTTPException
+
+from cluster.control import ControlPlane, Refused
+from cluster.protocol import (MinerSubmission, MinerTaskOffer, MinerTaskResponse, TaskType, TrainingRepoResponse,
+                              TrainRequestImage, TrainRequestText, TrainResponse)
+
+from .auth import verified_validator
+from .wiring import control_plane
+
+api = FastAPI(title="Gradients miner", version="0.1.0")
+
+TEXT_TRAINING_TYPES = {TaskType.INSTRUCTTEXTTASK, TaskType.DPOTASK, TaskType.CHATTASK}
+
+
+def _train(control: ControlPlane, req: TrainRequestText, types: set[TaskType]) -> TrainResponse:
+    try:
+        return control.start_training(req, types)
+    except Refused as exc:
+        raise HTTPException(exc.status, exc.reason)
+
+
+@api.post("/task_offer/", response_model=MinerTaskResponse)
+def task_offer(offer: MinerTaskOffer, _: str = Depends(verified_validator),
+               control: ControlPlane = Depends(control_plane)) -> MinerTaskResponse:
+    return control.offer(offer)
+
+
+@api.post("/task_offer_image/", response_model=MinerTaskResponse)
+def task_offer_image(offer: MinerTaskOffer, _: str = Depends(verified_validator)) -> MinerTaskResponse:
+    return MinerTaskResponse(message="declined: this miner does not train image models yet", accepted=False)
+
+
+@api.post("/start_training/", response_model=TrainResponse)
+def start_training(req: TrainRequestText, _: str = Depends(verified_validator),
+                   control: ControlPlane = Depends(control_plane)) -> TrainResponse:
+    return _train(control, req, TEXT_TRAINING_TYPES)
+
+
+@api.post("/start_training_grpo/", response_model=TrainResponse)
+def start_training_grpo(req: TrainRequestText, _: str = Depends(verified_validator),
+                        control: ControlPlane = Depends(control_plane)) -> TrainResponse:
+    return _train(control, req, {TaskType.GRPOTASK})
+
+
+@api.post("/start_training_image/", response_model=TrainResponse)
+def start_training_image(req: TrainRequestImage, _: str = Depends(verified_validator)) -> TrainResponse:
+    raise HTTPException(422, "this miner does not train image models; the offer was declined")
+
+
+@api.get("/get_latest_model_submission/{task_id}", response_model=MinerSubmission)
+def get_latest_model_submission(task_id: str, _: str = Depends(verified_validator),
+                                control: ControlPlane = Depends(control_plane)) -> MinerSubmission:
+    submission = control.submission(task_id)
+    if submission is None:
+        raise HTTPException(404, f"no published submission for task {task_id}")
+    return submission
+
+
+@api.get("/training_repo/{task_type}", response_model=TrainingRepoResponse)
+def training_repo(task_type: Literal["text", "image"], _: str = Depends(verified_validator),
+                  control: ControlPlane = Depends(control_plane)) -> TrainingRepoResponse:
+    s = control.settings
+    return TrainingRepoResponse(github_repo=s.training_repo, commit_hash=s.training_commit)
+
+
+@api.get("/healthz")
+def healthz() -> dict:
+    return {"ok": True}

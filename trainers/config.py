@@ -1,0 +1,47 @@
+"""Training configuration: one dataclass, recorded with every job as its hyperparameters."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model_path: str                    # local directory of the base model
+    train_file: str                    # the task's training JSON (array of records)
+    dataset_type: dict                 # the validator's dataset_type object
+    task_type: str = "InstructTextTask"
+    # where
+    run_dir: str = "/tmp/miner-runs"   # Ray Train storage_path (shared storage on multi-node)
+    run_name: str = "ft"               # stable per job: a rerun resumes
+    # method
+    method: str = "lora"               # "lora" | "full"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: str | list[str] = "all-linear"
+    # optimisation
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.05
+    min_lr_ratio: float = 0.1
+    epochs: float = 3.0
+    batch_tokens: int = 8192           # padded tokens per micro-batch per worker
+    max_batch: int = 32
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    max_seq_len: int | None = None     # None: the validator's evaluation length
+    # selection and deadline
+    dev_fraction: float = 0.05
+    max_dev_rows: int = 256
+    train_deadline: float = 0.0        # unix time at which training must stop (0: no deadline)
+    saves: int = 4                     # evaluate dev loss and checkpoint this many times
+    seed: int = 42
+    # resources
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

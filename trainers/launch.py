@@ -1,0 +1,67 @@
+"""One entry point: `fit(TrainConfig)` runs the task's recipe in a Ray Train TorchTrainer and
+returns the best checkpoint by dev loss, with the run's history."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from .config import TrainConfig
+
+RECIPES = {"InstructTextTask": "trainers.instruct:train_loop_per_worker"}
+
+
+@dataclass
+class TrainOutcome:
+    model_dir: Path          # the selected weights, ready to publish
+    summary: dict            # the recipe's return value (history, steps, best, ...)
+    checkpoint_metrics: dict
+
+
+def _recipe(task_type: str):
+    if task_type not in RECIPES:
+        raise ValueError(f"no trainer for task type {task_type!r} yet (have: {sorted(RECIPES)})")
+    module, fn = RECIPES[task_type].split(":")
+    import importlib
+
+    return getattr(importlib.import_module(module), fn)
+
+
+def fit(cfg: TrainConfig, out_dir: Path) -> TrainOutcome:
+    trainer = TorchTrainer(
+        _recipe(cfg.task_type),
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker,
+                                                           **({"GPU": 1} if cfg.use_gpu else {})},
+                                     placement_strategy="STRICT_PACK" if cfg.num_workers <= 8 else "PACK"),
+        run_config=RunConfig(
+            name=cfg.run_name, storage_path=cfg.run_dir,
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="dev_loss",
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=2)),
+    )
+    result = trainer.fit()
+    best = latest_good_checkpoint(result)
+    if best is None:
+        raise RuntimeError("training produced no checkpoint")
+    checkpoint, metrics = best
+    out_dir = Path(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    with checkpoint.as_directory() as d:
+        shutil.copytree(d, out_dir, ignore=shutil.ignore_patterns("train_state.pt"))
+    return TrainOutcome(out_dir, result.return_value or {}, metrics)
+
+
+def latest_good_checkpoint(result):
+    """The checkpoint with the lowest dev loss (the latest one when there is no dev split)."""
+    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if m]
+    with_dev = [(c, m) for c, m in ranked if m.get("dev_loss") is not None]
+    if with_dev:
+        return min(with_dev, key=lambda cm: cm[1]["dev_loss"])
+    if ranked:
+        return max(ranked, key=lambda cm: cm[1].get("step", 0))
+    return (result.checkpoint, result.metrics or {}) if result.checkpoint else None

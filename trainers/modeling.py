@@ -1,0 +1,40 @@
+"""Loading the base model and tokenizer, attaching the trainable part, saving it."""
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .config import TrainConfig
+
+
+def load_tokenizer(model_path: str):
+    """The base tokenizer, as the validator loads it: pad = eos when there is no pad token."""
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(model_path: str, device: torch.device):
+    # bf16 weights on GPU (as evaluated); fp32 on CPU, where bf16 matmuls are slow.
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+
+
+def wrap_for_training(model, cfg: TrainConfig):
+    if cfg.method == "full":
+        return model
+    if cfg.method != "lora":
+        raise ValueError(f"unknown method {cfg.method!r}")
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def save_trainable(model, tokenizer, out_dir: str) -> None:
+    """A LoRA adapter (adapter_config.json + adapter_model.safetensors) or a full model with
+    its config unchanged; tokenizer files ride along (the validator ignores them)."""
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

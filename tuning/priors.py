@@ -1,0 +1,40 @@
+"""Starting hyperparameters from the model size and task type (training-recipes.md §0, §3.1):
+a LoRA LR is about 10x the full-FT LR, smaller models take larger LRs. The LR range test and
+ASHA search refine these per job; the knowledge base refines the priors."""
+from __future__ import annotations
+
+import math
+
+
+def lr_prior(n_params: int, method: str = "lora") -> float:
+    """Full-FT anchor 1e-5 at 7B, scaling as N^-0.25 (hotter for small models), clamped."""
+    n = max(n_params, 1_000_000)
+    full = 1e-5 * (7e9 / n) ** 0.25
+    lr = full * (10 if method == "lora" else 1)
+    return float(min(3e-3, max(5e-6, lr)))
+
+
+def default_hparams(n_params: int, task_type: str, method: str = "lora") -> dict:
+    rank = 16 if n_params < 50_000_000 else 64 if n_params < 13e9 else 128
+    return {
+        "method": method,
+        "lr": lr_prior(n_params, method),
+        "lora_r": rank,
+        "lora_alpha": 2 * rank,
+        "epochs": 3.0,
+        "warmup_fraction": 0.05,
+        "min_lr_ratio": 0.1,
+        "weight_decay": 0.0,
+        "saves": 4,
+    }
+
+
+def param_count_from_config(config) -> int:
+    """A rough parameter count from an HF config, for sizing before the weights are loaded."""
+    h = getattr(config, "hidden_size", 0) or 0
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    inter = getattr(config, "intermediate_size", 4 * h) or 4 * h
+    vocab = getattr(config, "vocab_size", 0) or 0
+    tied = getattr(config, "tie_word_embeddings", False)
+    per_layer = 4 * h * h + 3 * h * inter
+    return int(layers * per_layer + vocab * h * (1 if tied else 2)) or int(math.pow(10, 9))
