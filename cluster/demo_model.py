@@ -18,7 +18,7 @@ def demo_model(state_dir: Path, task_dir: Path) -> Path:
         return BENCH_MODEL
     out = state_dir / "demo-model"
     if not (out / "config.json").exists():
-        build_tiny_llama(out, texts_from_task(task_dir))
+        build_tiny_model(out, texts_from_task(task_dir))
     return out
 
 
@@ -27,23 +27,42 @@ def texts_from_task(task_dir: Path) -> list[str]:
     return [" ".join(str(v) for v in row.values()) for row in rows]
 
 
-def build_tiny_llama(out: Path, texts: list[str], vocab_size: int = 2048) -> Path:
-    """A randomly initialised 4-layer Llama and a byte-level BPE tokenizer, saved in HF format."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+_FAMILY_SHAPES = {
+    # hidden 128, 4 layers, GQA where the family has it: enough to exercise each architecture.
+    "llama": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False),
+    "qwen2": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True),
+    "mistral": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=4096, sliding_window=None),
+    "gpt2": dict(n_embd=128, n_layer=2, n_head=4, n_positions=1024),
+}
 
+
+def build_tiny_model(out: Path, texts: list[str], family: str = "llama", vocab_size: int = 2048,
+                     bos_prefix: bool = False) -> Path:
+    """A randomly initialised model of `family` and a byte-level BPE tokenizer trained on
+    `texts`, saved in HF format. `bos_prefix` makes the tokenizer add a BOS to every encoding
+    (as Llama-3 tokenizers do), which the instruct formatting must handle."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|begin|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bos = "<|endoftext|>"
+    if bos_prefix:
+        bos = "<|begin|>"
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>")
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+    ids = dict(bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    config = AutoConfig.for_model(family, vocab_size=len(fast), **_FAMILY_SHAPES[family], **ids)
     out.mkdir(parents=True, exist_ok=True)
-    LlamaForCausalLM(config).save_pretrained(out)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
     fast.save_pretrained(out)
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import shutil
 import time
 
 import ray.train
@@ -99,6 +99,7 @@ def train_loop_per_worker(config: dict) -> dict:
         resume_step, total = state["step"], state["total"]
 
     history: list[dict] = []
+    staging = os.path.join(cfg.run_dir, cfg.run_name, "_staging", f"rank{rank}")
     save_points = {int(total * (i + 1) / cfg.saves) for i in range(cfg.saves)}
     step, epoch, micro, t0, tokens = resume_step, 0, 0, time.time(), 0
     best = {"dev_loss": None}
@@ -145,7 +146,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 entry["dev_loss"] = dev_loss(model, dev, tokenizer.pad_token_id, device, cfg.batch_tokens)
                 if best["dev_loss"] is None or (entry["dev_loss"] or 0) <= best["dev_loss"]:
                     best = {"dev_loss": entry["dev_loss"], "step": step}
-                _report(raw_model, optimizer, tokenizer, step, total, entry, rank)
+                _report(raw_model, optimizer, tokenizer, step, total, entry, rank, staging)
             if done:
                 break
         epoch += 1
@@ -154,16 +155,19 @@ def train_loop_per_worker(config: dict) -> dict:
             "max_len": max_len, "tokens": tokens * world, "train_seconds": round(time.time() - t0, 2)}
 
 
-def _report(model, optimizer, tokenizer, step: int, total: int, metrics: dict, rank: int) -> None:
-    """Reports metrics with a checkpoint (rank 0 writes it; every rank must call report)."""
-    with tempfile.TemporaryDirectory() as d:
-        checkpoint = None
-        if rank == 0:
-            save_trainable(model, tokenizer, d)
-            torch.save({"model": {k: v for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
-                        if hasattr(model, "peft_config") else model.state_dict(),
-                        "optimizer": optimizer.state_dict(), "step": step, "total": total},
-                       os.path.join(d, "train_state.pt"))
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        clean = {k: v for k, v in metrics.items() if v is not None}
-        ray.train.report(clean, checkpoint=checkpoint)
+def _report(model, optimizer, tokenizer, step: int, total: int, metrics: dict, rank: int, staging: str) -> None:
+    """Reports metrics with a checkpoint (rank 0 writes it; every rank must call report).
+    Ray Train copies the checkpoint into the run's storage during report, so the staging copy
+    is removed afterwards - except in local mode (num_workers=0, no Ray), where it is the copy."""
+    d = os.path.join(staging, f"step_{step:07d}")
+    checkpoint = None
+    if rank == 0:
+        save_trainable(model, tokenizer, d)
+        trainable = ({k: v for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
+                     if hasattr(model, "peft_config") else model.state_dict())
+        torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "step": step, "total": total},
+                   os.path.join(d, "train_state.pt"))
+        checkpoint = ray.train.Checkpoint.from_directory(d)
+    ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
+    if rank == 0 and ray.is_initialized():
+        shutil.rmtree(d, ignore_errors=True)

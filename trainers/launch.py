@@ -53,6 +53,7 @@ def fit(cfg: TrainConfig, out_dir: Path) -> TrainOutcome:
     shutil.rmtree(out_dir, ignore_errors=True)
     with checkpoint.as_directory() as d:
         shutil.copytree(d, out_dir, ignore=shutil.ignore_patterns("train_state.pt"))
+    shutil.rmtree(Path(cfg.run_dir) / cfg.run_name / "_staging", ignore_errors=True)
     return TrainOutcome(out_dir, result.return_value or {}, metrics)
 
 
