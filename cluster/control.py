@@ -17,6 +17,7 @@ from .settings import Settings
 from .store import ACTIVE, FAILED, PUBLISHED, QUEUED, SUBMITTED, Job, JobStore, Offer
 
 log = logging.getLogger("miner.control")
+RESUBMIT_GRACE_S = 15.0
 
 
 @dataclass
@@ -106,6 +107,8 @@ class ControlPlane:
                                       reason="deadline passed before a model was published")
                 continue
             status, message = self.runner.status(job.submission_id)
+            if status is None and time.time() - job.updated_at < RESUBMIT_GRACE_S:
+                continue  # start_training may be submitting it right now
             if status is None:
                 self.store.update_job(job.task_id, only_if_status=ACTIVE, status=QUEUED)
                 self._submit(job)
