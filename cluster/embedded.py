@@ -28,8 +28,7 @@ def ensure_ray(num_cpus: int | None = None) -> str:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], namespace="miner")
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                           namespace="miner")
+            ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", namespace="miner")
     url = ray._private.worker.get_dashboard_url() or "127.0.0.1:8265"
     return url if url.startswith("http") else f"http://{url}"
 
