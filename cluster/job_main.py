@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 import traceback
@@ -106,16 +105,13 @@ def run_job(task_id: str, settings: Settings) -> int:
 
 def _fallback_outcome(job_dir: Path, exc: Exception):
     """Deadlines are sacred: if training died after saving a checkpoint, publish that."""
-    from trainers.launch import TrainOutcome
+    from trainers.launch import TrainOutcome, export_checkpoint
 
     checkpoint = latest_checkpoint(job_dir / "runs")
     if checkpoint is None:
         return None
     print(f"[job] training failed ({type(exc).__name__}); publishing last checkpoint {checkpoint}", flush=True)
-    model_dir = job_dir / "model"
-    shutil.rmtree(model_dir, ignore_errors=True)
-    shutil.copytree(checkpoint, model_dir, ignore=shutil.ignore_patterns("train_state.pt"))
-    return TrainOutcome(model_dir, {"fallback_after": f"{type(exc).__name__}: {exc}"}, {})
+    return TrainOutcome(export_checkpoint(checkpoint, job_dir / "model"), {"fallback_after": f"{type(exc).__name__}: {exc}"}, {})
 
 
 def _fail(store: JobStore, job_dir: Path, task_id: str, reason: str, timings: dict) -> int:

@@ -49,12 +49,18 @@ def fit(cfg: TrainConfig, out_dir: Path) -> TrainOutcome:
     if best is None:
         raise RuntimeError("training produced no checkpoint")
     checkpoint, metrics = best
-    out_dir = Path(out_dir)
-    shutil.rmtree(out_dir, ignore_errors=True)
     with checkpoint.as_directory() as d:
-        shutil.copytree(d, out_dir, ignore=shutil.ignore_patterns("train_state.pt"))
+        out_dir = export_checkpoint(Path(d), Path(out_dir))
     shutil.rmtree(Path(cfg.run_dir) / cfg.run_name / "_staging", ignore_errors=True)
     return TrainOutcome(out_dir, result.return_value or {}, metrics)
+
+
+def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Path:
+    """The publishable part of a checkpoint (weights, configs, tokenizer), without the
+    optimizer/resume state, into a fresh `out_dir`."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    shutil.copytree(checkpoint_dir, out_dir, ignore=shutil.ignore_patterns("train_state.pt"))
+    return out_dir
 
 
 def latest_good_checkpoint(result):
