@@ -41,6 +41,8 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    accelerator_type: str | None = None   # the planned GPU type (cluster.capacity)
+    label_selector: dict | None = None    # the planned node ({"ray.io/node-id": ...})
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
