@@ -113,11 +113,11 @@ class Scheduler:
 
     def try_admit(self, task_id: str, options: list[Plan], deadline: float, now: float,
                   kind: str = OFFER) -> Outcome:
-        """The first option (preferred shape first) that is on time without making any
-        currently on-time promise late."""
+        """Of the options (shapes, preferred first), the one finishing first that is on time
+        without making any currently on-time promise late; stops at the first that starts now."""
         with self.lock:
             already_late = self.late(now)
-            earliest = None
+            earliest, best = None, None
             for plan in options:
                 cand = Item(task_id, plan, deadline, kind, now + self.reservation_ttl_s if kind == OFFER else None)
                 placed = {p.task_id: p for p in self.place_all([*self.queue.values(), cand], now)}
@@ -125,8 +125,11 @@ class Scheduler:
                 if mine.node_id is not None:
                     earliest = mine.start if earliest is None else min(earliest, mine.start)
                 if mine.on_time and all(p.on_time or t in already_late for t, p in placed.items()):
-                    return Outcome(plan, mine)
-            return Outcome(None, None, earliest)
+                    if best is None or (mine.end, mine.start) < (best[1].end, best[1].start):
+                        best = (plan, mine)
+                    if mine.start <= now:
+                        break
+            return Outcome(best[0], best[1]) if best else Outcome(None, None, earliest)
 
     def due(self, now: float) -> list[tuple[Item, Placement]]:
         """Queued jobs (not reservations) whose placement starts now, in deadline order."""
