@@ -19,6 +19,7 @@ LORA_FRACTION = 0.02    # r128 adapters on all linear layers: ~2% of the base, t
 FULL_FT_MAX_PARAMS = 9e9  # the winner's cut: full FT up to 9 B, LoRA above (§1.6)
 RUNTIME_GIB = 3.0       # CUDA context, allocator slack, NCCL buffers
 GRPO_GENERATION_SHARE = 0.3  # vLLM colocate's gpu_memory_utilization (§3.9)
+POST_SAFETY = 3.0       # save + upload kept back from the window: hub uploads vary widely
 
 # Tokens/s per H100 ≈ C / params_B, fitted to our plain-HF measurements (§2.3):
 # full 1.24 B 48 k, 3.2 B 15.7 k (≈55 k·B); frozen-base 1.24 B 60 k, 3.2 B 25 k, 7.5 B 13.3 k (≈85 k·B).
@@ -93,6 +94,7 @@ class Plan:
     min_s: float                # shortest useful run, overheads and margin included
     target_s: float             # what the job uses when time allows (capped later by the deadline)
     overhead_s: float           # download + load + save + upload + fixed margin
+    post_s: float = 0.0         # save + upload + fixed margin: kept back from the end of the window
 
     @property
     def strategy(self) -> str:
@@ -110,7 +112,7 @@ class Plan:
 
     @staticmethod
     def from_dict(d: dict) -> "Plan":
-        return Plan(**{k: d[k] for k in Plan.__dataclass_fields__})
+        return Plan(**{k: d[k] for k in Plan.__dataclass_fields__ if k in d})
 
 
 def shape_from_params(params: float) -> tuple[int, int]:
@@ -149,6 +151,14 @@ def tokens_per_s(params: float, method: str, gpus: int, dev: Device, task_type: 
 
 def durations(params: float, method: str, tps: float, timing: Timing) -> tuple[float, float, float]:
     """(min_s, target_s, overhead_s): download, load, tuning share, training, save, upload, margin."""
+    return _durations(params, method, tps, timing)[:3]
+
+
+def post_training_s(params: float, method: str, timing: Timing) -> float:
+    return _durations(params, method, 1.0, timing)[3]
+
+
+def _durations(params: float, method: str, tps: float, timing: Timing) -> tuple[float, float, float, float]:
     weights = FROZEN_BYTES * params
     produced = weights if method == "full" else weights * LORA_FRACTION
     overhead = (timing.download_fixed_s + weights / timing.download_bps + weights / timing.load_bps
@@ -159,7 +169,8 @@ def durations(params: float, method: str, tps: float, timing: Timing) -> tuple[f
     def total(train: float) -> float:
         return (overhead + train / (1 - timing.tuning_share)) * (1 + timing.margin_fraction) + timing.margin_s
 
-    return total(min_train), total(target_train), overhead + timing.margin_s
+    post = POST_SAFETY * (produced / timing.save_bps + produced / timing.upload_bps) + timing.margin_s
+    return total(min_train), total(target_train), overhead + timing.margin_s, post
 
 
 def preferred_gpus(params: float, task_type: str) -> int:
@@ -179,7 +190,8 @@ def plan_options(params: int, task_type: str, gpu_type: str, max_gpus: int, *, c
             return []
         tps = tokens_per_s(params, "lora", 1, dev, task_type) * speedup
         lo, hi, over = durations(params, "lora", tps, timing or CPU_TIMING)
-        return [Plan(task_type, params, "lora", "CPU", 0, cpu_workers, cpus_per_worker, 0.0, tps, lo, hi, over)]
+        return [Plan(task_type, params, "lora", "CPU", 0, cpu_workers, cpus_per_worker, 0.0, tps, lo, hi, over,
+                     post_training_s(params, "lora", timing or CPU_TIMING))]
     method, gmin = _method_and_min_gpus(params, task_type, dev, max_gpus)
     if method is None:
         return []
@@ -192,7 +204,7 @@ def plan_options(params: int, task_type: str, gpu_type: str, max_gpus: int, *, c
         lo, hi, over = durations(params, m, tps, timing or GPU_TIMING)
         mem = memory_per_gpu_gib(params, task_type, m, g, dev)
         plans.append(Plan(task_type, int(params), m, gpu_type, g, g, cpus_per_worker, round(mem, 1),
-                          tps, lo, hi, over))
+                          tps, lo, hi, over, post_training_s(params, m, timing or GPU_TIMING)))
     return plans
 
 

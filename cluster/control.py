@@ -65,7 +65,8 @@ class ControlPlane:
                                                 offer.hours_to_complete, offer.model_params_count), now)
         expires = now + self.scheduler.reservation_ttl_s if d.accepted else None
         if d.accepted:
-            self.scheduler.add(Item(offer.task_id, d.plan, now + offer.hours_to_complete * 3600, OFFER, expires))
+            self.scheduler.add(Item(offer.task_id, d.plan, now + offer.hours_to_complete * 3600, OFFER, expires,
+                                    d.placement.node_id))
         self.store.record_offer(Offer(offer.task_id, offer.task_type.value, offer.model,
                                       offer.hours_to_complete, d.accepted, d.message, now,
                                       d.plan.to_dict() if d.plan else None, expires))
@@ -95,21 +96,22 @@ class ControlPlane:
             raise Refused(409, f"this task's offer was declined: {offer.message}")
         now = time.time()
         reserved = self.scheduler.queue.get(req.task_id)
+        hint = None
         if reserved is not None and reserved.kind == OFFER:
-            plan = reserved.plan   # the offer's reservation becomes the job
+            plan, hint = reserved.plan, reserved.node_hint   # the offer's reservation becomes the job
         else:
             d = self.admission.decide(self._request(req.task_id, task_type, req.model, req.hours_to_complete,
                                                     None), now, kind=JOB)
             if not d.accepted:
                 raise Refused(422, d.message)
-            plan = d.plan
+            plan, hint = d.plan, d.placement.node_id
         job = Job(task_id=req.task_id, task_type=task_type.value, model=req.model, dataset_url=req.dataset,
                   dataset_type=dataset_type.model_dump(), file_format=req.file_format.value,
                   expected_repo_name=req.expected_repo_name or str(uuid.uuid4()),
                   hours_to_complete=req.hours_to_complete, created_at=now,
                   deadline=now + req.hours_to_complete * 3600, plan=plan.to_dict())
         self.store.add_job(job)
-        self.scheduler.add(Item(job.task_id, plan, job.deadline, JOB))
+        self.scheduler.add(Item(job.task_id, plan, job.deadline, JOB, node_hint=hint))
         self.dispatch()
         return TrainResponse(message="Training job enqueued.", task_id=req.task_id)
 
@@ -129,6 +131,7 @@ class ControlPlane:
             job.plan, job.started_at = placed, now
             self._submit(job)
             started.append(job.task_id)
+        self.scheduler.late(now)  # warm the schedule here, so the next offer only checks itself
         return started
 
     def _plan_legacy(self, job: Job) -> Plan | None:

@@ -44,7 +44,7 @@ def plan(job: Job, settings: Settings, model_dir: Path, train_file: Path, rows: 
     # so the next queued job starts on time, never after the deadline.
     shape, end = plan_shape(job, settings)
     budget = end - (job.started_at or job.created_at)
-    reserve = PUBLISH_RESERVE_S + PUBLISH_RESERVE_FRACTION * budget
+    reserve = max(PUBLISH_RESERVE_S + PUBLISH_RESERVE_FRACTION * budget, float((job.plan or {}).get("post_s") or 0))
     hp = default_hparams(n_params, job.task_type, shape.pop("method"))
     return TrainConfig(model_path=str(model_dir), train_file=str(train_file), dataset_type=job.dataset_type,
                        task_type=job.task_type, run_dir=str(run_dir), run_name=f"ft-{job.task_id}",

@@ -133,17 +133,14 @@ class Ledger:
     def free_times(self, now: float) -> dict[str, list[float]]:
         """Per node, the time each device becomes free (sorted). Holds on nodes that left the
         cluster are dropped; devices of holds past their end stay busy a short grace."""
-        out = {n.node_id: [now] * n.gpus for n in self.view.nodes}
+        ends: dict[str, list[float]] = {n.node_id: [] for n in self.view.nodes}
         for h in self.holds.values():
-            slots = out.get(h.node_id)
-            if slots is None:
-                continue
-            end = max(h.end, now + OVERRUN_GRACE_S)
-            for _ in range(min(h.gpus, len(slots))):
-                i = min(range(len(slots)), key=slots.__getitem__)
-                slots[i] = max(slots[i], end)
-        for slots in out.values():
-            slots.sort()
+            if h.node_id in ends:
+                ends[h.node_id] += [max(h.end, now + OVERRUN_GRACE_S)] * h.gpus
+        out = {}
+        for n in self.view.nodes:
+            busy = sorted(ends[n.node_id])[-n.gpus:] if n.gpus else []
+            out[n.node_id] = [now] * (n.gpus - len(busy)) + busy
         return out
 
     def busy(self, now: float) -> int:
