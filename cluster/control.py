@@ -37,8 +37,10 @@ class ControlPlane:
     machine until the reconcile loop reads Ray's nodes."""
 
     def __init__(self, settings: Settings, store: JobStore | None = None, runner=None,
-                 view: ClusterView | None = None):
+                 view: ClusterView | None = None, prefetch=None):
         self.settings = settings
+        # hook: prefetch(job) downloads the data/model of a job queued next while others train
+        self.prefetch = prefetch
         self.store = store or JobStore(settings.db_path)
         self._runner = runner
         self._fixed_view = view is not None or bool(os.environ.get("MINER_CLUSTER"))
@@ -200,6 +202,11 @@ class ControlPlane:
                     self._learn_failure(job, reason)
         self.knowledge.reload()  # jobs record their own outcomes from their Ray Job
         self.dispatch()
+        if self.prefetch is not None:
+            for item in self.scheduler.next_jobs(time.time()):
+                job = self.store.get_job(item.task_id)
+                if job is not None:
+                    self.prefetch(job)
 
     def _learn_failure(self, job: Job, reason: str) -> None:
         family = family_of(local_config(job.model, self.settings.model_cache_dir))

@@ -30,8 +30,8 @@ def settings(tmp_path, monkeypatch):
     return load_settings()
 
 
-def plane(settings, shape="1x1xH100"):
-    return ControlPlane(settings, runner=RayDown(), view=parse_shape(shape))
+def plane(settings, shape="1x1xH100", prefetch=None):
+    return ControlPlane(settings, runner=RayDown(), view=parse_shape(shape), prefetch=prefetch)
 
 
 def offer(cp, params=1e9, hours=2.0, task_id=None):
@@ -61,11 +61,14 @@ def test_queue_dispatches_in_deadline_order_and_survives_restart(settings):
     assert ja.started_at and ja.plan["node_id"] == "H100-0" and ja.plan["planned_end"] <= ja.deadline
     assert jb.started_at is None and jb.status == QUEUED      # waits for its turn, not for Ray
 
-    again = plane(settings)                                   # a restart: same promises from SQLite
+    fetched = []
+    again = plane(settings, prefetch=lambda job: fetched.append(job.task_id))  # a restart: same promises
     assert set(again.scheduler.ledger.holds) == {a} and set(again.scheduler.queue) == {b}
     assert again.scheduler.ledger.holds[a].end == pytest.approx(ja.plan["planned_end"])
     _, rc2 = offer(again, hours=1.0)
     assert not rc2.accepted and "busy until" in rc2.message
+    again.reconcile()
+    assert fetched == [b]                                     # the next job's inputs prefetch meanwhile
 
     cp.store.update_job(a, status="published")               # a finishes: b starts on reconcile
     again.reconcile()
