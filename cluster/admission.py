@@ -135,17 +135,30 @@ class Admission:
                                          timing=self.timing)
         if out:
             return out, ""
-        return [], (f"too big for the cluster: a {params / 1e9:.1f}B {task_type} does not fit the memory of "
-                    f"any node ({view.describe()})")
+        return [], (f"too big for the cluster: {params / 1e9:.1f}B parameters is over what one node's memory "
+                    f"holds for {task_type} ({view.describe()})")
 
     def _busy_message(self, size: str, plan: Plan, earliest: float | None, now: float, budget: float) -> str:
         shape = f"{plan.gpus}×{plan.gpu_type}" if plan.gpus else "a CPU slot"
         if earliest is None:
-            return f"declined: busy until {_clock(self.scheduler.busy_until(now))}: no {shape} is free for this job"
+            return (f"declined: busy until {_clock(self.scheduler.busy_until(now))} (no capacity): no {shape} "
+                    f"is free for this job")
         left = max(0.0, now + budget - earliest)
-        return (f"declined: busy until {_clock(earliest)}: the first {shape} frees then, leaving "
+        return (f"declined: busy until {_clock(earliest)} (no capacity before then): the first {shape} frees then, leaving "
                 f"{capacity.hours(left)} of the {capacity.hours(budget)} budget; a {size} needs ≥ "
                 f"{capacity.hours(plan.min_s)}")
+
+
+def decide(task_type: TaskType, model: str, hours: float, params: int | None, settings) -> Decision:
+    """Capability check without a queue (an idle cluster of this machine's or MINER_CLUSTER's
+    shape): the old entry point, for callers that have no control plane."""
+    from .knowledge import local_config
+    from .ledger import initial_view
+
+    adm = Admission(Scheduler(initial_view(settings.use_gpu, settings.num_workers)),
+                    limits=Limits(settings.min_hours, settings.max_hours, settings.num_workers))
+    return adm.decide(Request("capability-check", task_type, model, hours, params,
+                              local_config(model, settings.model_cache_dir)))
 
 
 def _clock(t: float) -> str:

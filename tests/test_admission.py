@@ -155,3 +155,15 @@ def test_ray_view_counts_gpus_not_accelerator_markers():
     assert cpu.nodes[0].gpu_type == "CPU" and cpu.nodes[0].gpus == 3
     with pytest.raises(ValueError, match="bad cluster shape"):
         parse_shape("8 H100")
+
+
+def test_stateless_decide_keeps_the_old_entry_point(tmp_path, monkeypatch):
+    from cluster import admission
+    from cluster.settings import load_settings
+
+    monkeypatch.setenv("MINER_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("MINER_CLUSTER", "1x1xH100")
+    settings = load_settings()
+    assert admission.decide(I, "org/model-1B", 2.0, None, settings).accepted
+    big = admission.decide(I, "org/model-70B", 2.0, None, settings)
+    assert not big.accepted and "parameters is over" in big.message and "1×1×H100" in big.message
