@@ -121,3 +121,25 @@ def test_older_database_migrates_in_place(tmp_path):
     job = store.get_job("t1")
     assert job.repo == "me/r" and job.plan is None and job.started_at is None
     assert store.get_offer("t1").plan is None and store.reserved_offers(0) == []
+
+
+def test_finished_jobs_teach_the_knowledge_base_by_family(settings, tmp_path):
+    import json
+
+    from cluster.knowledge import learn
+
+    base_model = tmp_path / "model"
+    base_model.mkdir()
+    (base_model / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    cp = plane(settings)
+    a, _ = offer(cp, hours=1.0)
+    train(cp, a, hours=1.0)
+    job = cp.store.get_job(a)
+    predicted = job.plan["tokens_per_s"]
+    learn(cp.knowledge, job, base_model, None, {"tokens": predicted * 50, "train_seconds": 100.0}, None)
+    again = plane(settings)                           # read back from SQLite after a restart
+    assert again.knowledge.speedup("llama") == 0.5    # keyed by config.json's model_type
+    for _ in range(2):
+        learn(again.knowledge, job, base_model, None, None, "training failed: NaN loss")
+    assert "'llama' failed 2 times" in again.knowledge.blocked("llama")
+    assert plane(settings).knowledge.blocked("llama")
