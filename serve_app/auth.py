@@ -6,12 +6,10 @@ we do, so a request signed for another miner cannot be replayed against us.
 """
 from __future__ import annotations
 
-import threading
-from pathlib import Path
-
 from fastapi import HTTPException, Request
 
-from cluster.settings import Settings, read_metagraph
+from cluster.metagraph import Metagraph, metagraph_from_settings
+from cluster.settings import Settings
 from cluster.signing import NonceManager, signing_message, verify_signature
 
 from .wiring import authenticator
@@ -19,33 +17,11 @@ from .wiring import authenticator
 HEADERS = ("validator-hotkey", "miner-hotkey", "nonce", "signature")
 
 
-class Metagraph:
-    """The validator allow-list (hotkey -> stake), re-read when its file changes."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self._mtime: float | None = None
-        self._nodes: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def nodes(self) -> dict[str, float]:
-        if self.path is None:
-            return {}
-        try:
-            mtime = self.path.stat().st_mtime
-        except FileNotFoundError:
-            return {}
-        with self._lock:
-            if mtime != self._mtime:
-                self._nodes, self._mtime = read_metagraph(self.path), mtime
-            return self._nodes
-
-
 class Authenticator:
-    def __init__(self, settings: Settings, miner_hotkey: str):
+    def __init__(self, settings: Settings, miner_hotkey: str, metagraph: Metagraph | None = None):
         self.min_stake = settings.min_stake_threshold
         self.miner_hotkey = miner_hotkey
-        self.metagraph = Metagraph(settings.metagraph_file)
+        self.metagraph = metagraph or metagraph_from_settings(settings)
         self.nonces = NonceManager()
 
     def check(self, headers, body: bytes) -> str:
@@ -54,9 +30,10 @@ class Authenticator:
         if missing:
             raise HTTPException(401, f"missing auth header(s): {', '.join(missing)}")
         validator = headers["validator-hotkey"]
-        stake = self.metagraph.nodes().get(validator)
+        nodes = self.metagraph.nodes()
+        stake = nodes.get(validator)
         if stake is None:
-            raise HTTPException(403, "Hotkey not found in metagraph")
+            raise HTTPException(403, "Hotkey not found in metagraph" + ("" if nodes else " (our metagraph is empty)"))
         if stake < self.min_stake:
             raise HTTPException(403, f"Insufficient stake of {stake} ")
         if headers["miner-hotkey"] != self.miner_hotkey:
