@@ -4,31 +4,14 @@ import time
 import uuid
 
 import pytest
-from fastapi.testclient import TestClient
 from substrateinterface import Keypair
 
-from cluster.control import ControlPlane
-from cluster.settings import load_settings
 from cluster.signing import make_nonce, signed_headers
-from cluster.simulate import register_validator
-from serve_app.api import api
-from serve_app.auth import Authenticator
-from serve_app.wiring import install
 
 
 @pytest.fixture()
-def env(tmp_path, monkeypatch, base_model):
-    monkeypatch.setenv("MINER_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("MINER_METAGRAPH_FILE", str(tmp_path / "metagraph.json"))
-    monkeypatch.setenv("MIN_STAKE_THRESHOLD", "1000")
-    validator, poor, miner = (Keypair.create_from_mnemonic(Keypair.generate_mnemonic()) for _ in range(3))
-    register_validator(tmp_path / "metagraph.json", validator.ss58_address, 5000)
-    register_validator(tmp_path / "metagraph.json", poor.ss58_address, 10)
-    settings = load_settings()
-    control = ControlPlane(settings)
-    install(control, Authenticator(settings, miner.ss58_address))
-    return {"client": TestClient(api), "validator": validator, "poor": poor, "miner": miner, "control": control,
-            "model": str(base_model)}
+def env(api_env):
+    return api_env
 
 
 def _offer(model, task_type="InstructTextTask"):
