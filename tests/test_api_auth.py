@@ -30,7 +30,7 @@ def test_signed_offer_is_answered_and_recorded(env):
     offer = _offer(env["model"])
     resp = _post(env, "/task_offer/", offer)
     assert resp.status_code == 200 and resp.json()["accepted"] is True
-    assert env["control"].store.get_offer(offer["task_id"]).accepted
+    assert env["control"].offers.get(offer["task_id"]).accepted
 
 
 @pytest.mark.parametrize("dumps", [json.dumps, lambda p: json.dumps(p, separators=(",", ":"))])
@@ -65,7 +65,7 @@ def test_rejections_have_the_right_status(env):
     for name, (status, sent, headers) in cases.items():
         resp = env["client"].post("/task_offer/", content=sent, headers={"Content-Type": "application/json", **headers})
         assert resp.status_code == status, (name, resp.text)
-    assert env["control"].store.get_offer(offer["task_id"]) is None  # nothing stored from rejected requests
+    assert env["control"].offers.get(offer["task_id"]) is None  # nothing stored from rejected requests
 
 
 def test_replayed_nonce_is_rejected(env):

@@ -91,6 +91,7 @@ def _headers(env, mode: str, body: bytes) -> dict:
 
 
 def _counts(env) -> tuple[int, int]:
+    env["control"].offers.flush()  # offer decisions are written behind the answer
     with sqlite3.connect(env["control"].settings.db_path) as db:
         return (db.execute("SELECT count(*) FROM jobs").fetchone()[0],
                 db.execute("SELECT count(*) FROM offers").fetchone()[0])
