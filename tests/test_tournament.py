@@ -61,3 +61,17 @@ def test_tournament_cli_writes_a_better_model_before_the_limit(tmp_path, base_mo
     test_file = demo_task["path"] / "test.json"
     assert evaluate_path(out, str(base_model), test_file, demo_task["dataset_type"]) < \
         evaluate_path(base_model, str(base_model), test_file, demo_task["dataset_type"])
+
+
+def test_the_image_runs_this_module_with_the_validators_arguments():
+    """The validator's exact argument list (whole hours as an int) parses; the image's entrypoint is this module."""
+    from pathlib import Path
+
+    from cluster.tournament import parse_args
+
+    dockerfile = (Path(__file__).parents[1] / "dockerfiles" / "standalone-text-trainer.dockerfile").read_text()
+    assert 'ENTRYPOINT ["python", "-m", "trainers.tournament"]' in dockerfile
+    args = parse_args(["--task-id", "t", "--model", "Qwen/Qwen2.5-0.5B", "--dataset", "https://s3/x.json",
+                       "--dataset-type", '{"field_instruction": "i"}', "--task-type", "DpoTask",
+                       "--file-format", "s3", "--expected-repo-name", "tournament-1-t-5abc", "--hours-to-complete", "3"])
+    assert args.hours_to_complete == 3.0 and args.output_root == "/app/checkpoints" and args.cache_root == "/cache"
