@@ -82,7 +82,8 @@ def load_settings() -> Settings:
         hub_dir=Path(_env("MINER_HUB_DIR", str(state_dir / "hub"))).expanduser().resolve(),
         max_dataset_bytes=int(_env("MINER_MAX_DATASET_BYTES", str(2 * 1024**3))),
         num_workers=int(_env("MINER_TRAIN_WORKERS", "1")),
-        use_gpu=_env("MINER_USE_GPU", "auto") in ("1", "true", "auto") and _gpu_available(),
+        # "1": train on GPUs even when this process (a CPU head's job driver) sees none
+        use_gpu=_env("MINER_USE_GPU", "auto") in ("1", "true") or (_env("MINER_USE_GPU", "auto") == "auto" and _gpu_available()),
         max_hours=float(_env("MINER_MAX_HOURS", "48")),
         min_hours=float(_env("MINER_MIN_HOURS", "0.02")),
         training_repo=_env("MINER_TRAINING_REPO", "https://github.com/rayonlabs/G.O.D"),

@@ -114,7 +114,7 @@ def test_two_node_cluster_places_training_on_the_worker_and_exports_every_metric
     register_validator(root / "metagraph.json", validator.ss58_address, 10_000)
     miner_env = {"MINER_STATE_DIR": str(root / "state"), "MINER_METAGRAPH_FILE": str(root / "metagraph.json"),
                  "MINER_HOTKEY": hotkey, "MIN_STAKE_THRESHOLD": "1000", "MINER_MIN_HOURS": "0.005",
-                 "MINER_TRAIN_LABELS": "miner-role=train", "MINER_TRAIN_WORKERS": "1"}
+                 "MINER_TRAIN_LABELS": "miner-role=train", "MINER_TRAIN_WORKERS": "1", "MINER_USE_GPU": "0"}
     # What `serve deploy serve_config.yaml -a <dashboard>` does, minus a CLI start-up: the
     # schema-checked config PUT to the head's dashboard.
     config = ServeDeploySchema.model_validate(_serve_config(root, miner_env))
