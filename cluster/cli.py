@@ -98,13 +98,22 @@ def cmd_simulate(args) -> int:
 def _console(args):
     from rich.console import Console
 
-    # --save-svg: also keep what was printed as an SVG (for docs and bug reports)
-    return Console(width=args.width, record=bool(getattr(args, "save_svg", None)))
+    # --save: also keep what was printed, as SVG or PNG (for docs and bug reports)
+    return Console(width=args.width, record=bool(getattr(args, "save", None)))
 
 
 def _save(console, args) -> None:
-    if getattr(args, "save_svg", None):
-        console.save_svg(args.save_svg, title="miner")
+    """Writes the recorded output to args.save: .svg, or .png through cairosvg (the docs extra)."""
+    if not getattr(args, "save", None):
+        return
+    # Drawn with DejaVu Sans Mono (present on most Linux hosts), whose glyphs are 0.602 em wide.
+    svg = console.export_svg(title="miner", font_aspect_ratio=0.602).replace("Fira Code", "DejaVu Sans Mono")
+    if args.save.endswith(".png"):
+        import cairosvg  # pip install cairosvg
+
+        cairosvg.svg2png(bytestring=svg.encode(), write_to=args.save)
+    else:
+        Path(args.save).write_text(svg)
 
 
 def cmd_jobs(args) -> int:
@@ -199,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_job)
     for name in ("jobs", "job"):
         sub.choices[name].add_argument("--width", type=int, default=None, help="console width")
-        sub.choices[name].add_argument("--save-svg", metavar="PATH", help="also write the output as SVG")
+        sub.choices[name].add_argument("--save", metavar="PATH", help="also write the output to PATH (.svg or .png)")
     sub.add_parser("status", help="what the control plane knows").set_defaults(fn=cmd_status)
     args = parser.parse_args(argv)
     return args.fn(args)

@@ -7,6 +7,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from rich import box
 from rich.console import Group
 from rich.panel import Panel
 from rich.progress_bar import ProgressBar
@@ -49,7 +50,7 @@ def _fmt(v, spec=".4f") -> str:
 def jobs_table(jobs: list[Job], settings: Settings, now: float | None = None) -> Table:
     """One row per job: state, a progress bar of optimizer steps, losses, throughput, deadline."""
     now = now or time.time()
-    table = Table(title=f"miner jobs  ({len(jobs)})  {_clock(now)} UTC", title_justify="left")
+    table = Table(title=f"miner jobs  ({len(jobs)})  {_clock(now)} UTC", title_justify="left", box=box.SIMPLE_HEAD)
     for col, kw in (("task", {}), ("type", {}), ("status", {}), ("progress", {"width": 24}), ("step", {"justify": "right"}),
                     ("loss", {"justify": "right"}), ("dev loss", {"justify": "right"}), ("tok/s", {"justify": "right"}),
                     ("deadline", {"justify": "right"}), ("repo / reason", {"overflow": "fold", "max_width": 44})):
@@ -60,7 +61,7 @@ def jobs_table(jobs: list[Job], settings: Settings, now: float | None = None) ->
         step = p.get("step", 0)
         done = job.status == PUBLISHED
         bar = ProgressBar(total=max(total, 1), completed=total if done and total else step, width=22,
-                          complete_style="green" if done else "cyan", finished_style="green")
+                          complete_style="green" if done else "cyan", finished_style="green", style="grey42")
         left = job.deadline - now
         deadline = "-" if job.status in (PUBLISHED, FAILED) else (f"in {_duration(left)}" if left > 0 else "passed")
         tail = Text(job.reason or "", style="red") if job.status == FAILED else Text(job.repo or "")
@@ -94,7 +95,7 @@ def job_story(job: Job, settings: Settings, ray_info: dict | None = None) -> Gro
 
 
 def _timeline(job: Job, d: Path, ray_info: dict | None) -> Table:
-    t = Table(title="timeline (UTC)", title_justify="left")
+    t = Table(title="timeline (UTC)", title_justify="left", box=box.SIMPLE_HEAD)
     for col in ("when", "event", "took"):
         t.add_column(col)
     t.add_row(_clock(job.created_at), f"training request accepted ({job.hours_to_complete:.2f} h budget)", "")
@@ -117,7 +118,7 @@ def _hparams(job: Job, d: Path) -> Table | None:
     hp = job.hparams or _read_json(d / "hparams.json")
     if not hp:
         return None
-    t = Table(title="chosen hyperparameters", title_justify="left")
+    t = Table(title="chosen hyperparameters", title_justify="left", box=box.SIMPLE_HEAD)
     keys = [k for k in HPARAM_KEYS if k in hp] + [f"extra.{k}" for k in (hp.get("extra") or {})]
     for k in keys:
         t.add_column(k.replace("extra.", ""), justify="right")
@@ -130,7 +131,7 @@ def _losses(d: Path) -> Table | None:
     selected = (_read_json(d / "summary.json") or {}).get("selected_checkpoint") or {}
     if not curve:
         return None
-    t = Table(title=f"losses ({len(curve)} steps; plot: loss_curve.png)", title_justify="left")
+    t = Table(title=f"losses ({len(curve)} steps; plot: loss_curve.png)", title_justify="left", box=box.SIMPLE_HEAD)
     for col in ("step", "train loss", "dev loss", "lr", "tok/s"):
         t.add_column(col, justify="right")
     shown = [curve[0]] + [h for h in curve[1:-1] if h.get("dev_loss") is not None] + ([curve[-1]] if len(curve) > 1 else [])

@@ -51,8 +51,16 @@ def _wait(predicate, timeout, what, every=0.5):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """Head and worker as two `ray start` processes; `ray stop` at the end (tests run under the Ray lock)."""
+    """Head and worker as two `ray start` processes, the miner deployed from serve_config.yaml
+    while the worker starts; `ray stop` at the end (tests run under the Ray lock)."""
     root = tmp_path_factory.mktemp("cluster")
+    validator = Keypair.create_from_mnemonic(Keypair.generate_mnemonic())
+    hotkey = Keypair.create_from_mnemonic(Keypair.generate_mnemonic()).ss58_address
+    register_validator(root / "metagraph.json", validator.ss58_address, 10_000)
+    miner_env = {"MINER_STATE_DIR": str(root / "state"), "MINER_METAGRAPH_FILE": str(root / "metagraph.json"),
+                 "MINER_HOTKEY": hotkey, "MIN_STAKE_THRESHOLD": "1000", "MINER_MIN_HOURS": "0.005",
+                 "MINER_TRAIN_LABELS": "miner-role=train", "MINER_TRAIN_WORKERS": "1", "MINER_USE_GPU": "0"}
+    dashboard = f"http://127.0.0.1:{DASHBOARD_PORT}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO),  # "the miner is installed on every node"
            "RAY_metrics_report_interval_ms": "1000"}  # export every second (default 10 s): short test job
@@ -63,16 +71,33 @@ def cluster(tmp_path_factory):
              f"--metrics-export-port={HEAD_METRICS}", "--ray-client-server-port=20091",
              "--dashboard-agent-listen-port=52391", "--dashboard-agent-grpc-port=52392",
              "--runtime-env-agent-port=52393", *common, env=env)
+        _mark("head started")
+        _wait(lambda: _deploy(dashboard, _serve_config(miner_env)), 30, "the dashboard's Serve API")
+        _mark("serve deploy sent")
         _ray("start", f"--address=127.0.0.1:{GCS_PORT}", "--num-cpus=2", "--labels=miner-role=train",
              f"--metrics-export-port={WORKER_METRICS}", "--dashboard-agent-listen-port=52394",
              "--dashboard-agent-grpc-port=52395", "--runtime-env-agent-port=52396", *common, env=env)
-        _mark("head and worker started")
-        yield {"env": env, "root": root, "dashboard": f"http://127.0.0.1:{DASHBOARD_PORT}"}
+        _mark("worker started")
+        yield {"root": root, "dashboard": dashboard, "miner_env": miner_env, "validator": validator, "hotkey": hotkey}
     finally:
         _ray("stop", "--force", env=env, check=False)
 
 
-def _serve_config(root: Path, miner_env: dict) -> dict:
+def _deploy(dashboard: str, config: dict) -> bool:
+    """What `serve deploy serve_config.yaml -a <dashboard>` does, minus a CLI start-up: the
+    schema-checked config PUT to the head's dashboard."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+    from ray.serve.schema import ServeDeploySchema
+
+    body = ServeDeploySchema.model_validate(config).model_dump(exclude_unset=True)
+    try:
+        ServeSubmissionClient(dashboard).deploy_applications(body)
+    except (RuntimeError, OSError):  # the dashboard's Serve module is still starting
+        return False
+    return True
+
+
+def _serve_config(miner_env: dict) -> dict:
     """The repository's serve_config.yaml with the test's port and state directory."""
     config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     config["http_options"].update(host="127.0.0.1", port=SERVE_PORT)
@@ -103,24 +128,12 @@ def _scrape(port: int) -> str:
 
 
 def test_two_node_cluster_places_training_on_the_worker_and_exports_every_metric(cluster, model, demo_task):
-    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
     from ray.job_submission import JobSubmissionClient
-    from ray.serve.schema import ServeDeploySchema
     from ray.util.state import list_actors, list_nodes
 
-    root, dashboard = cluster["root"], cluster["dashboard"]
-    validator = Keypair.create_from_mnemonic(Keypair.generate_mnemonic())
-    hotkey = Keypair.create_from_mnemonic(Keypair.generate_mnemonic()).ss58_address
-    register_validator(root / "metagraph.json", validator.ss58_address, 10_000)
-    miner_env = {"MINER_STATE_DIR": str(root / "state"), "MINER_METAGRAPH_FILE": str(root / "metagraph.json"),
-                 "MINER_HOTKEY": hotkey, "MIN_STAKE_THRESHOLD": "1000", "MINER_MIN_HOURS": "0.005",
-                 "MINER_TRAIN_LABELS": "miner-role=train", "MINER_TRAIN_WORKERS": "1", "MINER_USE_GPU": "0"}
-    # What `serve deploy serve_config.yaml -a <dashboard>` does, minus a CLI start-up: the
-    # schema-checked config PUT to the head's dashboard.
-    config = ServeDeploySchema.model_validate(_serve_config(root, miner_env))
-    ServeSubmissionClient(dashboard).deploy_applications(config.model_dump(exclude_unset=True))
+    root, dashboard, miner_env = cluster["root"], cluster["dashboard"], cluster["miner_env"]
+    validator, hotkey = cluster["validator"], cluster["hotkey"]
     api = f"http://127.0.0.1:{SERVE_PORT}"
-    _mark("serve deploy returned")
     _wait(lambda: _healthy(api), 60, "the miner deployed by serve deploy")
     _mark("miner API healthy")
 

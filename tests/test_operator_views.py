@@ -110,7 +110,7 @@ def test_miner_jobs_shows_live_progress_and_watch_stops_when_done(state, capsys,
     svg = tmp_path / "jobs.svg"
     started = time.time()
     assert miner_cli(["jobs", "--watch", "--until-done", "--interval", "0.1", "--width", "220",
-                      "--save-svg", str(svg)]) == 0
+                      "--save", str(svg)]) == 0
     assert time.time() - started < 5 and "me/done" in capsys.readouterr().out
     assert svg.read_text().startswith("<svg")
 
