@@ -53,7 +53,7 @@ def jobs_table(jobs: list[Job], settings: Settings, now: float | None = None) ->
     table = Table(title=f"miner jobs  ({len(jobs)})  {_clock(now)} UTC", title_justify="left", box=box.SIMPLE_HEAD)
     for col, kw in (("task", {}), ("type", {}), ("status", {}), ("progress", {"width": 24}), ("step", {"justify": "right"}),
                     ("loss", {"justify": "right"}), ("dev loss", {"justify": "right"}), ("tok/s", {"justify": "right"}),
-                    ("deadline", {"justify": "right"}), ("repo / reason", {"overflow": "fold", "max_width": 44})):
+                    ("deadline", {"justify": "right"}), ("repo / reason", {"overflow": "fold", "max_width": 48})):
         table.add_column(col, **kw)
     for job in jobs:
         p = read_progress(settings.job_dir(job.task_id) / PROGRESS_FILE) or {}
@@ -114,16 +114,27 @@ def _timeline(job: Job, d: Path, ray_info: dict | None) -> Table:
     return t
 
 
-def _hparams(job: Job, d: Path) -> Table | None:
+def _hparams(job: Job, d: Path, per_row: int = 4) -> Table | None:
     hp = job.hparams or _read_json(d / "hparams.json")
     if not hp:
         return None
-    t = Table(title="chosen hyperparameters", title_justify="left", box=box.SIMPLE_HEAD)
-    keys = [k for k in HPARAM_KEYS if k in hp] + [f"extra.{k}" for k in (hp.get("extra") or {})]
-    for k in keys:
-        t.add_column(k.replace("extra.", ""), justify="right")
-    t.add_row(*[str(hp["extra"][k[6:]] if k.startswith("extra.") else hp[k]) for k in keys])
+    pairs = [(k, hp[k]) for k in HPARAM_KEYS if k in hp] + list((hp.get("extra") or {}).items())
+    t = Table(title="chosen hyperparameters", title_justify="left", box=box.SIMPLE_HEAD, show_header=False)
+    for _ in range(per_row):
+        t.add_column(style="bold")
+        t.add_column(justify="right")
+    for i in range(0, len(pairs), per_row):
+        row = [cell for k, v in pairs[i:i + per_row] for cell in (k, _value(v))]
+        t.add_row(*row)
     return t
+
+
+def _value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 or v == 0 else f"{v:.2e}"
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 1e6:
+        return f"{v / 1e6:.1f}M"
+    return str(v) if v not in ({}, None) else "-"
 
 
 def _losses(d: Path) -> Table | None:
