@@ -10,7 +10,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from . import admission
+from . import admission, metrics
 from .offer_log import OfferLog
 from .protocol import (MinerSubmission, MinerTaskOffer, MinerTaskResponse, TaskType, TrainRequestText,
                        TrainResponse, parse_dataset_type, task_type_of)
@@ -45,10 +45,12 @@ class ControlPlane:
 
     # offers -----------------------------------------------------------------
     def offer(self, offer: MinerTaskOffer) -> MinerTaskResponse:
+        started = time.perf_counter()
         d = admission.decide(offer.task_type, offer.model, offer.hours_to_complete,
                              offer.model_params_count, self.settings)
         self.offers.record(Offer(offer.task_id, offer.task_type.value, offer.model,
                                       offer.hours_to_complete, d.accepted, d.message, time.time()))
+        metrics.record_offer(d.accepted, d.message, time.perf_counter() - started)
         return MinerTaskResponse(message=d.message, accepted=d.accepted)
 
     # training ---------------------------------------------------------------
