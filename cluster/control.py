@@ -11,10 +11,12 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from . import metrics
 from .admission import Admission, Limits, Request
 from .capacity import Plan
 from .knowledge import Knowledge, Run, family_of, local_config
 from .ledger import ClusterView, initial_view, view_from_ray
+from .offer_log import OfferLog
 from .protocol import (MinerSubmission, MinerTaskOffer, MinerTaskResponse, TaskType, TrainRequestText,
                        TrainResponse, parse_dataset_type, task_type_of)
 from .scheduling import JOB, OFFER, Item, Scheduler, restore
@@ -42,6 +44,7 @@ class ControlPlane:
         # hook: prefetch(job) downloads the data/model of a job queued next while others train
         self.prefetch = prefetch
         self.store = store or JobStore(settings.db_path)
+        self.offers = OfferLog(self.store)  # offer decisions: answered from memory, written in batches
         self._runner = runner
         self._fixed_view = view is not None or bool(os.environ.get("MINER_CLUSTER"))
         self.scheduler = Scheduler(view or initial_view(settings.use_gpu, settings.num_workers),
@@ -61,17 +64,18 @@ class ControlPlane:
 
     # offers -----------------------------------------------------------------
     def offer(self, offer: MinerTaskOffer) -> MinerTaskResponse:
-        """Answered from memory (ledger, queue, knowledge); one SQLite write records it."""
-        now = time.time()
+        """Answered from memory (ledger, queue, knowledge); the record is written behind."""
+        started, now = time.perf_counter(), time.time()
         d = self.admission.decide(self._request(offer.task_id, offer.task_type, offer.model,
                                                 offer.hours_to_complete, offer.model_params_count), now)
         expires = now + self.scheduler.reservation_ttl_s if d.accepted else None
         if d.accepted:
             self.scheduler.add(Item(offer.task_id, d.plan, now + offer.hours_to_complete * 3600, OFFER, expires,
                                     d.placement.node_id))
-        self.store.record_offer(Offer(offer.task_id, offer.task_type.value, offer.model,
-                                      offer.hours_to_complete, d.accepted, d.message, now,
-                                      d.plan.to_dict() if d.plan else None, expires))
+        self.offers.record(Offer(offer.task_id, offer.task_type.value, offer.model,
+                                 offer.hours_to_complete, d.accepted, d.message, now,
+                                 d.plan.to_dict() if d.plan else None, expires))
+        metrics.record_offer(d.accepted, d.message, time.perf_counter() - started)
         return MinerTaskResponse(message=d.message, accepted=d.accepted)
 
     def _request(self, task_id: str, task_type: TaskType, model: str, hours: float, params: int | None) -> Request:
@@ -93,7 +97,7 @@ class ControlPlane:
         existing = self.store.get_job(req.task_id)
         if existing is not None:  # a retried request: same answer, nothing queued twice
             return TrainResponse(message=f"Training job already known ({existing.status}).", task_id=req.task_id)
-        offer = self.store.get_offer(req.task_id)
+        offer = self.offers.get(req.task_id)
         if offer is not None and not offer.accepted:
             raise Refused(409, f"this task's offer was declined: {offer.message}")
         now = time.time()

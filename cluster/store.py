@@ -188,12 +188,15 @@ class JobStore:
 
     # offers ---------------------------------------------------------------
     def record_offer(self, offer: Offer) -> None:
+        self.record_offers([offer])
+
+    def record_offers(self, offers: list[Offer]) -> None:
+        """One transaction (one fsync) for a batch of offers."""
         with self._tx() as c:
-            c.execute("INSERT OR REPLACE INTO offers (task_id, task_type, model, hours_to_complete, accepted, "
-                      "message, created_at, plan, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                      (offer.task_id, offer.task_type, offer.model, offer.hours_to_complete,
-                       int(offer.accepted), offer.message, offer.created_at,
-                       json.dumps(offer.plan) if offer.plan else None, offer.expires_at))
+            c.executemany("INSERT OR REPLACE INTO offers (task_id, task_type, model, hours_to_complete, accepted, "
+                          "message, created_at, plan, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                          [(o.task_id, o.task_type, o.model, o.hours_to_complete, int(o.accepted), o.message,
+                            o.created_at, json.dumps(o.plan) if o.plan else None, o.expires_at) for o in offers])
 
     def get_offer(self, task_id: str) -> Offer | None:
         row = self._conn.execute("SELECT * FROM offers WHERE task_id = ?", (task_id,)).fetchone()

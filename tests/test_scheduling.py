@@ -81,6 +81,7 @@ def test_reservation_of_an_accepted_offer_survives_restart_and_expires(settings,
     cp = plane(settings)
     a, ra = offer(cp, params=3e9, hours=2.0)
     assert ra.accepted
+    cp.offers.flush()   # offer records are written behind (OfferLog); a crash may lose the last 50 ms
     assert a in plane(settings).scheduler.queue                # restored from the offers table
     import time
     time.sleep(1.1)
