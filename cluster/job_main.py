@@ -22,6 +22,8 @@ from tuning.priors import default_hparams, param_count_from_config
 
 from .fetch import InputError, download_dataset, resolve_model
 from .publish import latest_checkpoint, publish
+from .capacity import placement
+from .knowledge import Knowledge, learn
 from .metrics import TrainingMonitor, record_final_slack
 from .reports import PROGRESS_FILE, PhaseTimer, write_job_report, write_timings
 from .settings import Settings, load_settings
@@ -39,13 +41,28 @@ def plan(job: Job, settings: Settings, model_dir: Path, train_file: Path, rows: 
     # Tokenise once here, in the driver: bad data fails fast, before any worker starts.
     tokenize_rows(rows, job.dataset_type, load_tokenizer(str(model_dir)),
                   eval_sequence_length(getattr(hf_config, "max_position_embeddings", None)))
-    budget = job.deadline - job.created_at
-    reserve = PUBLISH_RESERVE_S + PUBLISH_RESERVE_FRACTION * budget
-    hp = default_hparams(n_params, job.task_type)
+    # The capacity plan (cluster.capacity) sets the shape and the window: stop by the planned end
+    # so the next queued job starts on time, never after the deadline.
+    shape, end = plan_shape(job, settings)
+    budget = end - (job.started_at or job.created_at)
+    reserve = max(PUBLISH_RESERVE_S + PUBLISH_RESERVE_FRACTION * budget, float((job.plan or {}).get("post_s") or 0))
+    hp = default_hparams(n_params, job.task_type, shape.pop("method"))
     return TrainConfig(model_path=str(model_dir), train_file=str(train_file), dataset_type=job.dataset_type,
                        task_type=job.task_type, run_dir=str(run_dir), run_name=f"ft-{job.task_id}",
-                       train_deadline=job.deadline - reserve, num_workers=settings.num_workers,
-                       use_gpu=settings.use_gpu, extra={"n_params": n_params}, **hp)
+                       train_deadline=end - reserve, extra={"n_params": n_params, "plan": job.plan}, **shape, **hp)
+
+
+def plan_shape(job: Job, settings: Settings) -> tuple[dict, float]:
+    """(TrainConfig resources and method, end of the training window) from the job's plan."""
+    plan = job.plan or {}
+    where = placement(plan)
+    gpus = int(plan.get("gpus") or 0)
+    shape = {"num_workers": int(plan.get("workers") or settings.num_workers),
+             "use_gpu": settings.use_gpu and (gpus > 0 or not plan),
+             "cpus_per_worker": float(plan.get("cpus_per_worker") or 1.0),
+             "accelerator_type": where["accelerator_type"], "label_selector": where["label_selector"],
+             "method": "full" if plan.get("method") == "full" else "lora"}
+    return shape, min(job.deadline, float(plan.get("planned_end") or job.deadline))
 
 
 def run_job(task_id: str, settings: Settings) -> int:
@@ -62,6 +79,7 @@ def run_job(task_id: str, settings: Settings) -> int:
     job_dir.mkdir(parents=True, exist_ok=True)
     timings = PhaseTimer()
     phase = timings.phase
+    model_dir, cfg = None, None
 
     try:
         rows = download_dataset(job.dataset_url, job_dir / "train_data.json", settings.max_dataset_bytes)
@@ -69,7 +87,8 @@ def run_job(task_id: str, settings: Settings) -> int:
         model_dir = resolve_model(job.model, settings.model_cache_dir, settings.hf_token)
         phase("fetch_model")
         cfg = plan(job, settings, model_dir, job_dir / "train_data.json", rows, job_dir / "runs")
-        cfg.label_selector, cfg.progress_file = dict(settings.train_labels), str(job_dir / PROGRESS_FILE)
+        cfg.label_selector = {**settings.train_labels, **cfg.label_selector}  # operator's labels + planned node
+        cfg.progress_file = str(job_dir / PROGRESS_FILE)
         phase("plan")
         (job_dir / "hparams.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         store.update_job(task_id, hparams=cfg.to_dict())
@@ -84,6 +103,7 @@ def run_job(task_id: str, settings: Settings) -> int:
         traceback.print_exc()
         outcome = _fallback_outcome(job_dir, exc)
         if outcome is None:
+            learn(Knowledge(store), job, model_dir, cfg, None, f"training failed: {type(exc).__name__}: {exc}")
             return _fail(store, job_dir, task_id, f"training failed: {type(exc).__name__}: {exc}", timings)
         phase("train_failed_fallback")
 
@@ -93,8 +113,10 @@ def run_job(task_id: str, settings: Settings) -> int:
         phase("publish_and_hash")
     except Exception as exc:
         traceback.print_exc()
+        learn(Knowledge(store), job, model_dir, cfg, None, f"publishing failed: {type(exc).__name__}: {exc}")
         return _fail(store, job_dir, task_id, f"publishing failed: {type(exc).__name__}: {exc}", timings)
     write_job_report(job_dir, outcome.summary, timings, selected=outcome.checkpoint_metrics)
+    learn(Knowledge(store), job, model_dir, cfg, outcome.summary, None)
     store.update_job(task_id, status="published", repo=repo, model_hash=model_hash, reason=None)
     record_final_slack(task_id, job.deadline)
     print(f"[job] published {repo} hash={model_hash} slack={job.deadline - time.time():.0f} s", flush=True)
