@@ -2,6 +2,18 @@
 
 State lives in the SQLite store, work in Ray Jobs; this object holds neither, so the Serve
 replica that owns it can die and come back without losing anything.
+
+Crash rules (issue #8, proven in tests/faults/):
+- A job is promised once its row is committed, which happens before start_training answers.
+  From then on reconcile owns it: it submits queued jobs, resubmits jobs whose Ray Job the
+  cluster no longer knows (head restart: Ray Train resumes from the run's checkpoints), retries
+  a driver that died without an outcome while time is left, and hands the job to the deadline
+  watchdog (watchdog.py) when it is late or out of retries.
+- An accepted offer is not a reservation: start_training for it re-runs admission and is
+  honoured if the miner can still take it, whether or not the miner restarted in between;
+  an offer never followed by start_training holds nothing and simply expires.
+- A job's driver holds an exclusive lock on its folder, and each state change is a
+  conditional update, so no job trains or publishes twice.
 """
 from __future__ import annotations
 
@@ -11,13 +23,18 @@ import uuid
 from dataclasses import dataclass
 
 from . import admission
+from .dataset_checks import check_request
+from .model_check import HubConfigSource, ModelChecker
 from .protocol import (MinerSubmission, MinerTaskOffer, MinerTaskResponse, TaskType, TrainRequestText,
                        TrainResponse, parse_dataset_type, task_type_of)
 from .settings import Settings
-from .store import ACTIVE, FAILED, PUBLISHED, QUEUED, SUBMITTED, Job, JobStore, Offer
+from .store import ACTIVE, FAILED, PUBLISHED, PUBLISHING, QUEUED, SUBMITTED, Job, JobStore, Offer
+from .watchdog import Watchdog
 
 log = logging.getLogger("miner.control")
 RESUBMIT_GRACE_S = 15.0
+MAX_DRIVER_ATTEMPTS = 3      # driver starts per job before the watchdog publishes what there is
+CACHE_CLEAN_EVERY_S = 600.0
 
 
 @dataclass
@@ -28,10 +45,15 @@ class Refused(Exception):
 
 
 class ControlPlane:
-    def __init__(self, settings: Settings, store: JobStore | None = None, runner=None):
+    def __init__(self, settings: Settings, store: JobStore | None = None, runner=None,
+                 models: ModelChecker | None = None, hub=None):
         self.settings = settings
         self.store = store or JobStore(settings.db_path)
         self._runner = runner
+        self.models = models or ModelChecker(
+            HubConfigSource(settings.hf_token, settings.model_cache_dir) if settings.model_lookup == "hub" else None)
+        self.watchdog = Watchdog(settings, self.store, lambda: self.runner, hub=hub)
+        self._cache_cleaned_at = 0.0
 
     @property
     def runner(self):
@@ -45,6 +67,9 @@ class ControlPlane:
     def offer(self, offer: MinerTaskOffer) -> MinerTaskResponse:
         d = admission.decide(offer.task_type, offer.model, offer.hours_to_complete,
                              offer.model_params_count, self.settings)
+        problem = self.models.problem(offer.model) if d.accepted else None
+        if problem:
+            d = admission.Decision(False, f"declined: {problem}")
         self.store.record_offer(Offer(offer.task_id, offer.task_type.value, offer.model,
                                       offer.hours_to_complete, d.accepted, d.message, time.time()))
         return MinerTaskResponse(message=d.message, accepted=d.accepted)
@@ -62,6 +87,9 @@ class ControlPlane:
         task_type = task_type_of(dataset_type)
         if task_type not in endpoint_types:
             raise Refused(422, f"a {task_type.value} dataset_type does not belong on this endpoint")
+        problem = check_request(req.dataset, req.dataset_type)
+        if problem:
+            raise Refused(422, problem)
         existing = self.store.get_job(req.task_id)
         if existing is not None:  # a retried request: same answer, nothing queued twice
             return TrainResponse(message=f"Training job already known ({existing.status}).", task_id=req.task_id)
@@ -98,22 +126,45 @@ class ControlPlane:
 
     # reconciliation ---------------------------------------------------------
     def reconcile(self) -> None:
-        """Brings the store in line with Ray: submits queued jobs, resubmits jobs whose Ray Job
-        vanished (cluster restart; Ray Train resumes from the run's checkpoints), and fails jobs
-        whose Ray Job ended without the job itself recording an outcome."""
+        """Brings the store in line with Ray (see the crash rules at the top of this module)."""
         for job in self.store.list_jobs(ACTIVE):
-            if time.time() > job.deadline:
-                self.store.update_job(job.task_id, only_if_status=ACTIVE, status=FAILED,
-                                      reason="deadline passed before a model was published")
-                continue
-            status, message = self.runner.status(job.submission_id)
-            if status is None and time.time() - job.updated_at < RESUBMIT_GRACE_S:
-                continue  # start_training may be submitting it right now
-            if status is None:
-                self.store.update_job(job.task_id, only_if_status=ACTIVE, status=QUEUED)
-                self._submit(job)
-            elif status in ("FAILED", "STOPPED"):
-                latest = self.store.get_job(job.task_id)
-                if latest and latest.status in ACTIVE:
-                    self.store.update_job(job.task_id, only_if_status=ACTIVE, status=FAILED,
-                                          reason=f"Ray Job {status.lower()}: {message[-500:]}")
+            if job.task_id not in self.watchdog.busy:
+                self._reconcile_job(job)
+        if time.time() - self._cache_cleaned_at > CACHE_CLEAN_EVERY_S:
+            self._cache_cleaned_at = time.time()
+            from .cache import clean
+
+            for path in clean(self.settings, self.store):
+                log.info("cache: evicted %s", path)
+
+    def _reconcile_job(self, job: Job) -> None:
+        if time.time() > job.deadline:
+            self.store.update_job(job.task_id, only_if_status=ACTIVE, status=FAILED,
+                                  reason="deadline passed before a model was published")
+            return
+        status, message = self.runner.status(job.submission_id)
+        if status is None and time.time() - job.updated_at < RESUBMIT_GRACE_S:
+            return  # start_training may be submitting it right now
+        if status is None:  # the cluster lost it (head restart): run it again, it resumes
+            if job.status == SUBMITTED or job.attempts:
+                self.store.add_fault(job.task_id, {"kind": "ray_job_lost", "was": job.status})
+            self.store.update_job(job.task_id, only_if_status=ACTIVE, status=QUEUED)
+            self._submit(job)
+        elif status in ("PENDING", "RUNNING"):
+            if job.status != PUBLISHING and self.watchdog.is_due(job):
+                self.watchdog.take_over(job, "not published by the guard time", stop_driver=True)
+        else:  # the driver ended without recording an outcome (killed, OOM, crashed)
+            self._driver_gone(job, status, message)
+
+    def _driver_gone(self, job: Job, status: str, message: str) -> None:
+        latest = self.store.get_job(job.task_id)
+        if latest is None or latest.status not in ACTIVE:
+            return
+        why = f"Ray Job {status.lower()} without an outcome: {message[-300:]}"
+        if status == "FAILED" and latest.attempts < MAX_DRIVER_ATTEMPTS and not self.watchdog.is_due(latest):
+            self.store.add_fault(job.task_id, {"kind": "driver_died", "detail": why})
+            self.runner.forget(job.submission_id)
+            self.store.update_job(job.task_id, only_if_status=ACTIVE, status=QUEUED)
+            self._submit(latest)
+        elif not self.watchdog.take_over(latest, why, stop_driver=False):
+            self.store.update_job(job.task_id, only_if_status=ACTIVE, status=FAILED, reason=why)

@@ -38,7 +38,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     repo TEXT,
     model_hash TEXT,
     hparams TEXT,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    faults TEXT
 );
 CREATE TABLE IF NOT EXISTS offers (
     task_id TEXT PRIMARY KEY,
@@ -71,6 +73,8 @@ class Job:
     model_hash: str | None = None
     hparams: dict | None = None
     updated_at: float = 0.0
+    attempts: int = 0                  # how many times a job driver has started on it
+    faults: list | None = None         # what went wrong and was survived (worker crash, watchdog, ...)
 
     @property
     def submission_id(self) -> str:
@@ -88,7 +92,9 @@ class Offer:
     created_at: float
 
 
-_JSON_COLUMNS = ("dataset_type", "hparams")
+_JSON_COLUMNS = ("dataset_type", "hparams", "faults")
+# Columns added after the first release: (name, SQL type), added to older databases on open.
+_ADDED_COLUMNS = (("attempts", "INTEGER NOT NULL DEFAULT 0"), ("faults", "TEXT"))
 
 
 class JobStore:
@@ -104,6 +110,14 @@ class JobStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
+        have = {r["name"] for r in self._conn.execute("PRAGMA table_info(jobs)")}
+        for name, sql_type in _ADDED_COLUMNS:
+            if name not in have:
+                try:
+                    self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {sql_type}")
+                except sqlite3.OperationalError as exc:  # another process added it first
+                    if "duplicate column" not in str(exc):
+                        raise
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -159,6 +173,25 @@ class JobStore:
             args += list(only_if_status)
         with self._tx() as c:
             return c.execute(f"UPDATE jobs SET {sets} WHERE {where}", args).rowcount == 1
+
+    def start_attempt(self, task_id: str) -> int:
+        """Counts one more driver start on the job; returns the new count."""
+        with self._tx() as c:
+            c.execute("UPDATE jobs SET attempts = attempts + 1, updated_at = ? WHERE task_id = ?",
+                      (time.time(), task_id))
+            row = c.execute("SELECT attempts FROM jobs WHERE task_id = ?", (task_id,)).fetchone()
+            return int(row["attempts"]) if row else 0
+
+    def add_fault(self, task_id: str, fault: dict) -> None:
+        """Appends one survived fault to the job's record, in one transaction."""
+        with self._tx() as c:
+            row = c.execute("SELECT faults FROM jobs WHERE task_id = ?", (task_id,)).fetchone()
+            if row is None:
+                return
+            faults = json.loads(row["faults"]) if row["faults"] else []
+            faults.append({"at": round(time.time(), 3), **fault})
+            c.execute("UPDATE jobs SET faults = ?, updated_at = ? WHERE task_id = ?",
+                      (json.dumps(faults), time.time(), task_id))
 
     # offers ---------------------------------------------------------------
     def record_offer(self, offer: Offer) -> None:
