@@ -91,9 +91,9 @@ def is_retryable(exc: BaseException) -> bool:
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(status, int):
         return status in (408, 429) or status >= 500
-    import httpx
-
-    return isinstance(exc, (TimeoutError, ConnectionError, httpx.TransportError))
+    # Transport errors of httpx, of the Hub client's httpx2, and of requests, by class name.
+    transport = {"TransportError", "TimeoutException", "ConnectionError", "Timeout"}
+    return isinstance(exc, (TimeoutError, ConnectionError)) or any(c.__name__ in transport for c in type(exc).__mro__)
 
 
 def call_with_retries(fn: Callable[[], object], deadline: float, policy: RetryPolicy = RetryPolicy(),

@@ -103,3 +103,12 @@ def miner_env(tmp_path, monkeypatch):
 
     settings = load_settings()
     return settings, JobStore(settings.db_path)
+
+
+@pytest.fixture(scope="session")
+def pico(request):
+    """A small pretrained model dir: the bench's pico-llama, else the suite's built base model."""
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2].parent / "shared" / "bench" / "models" / "pico-llama"
+    return bench if (bench / "config.json").exists() else request.getfixturevalue("base_model")

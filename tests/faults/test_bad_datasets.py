@@ -111,10 +111,10 @@ def test_a_few_bad_rows_are_dropped_not_fatal():
     assert (len(report.rows), report.dropped_null, report.dropped_huge, report.distinct) == (30, 5, 1, 30)
 
 
-def test_rows_longer_than_the_sequence_length_in_tokens_fail_before_any_worker(base_model):
+def test_rows_longer_than_the_sequence_length_in_tokens_fail_before_any_worker(pico):
     long_rows = [{"instruct": "word " * 3000, "output": "x"}] * 4
     with pytest.raises(DatasetError, match="all 4 rows exceed 1024 tokens"):
-        tokenize_rows(long_rows, INSTRUCT, load_tokenizer(str(base_model)), 1024)
+        tokenize_rows(long_rows, INSTRUCT, load_tokenizer(str(pico)), 1024)
 
 
 # Knowable at start_training: refused there (HTTP 422), nothing queued.
@@ -146,13 +146,13 @@ JOB_FAULTS = {
 
 
 @pytest.mark.parametrize("kind", sorted(JOB_FAULTS))
-def test_bad_dataset_fails_its_job_and_leaves_others_alone(hostile, miner_env, base_model, kind):
+def test_bad_dataset_fails_its_job_and_leaves_others_alone(hostile, miner_env, pico, kind):
     settings, store = miner_env
     behaviour, reason = JOB_FAULTS[kind]
     path = f"/job-{kind}-{uuid.uuid4().hex[:6]}.json"
     Hostile.routes[path] = behaviour
-    bystander = make_job(model=base_model, url=f"{hostile}/fine.json", status=SUBMITTED)
-    bad = make_job(model=base_model, url=f"{hostile}{path}?X-Amz-Signature=SECRET")
+    bystander = make_job(model=pico, url=f"{hostile}/fine.json", status=SUBMITTED)
+    bad = make_job(model=pico, url=f"{hostile}{path}?X-Amz-Signature=SECRET")
     store.add_job(bystander)
     store.add_job(bad)
     before = store.get_job(bystander.task_id)
