@@ -22,6 +22,7 @@ class FaultLog(UserCallback):
         self.faults: list[dict] = self.read()
         self._start = time.time()
         self._reports: list[tuple[float, int]] = []       # (time, step) of reports in this process
+        self._rate: float | None = None                   # seconds per step, from the trainer's own clock
         self._checkpoint: tuple[float, int] = (self._start, 0)
         previous = _newest_checkpoint(Path(run_path))
         if previous is not None:  # fit() rerun on a run that has checkpoints: a restore
@@ -44,6 +45,9 @@ class FaultLog(UserCallback):
             pending.update(resumed_step=step, time_lost_s=round(max(0.0, now - pending["checkpoint_at"] - normal), 2))
             self._write()
         self._reports.append((now, step))
+        elapsed = (metrics[0] if metrics else {}).get("elapsed_s")
+        if elapsed and step and not self.faults:  # first attempt: the trainer's clock started at step 0
+            self._rate = float(elapsed) / step
         if checkpoint is not None:
             self._checkpoint = (now, step)
 
@@ -59,7 +63,7 @@ class FaultLog(UserCallback):
         points = self._reports + ([(now, step)] if now is not None else [])
         if len(points) >= 2 and points[-1][1] > points[0][1]:
             return (points[-1][0] - points[0][0]) / (points[-1][1] - points[0][1])
-        return None
+        return self._rate
 
     def _write(self) -> None:
         tmp = Path(self.path + ".tmp")
