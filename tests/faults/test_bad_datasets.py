@@ -59,7 +59,7 @@ def test_download_faults_fail_with_a_readable_reason(hostile, tmp_path, kind):
         download_dataset(f"{hostile}{path}?X-Amz-Signature=SECRET", tmp_path / "d.json", cap,
                          limits=FetchLimits(max_bytes=cap, **FAST))
     assert "SECRET" not in str(err.value)  # presigned credentials never reach a log or the store
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 10  # every limit in FAST is 2 s or less
     assert not (tmp_path / "d.json").exists() or kind in ("not-json", "html-error-page", "jsonl", "json-object",
                                                           "empty-array", "deeply-nested", "invalid-utf8")
     assert not (tmp_path / "d.part").exists()  # no partial download left behind

@@ -203,7 +203,8 @@ def test_head_and_control_plane_crash_lose_no_job(head, pico, demo_task, tmp_pat
         offered = str(uuid.uuid4())
         assert control.offer(MinerTaskOffer(model=str(pico), hours_to_complete=0.08, task_id=offered,
                                             task_type=TaskType.INSTRUCTTEXTTASK)).accepted
-        _wait(lambda: _checkpoint_step(control.settings, running) > 0, 120, "a checkpoint", tick=control.reconcile)
+        # (no reconcile pass before the crash: the queued job must still be unsubmitted then)
+        _wait(lambda: _checkpoint_step(control.settings, running) > 0, 120, "a checkpoint")
         lost_after = _checkpoint_step(control.settings, running)
         head.crash(also_kill=f"cluster.job_main --task-id {running}")
         del control
