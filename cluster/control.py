@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from . import admission
 from .dataset_checks import check_request
 from .model_check import HubConfigSource, ModelChecker
+from .offer_log import OfferLog
 from .protocol import (MinerSubmission, MinerTaskOffer, MinerTaskResponse, TaskType, TrainRequestText,
                        TrainResponse, parse_dataset_type, task_type_of)
 from .settings import Settings
@@ -49,6 +50,7 @@ class ControlPlane:
                  models: ModelChecker | None = None, hub=None):
         self.settings = settings
         self.store = store or JobStore(settings.db_path)
+        self.offers = OfferLog(self.store)  # offer decisions: answered from memory, written in batches
         self._runner = runner
         self.models = models or ModelChecker(
             HubConfigSource(settings.hf_token, settings.model_cache_dir) if settings.model_lookup == "hub" else None)
@@ -70,7 +72,7 @@ class ControlPlane:
         problem = self.models.problem(offer.model) if d.accepted else None
         if problem:
             d = admission.Decision(False, f"declined: {problem}")
-        self.store.record_offer(Offer(offer.task_id, offer.task_type.value, offer.model,
+        self.offers.record(Offer(offer.task_id, offer.task_type.value, offer.model,
                                       offer.hours_to_complete, d.accepted, d.message, time.time()))
         return MinerTaskResponse(message=d.message, accepted=d.accepted)
 
@@ -93,7 +95,7 @@ class ControlPlane:
         existing = self.store.get_job(req.task_id)
         if existing is not None:  # a retried request: same answer, nothing queued twice
             return TrainResponse(message=f"Training job already known ({existing.status}).", task_id=req.task_id)
-        offer = self.store.get_offer(req.task_id)
+        offer = self.offers.get(req.task_id)
         if offer is not None and not offer.accepted:
             raise Refused(409, f"this task's offer was declined: {offer.message}")
         d = admission.decide(task_type, req.model, req.hours_to_complete, None, self.settings)
