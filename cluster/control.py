@@ -89,7 +89,7 @@ class ControlPlane:
         task_type = task_type_of(dataset_type)
         if task_type not in endpoint_types:
             raise Refused(422, f"a {task_type.value} dataset_type does not belong on this endpoint")
-        problem = check_request(req.dataset, req.dataset_type)
+        problem = check_request(req.dataset, req.dataset_type) or self.models.problem(req.model)
         if problem:
             raise Refused(422, problem)
         existing = self.store.get_job(req.task_id)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Protocol
 
@@ -73,12 +75,16 @@ def config_problem(config: dict) -> str | None:
 
 
 class ModelChecker:
-    """Offer-time check with a small TTL cache (validators offer the same models repeatedly)."""
+    """Offer-time check with a TTL cache (validators offer the same models repeatedly). A lookup
+    waits at most `wait_s` (the offer must be answered within 3 s); a slower one goes on in the
+    background and its answer serves the next offer and the task's start_training."""
 
-    def __init__(self, source: ModelSource | None, ttl_s: float = 3600.0):
-        self.source, self.ttl_s = source, ttl_s
+    def __init__(self, source: ModelSource | None, ttl_s: float = 3600.0, wait_s: float = 1.0):
+        self.source, self.ttl_s, self.wait_s = source, ttl_s, wait_s
         self._cache: dict[str, tuple[float, str | None]] = {}
+        self._inflight: dict[str, object] = {}
         self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="model-lookup")
 
     def problem(self, model: str) -> str | None:
         local = Path(model).expanduser()
@@ -89,16 +95,30 @@ class ModelChecker:
             return None
         with self._lock:
             hit = self._cache.get(model)
-        if hit and time.monotonic() - hit[0] < self.ttl_s:
-            return hit[1]
+            if hit and time.monotonic() - hit[0] < self.ttl_s:
+                return hit[1]
+            future = self._inflight.get(model)
+            if future is None:
+                future = self._inflight[model] = self._pool.submit(self._lookup, model)
+        try:
+            return future.result(timeout=self.wait_s)
+        except FutureTimeout:
+            return None  # not known yet: accept; the lookup finishes in the background
+
+    def _lookup(self, model: str) -> str | None:
+        known = True
         try:
             answer = config_problem(self.source.config(model))
         except (ModelMissing, ModelGated) as exc:
             answer = str(exc)
-        except LookupUnavailable:
-            return None  # unknown: not cached, the next offer asks again
+        except Exception as exc:  # no answer now (offline, timeout, odd reply): not a reason to decline
+            answer, known = None, False
+            if not isinstance(exc, LookupUnavailable):
+                print(f"[model-check] lookup of {model!r} failed: {type(exc).__name__}: {exc}", flush=True)
         with self._lock:
-            self._cache[model] = (time.monotonic(), answer)
+            if known:
+                self._cache[model] = (time.monotonic(), answer)
+            self._inflight.pop(model, None)
         return answer
 
 

@@ -2,18 +2,19 @@
 interface as the Hub lookup), else failed fast at job start with the reason."""
 import json
 import shutil
+import time
 import uuid
 
 import pytest
 
-from cluster.control import ControlPlane
+from cluster.control import ControlPlane, Refused
 from cluster.job_main import run_job
 from cluster.model_check import (HubConfigSource, LookupUnavailable, ModelChecker, ModelGated, ModelMissing,
                                  model_dir_problem)
-from cluster.protocol import MinerTaskOffer, TaskType
+from cluster.protocol import MinerTaskOffer, TaskType, TrainRequestText
 from cluster.store import FAILED
 from faults.conftest import Hostile
-from faults.helpers import dumps, good_rows, make_job
+from faults.helpers import INSTRUCT, dumps, good_rows, make_job
 
 LLAMA = json.loads('{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000}')
 
@@ -60,9 +61,30 @@ def test_offers_for_bad_models_are_declined_with_the_reason(miner_env, model, ac
                            task_type=TaskType.INSTRUCTTEXTTASK)
     answer = control.offer(offer)
     assert answer.accepted is accepted and reason in answer.message
-    assert store.get_offer(offer.task_id).accepted is accepted
+    assert control.offers.get(offer.task_id).accepted is accepted
     control.offer(offer)  # asked again: answered from the cache unless the lookup had no answer
     assert hub.calls == (2 if model == "org/flaky-tiny" else 1)
+
+
+def test_a_slow_lookup_does_not_hold_up_the_offer_and_serves_start_training(miner_env):
+    settings, store = miner_env
+
+    class SlowHub(FakeHub):
+        def config(self, model):
+            time.sleep(0.6)
+            return super().config(model)
+    control = ControlPlane(settings, store, runner=object(), models=ModelChecker(SlowHub(HUB), wait_s=0.1))
+    task_id = str(uuid.uuid4())
+    started = time.monotonic()
+    answer = control.offer(MinerTaskOffer(model="org/custom-code-tiny", hours_to_complete=2, task_id=task_id,
+                                          task_type=TaskType.INSTRUCTTEXTTASK))
+    assert answer.accepted and time.monotonic() - started < 0.5  # not known yet: not declined, not late
+    time.sleep(1.0)
+    req = TrainRequestText(model="org/custom-code-tiny", task_id=task_id, hours_to_complete=2,
+                           dataset="https://s3/x.json", dataset_type=INSTRUCT, file_format="s3")
+    with pytest.raises(Refused, match="trust_remote_code"):
+        control.start_training(req, {TaskType.INSTRUCTTEXTTASK})
+    assert store.list_jobs() == []
 
 
 def test_hub_lookup_without_network_does_not_decline():
