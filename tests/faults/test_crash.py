@@ -41,15 +41,21 @@ def _free_port() -> int:
 class Head:
     """A Ray head in its own processes, so that it can be killed and started again."""
 
+    PORTS = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port", "node-manager-port",
+             "object-manager-port")
+
     def __init__(self, env):
-        self.env, self.port, self.dash_port = env, _free_port(), _free_port()
-        self.dashboard = f"http://127.0.0.1:{self.dash_port}"
+        self.env = env
+        self.ports = {name: _free_port() for name in self.PORTS}  # nothing shared with another cluster
+        self.port = self.ports["port"]
+        self.dashboard = f"http://127.0.0.1:{self.ports['dashboard-port']}"
 
     def start(self):
-        subprocess.run([RAY, "start", "--head", f"--port={self.port}", f"--dashboard-port={self.dash_port}",
-                        "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4",
-                        "--disable-usage-stats"], env=self.env, check=True, capture_output=True, timeout=120)
-        _wait(lambda: _jobs_api_up(self.dashboard), 60, "the Jobs API")
+        subprocess.run([RAY, "start", "--head", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+                        "--num-cpus=4", "--disable-usage-stats", *(f"--{k}={v}" for k, v in self.ports.items())],
+                       env=self.env, check=True, capture_output=True, timeout=180)
+        _wait(lambda: _jobs_api_up(self.dashboard), 180, "the Jobs API to accept a job")
 
     def crash(self, also_kill: str):
         """SIGKILL the processes matching `also_kill` (a job driver) and the GCS, then clear
@@ -63,8 +69,9 @@ class Head:
 
 
 def _jobs_api_up(url):
+    """True once a job can be submitted (the dashboard agent has registered), not just listed."""
     try:
-        RayJobRunner(url).client.list_jobs()
+        RayJobRunner(url).client.submit_job(entrypoint="true", submission_id=f"ready-{uuid.uuid4().hex[:8]}")
         return True
     except Exception:
         return False
