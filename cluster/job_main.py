@@ -27,7 +27,7 @@ from .model_check import model_dir_problem
 from .publish import best_checkpoint, publish
 from .reports import write_job_report
 from .settings import Settings, load_settings
-from .store import ACTIVE, FAILED, PUBLISHED, PUBLISHING, QUEUED, RUNNING, SUBMITTED, TERMINAL, Job, JobStore
+from .store import FAILED, PUBLISHED, PUBLISHING, QUEUED, RUNNING, SUBMITTED, TERMINAL, Job, JobStore
 
 # Seconds kept back from the deadline for saving, uploading and hashing (plus a share of the budget).
 PUBLISH_RESERVE_S = 20.0
@@ -116,7 +116,8 @@ def run_job(task_id: str, settings: Settings) -> int:
         phase("publish_and_hash")
     except Exception as exc:
         traceback.print_exc()
-        return _fail(store, job_dir, task_id, f"publishing failed: {type(exc).__name__}: {exc}", timings)
+        return _fail(store, job_dir, task_id, f"publishing failed: {type(exc).__name__}: {exc}", timings,
+                     from_states=(PUBLISHING,))
     write_job_report(job_dir, outcome.summary, timings, selected=outcome.checkpoint_metrics)
     store.update_job(task_id, only_if_status=(PUBLISHING,), status=PUBLISHED, repo=repo, model_hash=model_hash,
                      reason=None)
@@ -163,10 +164,12 @@ def _fallback_outcome(job_dir: Path, exc: Exception):
     return TrainOutcome(export_checkpoint(checkpoint, job_dir / "model"), {"fallback_after": f"{type(exc).__name__}: {exc}"}, {})
 
 
-def _fail(store: JobStore, job_dir: Path, task_id: str, reason: str, timings: dict) -> int:
+def _fail(store: JobStore, job_dir: Path, task_id: str, reason: str, timings: dict,
+          from_states: tuple[str, ...] = (QUEUED, SUBMITTED, RUNNING)) -> int:
+    """Fails the job, unless it has moved on meanwhile (the watchdog took it over to publish)."""
     print(f"[job] FAILED: {reason}", file=sys.stderr, flush=True)
     (job_dir / "timings.json").write_text(json.dumps(timings, indent=2))
-    store.update_job(task_id, only_if_status=ACTIVE, status=FAILED, reason=reason)
+    store.update_job(task_id, only_if_status=from_states, status=FAILED, reason=reason)
     return 1
 
 
