@@ -2,6 +2,19 @@
 
 State lives in the SQLite store, work in Ray Jobs; this object holds neither, so the Serve
 replica that owns it can die and come back without losing anything.
+
+Crash rules (issue #8, proven in tests/faults/):
+- A job is promised once its row is committed, which happens before start_training answers.
+  From then on reconcile owns it: it submits queued jobs, resubmits jobs whose Ray Job the
+  cluster no longer knows (head restart: Ray Train resumes from the run's checkpoints), retries
+  a driver that died without an outcome while time is left, and hands the job to the deadline
+  watchdog (watchdog.py) when it is late or out of retries.
+- An accepted offer reserves its planned GPUs for MINER_RESERVATION_TTL_S (restored from the
+  store after a restart); start_training for it takes over that reservation, or re-runs
+  admission if the reservation has expired. An offer never followed by start_training
+  simply expires and frees what it held.
+- A job's driver holds an exclusive lock on its folder, and each state change is a
+  conditional update, so no job trains or publishes twice.
 """
 from __future__ import annotations
 
@@ -11,20 +24,27 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from dataclasses import replace
+
 from . import metrics
 from .admission import Admission, Limits, Request
 from .capacity import Plan
+from .dataset_checks import check_request
 from .knowledge import Knowledge, Run, family_of, local_config
 from .ledger import ClusterView, initial_view, view_from_ray
+from .model_check import HubConfigSource, ModelChecker
 from .offer_log import OfferLog
 from .protocol import (MinerSubmission, MinerTaskOffer, MinerTaskResponse, TaskType, TrainRequestText,
                        TrainResponse, parse_dataset_type, task_type_of)
 from .scheduling import JOB, OFFER, Item, Scheduler, restore
 from .settings import Settings
-from .store import ACTIVE, FAILED, PUBLISHED, QUEUED, SUBMITTED, TERMINAL, Job, JobStore, Offer
+from .store import ACTIVE, FAILED, PUBLISHED, PUBLISHING, QUEUED, SUBMITTED, TERMINAL, Job, JobStore, Offer
+from .watchdog import Watchdog
 
 log = logging.getLogger("miner.control")
 RESUBMIT_GRACE_S = 15.0
+MAX_DRIVER_ATTEMPTS = 3      # driver starts per job before the watchdog publishes what there is
+CACHE_CLEAN_EVERY_S = 600.0
 
 
 @dataclass
@@ -39,7 +59,7 @@ class ControlPlane:
     machine until the reconcile loop reads Ray's nodes."""
 
     def __init__(self, settings: Settings, store: JobStore | None = None, runner=None,
-                 view: ClusterView | None = None, prefetch=None):
+                 view: ClusterView | None = None, prefetch=None, models: ModelChecker | None = None, hub=None):
         self.settings = settings
         # hook: prefetch(job) downloads the data/model of a job queued next while others train
         self.prefetch = prefetch
@@ -53,6 +73,10 @@ class ControlPlane:
         self.admission = Admission(self.scheduler, self.knowledge,
                                    Limits(settings.min_hours, settings.max_hours, settings.num_workers))
         restore(self.scheduler, self.store, time.time(), self._plan_legacy)
+        self.models = models or ModelChecker(
+            HubConfigSource(settings.hf_token, settings.model_cache_dir) if settings.model_lookup == "hub" else None)
+        self.watchdog = Watchdog(settings, self.store, lambda: self.runner, hub=hub)
+        self._cache_cleaned_at = 0.0
 
     @property
     def runner(self):
@@ -68,6 +92,9 @@ class ControlPlane:
         started, now = time.perf_counter(), time.time()
         d = self.admission.decide(self._request(offer.task_id, offer.task_type, offer.model,
                                                 offer.hours_to_complete, offer.model_params_count), now)
+        problem = self.models.problem(offer.model) if d.accepted else None
+        if problem:
+            d = replace(d, accepted=False, message=f"declined: {problem}", plan=None, placement=None)
         expires = now + self.scheduler.reservation_ttl_s if d.accepted else None
         if d.accepted:
             self.scheduler.add(Item(offer.task_id, d.plan, now + offer.hours_to_complete * 3600, OFFER, expires,
@@ -94,6 +121,9 @@ class ControlPlane:
         task_type = task_type_of(dataset_type)
         if task_type not in endpoint_types:
             raise Refused(422, f"a {task_type.value} dataset_type does not belong on this endpoint")
+        problem = check_request(req.dataset, req.dataset_type) or self.models.problem(req.model)
+        if problem:
+            raise Refused(422, problem)
         existing = self.store.get_job(req.task_id)
         if existing is not None:  # a retried request: same answer, nothing queued twice
             return TrainResponse(message=f"Training job already known ({existing.status}).", task_id=req.task_id)
@@ -170,10 +200,8 @@ class ControlPlane:
 
     # reconciliation ---------------------------------------------------------
     def reconcile(self) -> None:
-        """Brings the store in line with Ray: submits queued jobs, resubmits jobs whose Ray Job
-        vanished (cluster restart; Ray Train resumes from the run's checkpoints), and fails jobs
-        whose Ray Job ended without the job itself recording an outcome; then refreshes the GPU
-        view, frees what finished jobs held and starts the next jobs."""
+        """Brings the store in line with Ray (see the crash rules at the top of this module), then
+        refreshes the GPU view, frees what finished jobs held and starts the next jobs."""
         try:
             self.refresh_view()
         except Exception as exc:  # keep planning with the last view
@@ -184,26 +212,14 @@ class ControlPlane:
             if job is None or job.status in TERMINAL:
                 self.scheduler.finish(task_id)
         for job in self.store.list_jobs(ACTIVE):
-            if time.time() > job.deadline:
-                self.store.update_job(job.task_id, only_if_status=ACTIVE, status=FAILED,
-                                      reason="deadline passed before a model was published")
-                self.scheduler.finish(job.task_id)
-                continue
-            if job.status == QUEUED and not job.started_at:
-                continue  # waiting for its turn in the queue
-            status, message = self.runner.status(job.submission_id)
-            if status is None and time.time() - job.updated_at < RESUBMIT_GRACE_S:
-                continue  # start_training may be submitting it right now
-            if status is None:
-                self.store.update_job(job.task_id, only_if_status=ACTIVE, status=QUEUED)
-                self._submit(job)
-            elif status in ("FAILED", "STOPPED"):
-                latest = self.store.get_job(job.task_id)
-                if latest and latest.status in ACTIVE:
-                    reason = f"Ray Job {status.lower()}: {message[-500:]}"
-                    self.store.update_job(job.task_id, only_if_status=ACTIVE, status=FAILED, reason=reason)
-                    self.scheduler.finish(job.task_id)
-                    self._learn_failure(job, reason)
+            if job.task_id not in self.watchdog.busy:
+                self._reconcile_job(job)
+        if time.time() - self._cache_cleaned_at > CACHE_CLEAN_EVERY_S:
+            self._cache_cleaned_at = time.time()
+            from .cache import clean
+
+            for path in clean(self.settings, self.store):
+                log.info("cache: evicted %s", path)
         self.knowledge.reload()  # jobs record their own outcomes from their Ray Job
         self.dispatch()
         if self.prefetch is not None:
@@ -211,6 +227,43 @@ class ControlPlane:
                 job = self.store.get_job(item.task_id)
                 if job is not None:
                     self.prefetch(job)
+
+    def _reconcile_job(self, job: Job) -> None:
+        if time.time() > job.deadline:
+            self.store.update_job(job.task_id, only_if_status=ACTIVE, status=FAILED,
+                                  reason="deadline passed before a model was published")
+            self.scheduler.finish(job.task_id)
+            return
+        if job.status == QUEUED and not job.started_at:
+            return  # waiting for its turn in the queue
+        status, message = self.runner.status(job.submission_id)
+        if status is None and time.time() - job.updated_at < RESUBMIT_GRACE_S:
+            return  # start_training may be submitting it right now
+        if status is None:  # the cluster lost it (head restart): run it again, it resumes
+            if job.status == SUBMITTED or job.attempts:
+                self.store.add_fault(job.task_id, {"kind": "ray_job_lost", "was": job.status})
+            self.store.update_job(job.task_id, only_if_status=ACTIVE, status=QUEUED)
+            self._submit(job)
+        elif status in ("PENDING", "RUNNING"):
+            if job.status != PUBLISHING and self.watchdog.is_due(job):
+                self.watchdog.take_over(job, "not published by the guard time", stop_driver=True)
+        else:  # the driver ended without recording an outcome (killed, OOM, crashed)
+            self._driver_gone(job, status, message)
+
+    def _driver_gone(self, job: Job, status: str, message: str) -> None:
+        latest = self.store.get_job(job.task_id)
+        if latest is None or latest.status not in ACTIVE:
+            return
+        why = f"Ray Job {status.lower()} without an outcome: {message[-300:]}"
+        if status == "FAILED" and latest.attempts < MAX_DRIVER_ATTEMPTS and not self.watchdog.is_due(latest):
+            self.store.add_fault(job.task_id, {"kind": "driver_died", "detail": why})
+            self.runner.forget(job.submission_id)
+            self.store.update_job(job.task_id, only_if_status=ACTIVE, status=QUEUED)
+            self._submit(latest)
+        elif not self.watchdog.take_over(latest, why, stop_driver=False):
+            self.store.update_job(job.task_id, only_if_status=ACTIVE, status=FAILED, reason=why)
+            self.scheduler.finish(job.task_id)
+            self._learn_failure(job, why)
 
     def _learn_failure(self, job: Job, reason: str) -> None:
         family = family_of(local_config(job.model, self.settings.model_cache_dir))

@@ -7,6 +7,7 @@ next to the job's outputs; any failure ends the job with a readable reason.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import sys
 import time
@@ -20,14 +21,16 @@ from trainers.instruct_format import DatasetError, eval_sequence_length, tokeniz
 from trainers.modeling import load_tokenizer
 from tuning.priors import default_hparams, param_count_from_config
 
-from .fetch import InputError, download_dataset, resolve_model
-from .publish import latest_checkpoint, publish
 from .capacity import placement
+from .dataset_checks import check_rows
+from .fetch import FetchLimits, InputError, download_dataset, resolve_model
 from .knowledge import Knowledge, learn
 from .metrics import TrainingMonitor, record_final_slack
+from .model_check import model_dir_problem
+from .publish import best_checkpoint, publish
 from .reports import PROGRESS_FILE, PhaseTimer, write_job_report, write_timings
 from .settings import Settings, load_settings
-from .store import ACTIVE, FAILED, PUBLISHING, RUNNING, TERMINAL, Job, JobStore
+from .store import FAILED, PUBLISHED, PUBLISHING, QUEUED, RUNNING, SUBMITTED, TERMINAL, Job, JobStore
 
 # Seconds kept back from the deadline for saving, uploading and hashing (plus a share of the budget).
 PUBLISH_RESERVE_S = 20.0
@@ -71,20 +74,33 @@ def run_job(task_id: str, settings: Settings) -> int:
     if job is None:
         print(f"unknown task {task_id}", file=sys.stderr)
         return 2
+    job_dir = settings.job_dir(task_id)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    lock = _driver_lock(job_dir, job.deadline)  # held until exit: one driver per job, ever
+    if lock is None:
+        print(f"task {task_id}: another driver still holds the job at its deadline; nothing to do")
+        return 0
+    job = store.get_job(task_id)
     if job.status in TERMINAL:
         print(f"task {task_id} is already {job.status}; nothing to do")
         return 0
-    store.update_job(task_id, only_if_status=ACTIVE, status=RUNNING)
-    job_dir = settings.job_dir(task_id)
-    job_dir.mkdir(parents=True, exist_ok=True)
+    if not store.update_job(task_id, only_if_status=(QUEUED, SUBMITTED, RUNNING), status=RUNNING):
+        print(f"task {task_id} is {job.status} by another publisher (the watchdog); nothing to do")
+        return 0
+    attempt = store.start_attempt(task_id)
+    if attempt > 1:  # the previous driver died (cluster or control-plane crash): resume
+        store.add_fault(task_id, {"kind": "driver_restart", "attempt": attempt})
     timings = PhaseTimer()
     phase = timings.phase
     model_dir, cfg = None, None
 
     try:
-        rows = download_dataset(job.dataset_url, job_dir / "train_data.json", settings.max_dataset_bytes)
+        rows = _fetch_rows(job, job_dir / "train_data.json", settings)
         phase("download_dataset")
         model_dir = resolve_model(job.model, settings.model_cache_dir, settings.hf_token)
+        problem = model_dir_problem(model_dir)
+        if problem:
+            raise InputError(problem)
         phase("fetch_model")
         cfg = plan(job, settings, model_dir, job_dir / "train_data.json", rows, job_dir / "runs")
         cfg.label_selector = {**settings.train_labels, **cfg.label_selector}  # operator's labels + planned node
@@ -97,6 +113,8 @@ def run_job(task_id: str, settings: Settings) -> int:
         with TrainingMonitor(job_dir / PROGRESS_FILE, task_id, job.task_type, job.deadline):
             outcome = fit(cfg, job_dir / "model")
         phase("train")
+        for fault in outcome.faults:
+            store.add_fault(task_id, fault)
     except (InputError, DatasetError) as exc:
         return _fail(store, job_dir, task_id, str(exc), timings)
     except Exception as exc:
@@ -107,37 +125,71 @@ def run_job(task_id: str, settings: Settings) -> int:
             return _fail(store, job_dir, task_id, f"training failed: {type(exc).__name__}: {exc}", timings)
         phase("train_failed_fallback")
 
-    store.update_job(task_id, status=PUBLISHING)
+    if not store.update_job(task_id, only_if_status=(RUNNING,), status=PUBLISHING):
+        print(f"[job] the watchdog is publishing {task_id} already; stopping", flush=True)
+        return 0
     try:
         repo, model_hash = publish(outcome.model_dir, job, settings)
         phase("publish_and_hash")
     except Exception as exc:
         traceback.print_exc()
         learn(Knowledge(store), job, model_dir, cfg, None, f"publishing failed: {type(exc).__name__}: {exc}")
-        return _fail(store, job_dir, task_id, f"publishing failed: {type(exc).__name__}: {exc}", timings)
+        return _fail(store, job_dir, task_id, f"publishing failed: {type(exc).__name__}: {exc}", timings,
+                     from_states=(PUBLISHING,))
     write_job_report(job_dir, outcome.summary, timings, selected=outcome.checkpoint_metrics)
     learn(Knowledge(store), job, model_dir, cfg, outcome.summary, None)
-    store.update_job(task_id, status="published", repo=repo, model_hash=model_hash, reason=None)
+    store.update_job(task_id, only_if_status=(PUBLISHING,), status=PUBLISHED, repo=repo, model_hash=model_hash,
+                     reason=None)
     record_final_slack(task_id, job.deadline)
     print(f"[job] published {repo} hash={model_hash} slack={job.deadline - time.time():.0f} s", flush=True)
     return 0
+
+
+def _fetch_rows(job: Job, dest: Path, settings: Settings) -> list:
+    """Downloads and checks the rows; the file the workers read holds only the usable ones."""
+    budget = max(30.0, 0.1 * (job.deadline - time.time()))  # a slow download must not eat the deadline
+    rows = download_dataset(job.dataset_url, dest, settings.max_dataset_bytes,
+                            limits=FetchLimits(settings.max_dataset_bytes, total_timeout_s=min(900.0, budget)))
+    report = check_rows(rows, job.dataset_type)
+    if len(report.rows) != len(rows):
+        print(f"[job] dropped {report.dropped_null} rows with null/missing fields and {report.dropped_huge} "
+              f"oversized rows; {len(report.rows)} left", flush=True)
+        dest.write_text(json.dumps(report.rows))
+    return report.rows
+
+
+def _driver_lock(job_dir: Path, deadline: float):
+    """An exclusive lock on the job folder. A second driver for the same job (a resubmission
+    while an orphan of the old cluster is still exiting) waits for the first to go."""
+    f = open(job_dir / ".driver.lock", "w")
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
+        except BlockingIOError:
+            if time.time() > deadline:
+                f.close()
+                return None
+            time.sleep(1.0)
 
 
 def _fallback_outcome(job_dir: Path, exc: Exception):
     """Deadlines are sacred: if training died after saving a checkpoint, publish that."""
     from trainers.launch import TrainOutcome, export_checkpoint
 
-    checkpoint = latest_checkpoint(job_dir / "runs")
+    checkpoint = best_checkpoint(job_dir / "runs")
     if checkpoint is None:
         return None
     print(f"[job] training failed ({type(exc).__name__}); publishing last checkpoint {checkpoint}", flush=True)
     return TrainOutcome(export_checkpoint(checkpoint, job_dir / "model"), {"fallback_after": f"{type(exc).__name__}: {exc}"}, {})
 
 
-def _fail(store: JobStore, job_dir: Path, task_id: str, reason: str, timings: PhaseTimer) -> int:
+def _fail(store: JobStore, job_dir: Path, task_id: str, reason: str, timings: PhaseTimer,
+          from_states: tuple[str, ...] = (QUEUED, SUBMITTED, RUNNING)) -> int:
+    """Fails the job, unless it has moved on meanwhile (the watchdog took it over to publish)."""
     print(f"[job] FAILED: {reason}", file=sys.stderr, flush=True)
     write_timings(job_dir, timings)
-    store.update_job(task_id, only_if_status=ACTIVE, status=FAILED, reason=reason)
+    store.update_job(task_id, only_if_status=from_states, status=FAILED, reason=reason)
     return 1
 
 

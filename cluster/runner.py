@@ -44,3 +44,13 @@ class RayJobRunner:
             return None, ""
         return str(info.status.value if isinstance(info.status, JobStatus) else info.status), info.message or ""
 
+    def stop(self, submission_id: str) -> None:
+        """Stops the job's driver (and with it its Train workers)."""
+        self.client.stop_job(submission_id)
+
+    def forget(self, submission_id: str) -> None:
+        """Deletes a finished job's record so that its submission id can be used again."""
+        try:
+            self.client.delete_job(submission_id)
+        except RuntimeError:
+            pass  # not known to this cluster

@@ -38,7 +38,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     repo TEXT,
     model_hash TEXT,
     hparams TEXT,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    faults TEXT
 );
 CREATE TABLE IF NOT EXISTS offers (
     task_id TEXT PRIMARY KEY,
@@ -52,7 +54,8 @@ CREATE TABLE IF NOT EXISTS offers (
 """
 # Columns added after the first release: ALTER TABLE on open keeps older databases working.
 _ADDED_COLUMNS = {
-    "jobs": {"plan": "TEXT", "started_at": "REAL"},                 # capacity plan, placement
+    "jobs": {"plan": "TEXT", "started_at": "REAL",                  # capacity plan, placement
+             "attempts": "INTEGER NOT NULL DEFAULT 0", "faults": "TEXT"},  # driver starts, survived faults
     "offers": {"plan": "TEXT", "expires_at": "REAL"},               # reservation of an accepted offer
 }
 
@@ -78,6 +81,8 @@ class Job:
     updated_at: float = 0.0
     plan: dict | None = None          # capacity.Plan + node_id/planned_start/planned_end once placed
     started_at: float | None = None
+    attempts: int = 0                  # how many times a job driver has started on it
+    faults: list | None = None         # what went wrong and was survived (worker crash, watchdog, ...)
 
     @property
     def submission_id(self) -> str:
@@ -97,7 +102,7 @@ class Offer:
     expires_at: float | None = None
 
 
-_JSON_COLUMNS = ("dataset_type", "hparams", "plan")
+_JSON_COLUMNS = ("dataset_type", "hparams", "plan", "faults")
 
 
 class JobStore:
@@ -122,7 +127,11 @@ class JobStore:
         with self._tx() as c:
             for name, decl in columns.items():
                 if name not in have:
-                    c.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+                    try:
+                        c.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+                    except sqlite3.OperationalError as exc:  # another process added it first
+                        if "duplicate column" not in str(exc):
+                            raise
 
     def transaction(self):
         """One write transaction, for modules that keep their own tables in this database."""
@@ -185,6 +194,25 @@ class JobStore:
             args += list(only_if_status)
         with self._tx() as c:
             return c.execute(f"UPDATE jobs SET {sets} WHERE {where}", args).rowcount == 1
+
+    def start_attempt(self, task_id: str) -> int:
+        """Counts one more driver start on the job; returns the new count."""
+        with self._tx() as c:
+            c.execute("UPDATE jobs SET attempts = attempts + 1, updated_at = ? WHERE task_id = ?",
+                      (time.time(), task_id))
+            row = c.execute("SELECT attempts FROM jobs WHERE task_id = ?", (task_id,)).fetchone()
+            return int(row["attempts"]) if row else 0
+
+    def add_fault(self, task_id: str, fault: dict) -> None:
+        """Appends one survived fault to the job's record, in one transaction."""
+        with self._tx() as c:
+            row = c.execute("SELECT faults FROM jobs WHERE task_id = ?", (task_id,)).fetchone()
+            if row is None:
+                return
+            faults = json.loads(row["faults"]) if row["faults"] else []
+            faults.append({"at": round(time.time(), 3), **fault})
+            c.execute("UPDATE jobs SET faults = ?, updated_at = ? WHERE task_id = ?",
+                      (json.dumps(faults), time.time(), task_id))
 
     # offers ---------------------------------------------------------------
     def record_offer(self, offer: Offer) -> None:
