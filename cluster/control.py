@@ -24,10 +24,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from dataclasses import replace
-
 from . import metrics
-from .admission import Admission, Limits, Request
+from .admission import Admission, Decision, Limits, Request
 from .capacity import Plan
 from .dataset_checks import check_request
 from .knowledge import Knowledge, Run, family_of, local_config
@@ -90,11 +88,12 @@ class ControlPlane:
     def offer(self, offer: MinerTaskOffer) -> MinerTaskResponse:
         """Answered from memory (ledger, queue, knowledge); the record is written behind."""
         started, now = time.perf_counter(), time.time()
-        d = self.admission.decide(self._request(offer.task_id, offer.task_type, offer.model,
-                                                offer.hours_to_complete, offer.model_params_count), now)
-        problem = self.models.problem(offer.model) if d.accepted else None
+        problem = self.models.problem(offer.model)  # cached; a first lookup waits <= 1 s
         if problem:
-            d = replace(d, accepted=False, message=f"declined: {problem}", plan=None, placement=None)
+            d = Decision(False, f"declined: {problem}")
+        else:
+            d = self.admission.decide(self._request(offer.task_id, offer.task_type, offer.model,
+                                                    offer.hours_to_complete, offer.model_params_count), now)
         expires = now + self.scheduler.reservation_ttl_s if d.accepted else None
         if d.accepted:
             self.scheduler.add(Item(offer.task_id, d.plan, now + offer.hours_to_complete * 3600, OFFER, expires,
@@ -106,7 +105,8 @@ class ControlPlane:
         return MinerTaskResponse(message=d.message, accepted=d.accepted)
 
     def _request(self, task_id: str, task_type: TaskType, model: str, hours: float, params: int | None) -> Request:
-        return Request(task_id, task_type, model, hours, params, local_config(model, self.settings.model_cache_dir))
+        config = local_config(model, self.settings.model_cache_dir) or self.models.config(model)
+        return Request(task_id, task_type, model, hours, params, config)
 
     # training ---------------------------------------------------------------
     def start_training(self, req: TrainRequestText, endpoint_types: set[TaskType]) -> TrainResponse:

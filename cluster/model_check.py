@@ -81,7 +81,7 @@ class ModelChecker:
 
     def __init__(self, source: ModelSource | None, ttl_s: float = 3600.0, wait_s: float = 1.0):
         self.source, self.ttl_s, self.wait_s = source, ttl_s, wait_s
-        self._cache: dict[str, tuple[float, str | None]] = {}
+        self._cache: dict[str, tuple[float, str | None, dict | None]] = {}  # model -> (when, problem, config)
         self._inflight: dict[str, object] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="model-lookup")
@@ -105,10 +105,17 @@ class ModelChecker:
         except FutureTimeout:
             return None  # not known yet: accept; the lookup finishes in the background
 
+    def config(self, model: str) -> dict | None:
+        """The config.json a lookup already brought back (never waits): sizes the capacity plan."""
+        with self._lock:
+            hit = self._cache.get(model)
+        return hit[2] if hit else None
+
     def _lookup(self, model: str) -> str | None:
-        known = True
+        known, config = True, None
         try:
-            answer = config_problem(self.source.config(model))
+            config = self.source.config(model)
+            answer = config_problem(config)
         except (ModelMissing, ModelGated) as exc:
             answer = str(exc)
         except Exception as exc:  # no answer now (offline, timeout, odd reply): not a reason to decline
@@ -117,7 +124,7 @@ class ModelChecker:
                 print(f"[model-check] lookup of {model!r} failed: {type(exc).__name__}: {exc}", flush=True)
         with self._lock:
             if known:
-                self._cache[model] = (time.monotonic(), answer)
+                self._cache[model] = (time.monotonic(), answer, config)
             self._inflight.pop(model, None)
         return answer
 

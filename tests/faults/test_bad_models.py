@@ -57,8 +57,9 @@ def test_offers_for_bad_models_are_declined_with_the_reason(miner_env, model, ac
     settings, store = miner_env
     hub = FakeHub(HUB)
     control = ControlPlane(settings, store, runner=object(), models=ModelChecker(hub))
+    # the size is given, as validators do, so the capacity planner has no reason to decline
     offer = MinerTaskOffer(model=model, hours_to_complete=2, task_id=str(uuid.uuid4()),
-                           task_type=TaskType.INSTRUCTTEXTTASK)
+                           task_type=TaskType.INSTRUCTTEXTTASK, model_params_count=10_000_000)
     answer = control.offer(offer)
     assert answer.accepted is accepted and reason in answer.message
     assert control.offers.get(offer.task_id).accepted is accepted
@@ -77,7 +78,7 @@ def test_a_slow_lookup_does_not_hold_up_the_offer_and_serves_start_training(mine
     task_id = str(uuid.uuid4())
     started = time.monotonic()
     answer = control.offer(MinerTaskOffer(model="org/custom-code-tiny", hours_to_complete=2, task_id=task_id,
-                                          task_type=TaskType.INSTRUCTTEXTTASK))
+                                          task_type=TaskType.INSTRUCTTEXTTASK, model_params_count=10_000_000))
     assert answer.accepted and time.monotonic() - started < 0.5  # not known yet: not declined, not late
     time.sleep(1.0)
     req = TrainRequestText(model="org/custom-code-tiny", task_id=task_id, hours_to_complete=2,
