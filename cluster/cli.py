@@ -27,13 +27,20 @@ def _settings_with_metagraph() -> Settings:
 def cmd_serve(args) -> int:
     from .embedded import deploy
 
-    settings = _settings_with_metagraph()
+    from .metagraph import chain_sync_available, status_line
+
+    settings = load_settings()
+    if settings.metagraph_file is None and not chain_sync_available():
+        print("no validator allow-list: set MINER_METAGRAPH_FILE, or install the bittensor SDK "
+              "(pip install bittensor) to sync NETUID from SUBTENSOR_NETWORK", file=sys.stderr)
+        return 2
     ends = deploy(host=args.host, port=args.port)
     from .identity import miner_hotkey
 
     print(f"miner API:   {ends.api_url}   (hotkey {miner_hotkey(settings)})")
     print(f"dashboard:   {ends.dashboard_url}")
-    print(f"state dir:   {settings.state_dir}   metagraph: {settings.metagraph_file}")
+    print(f"state dir:   {settings.state_dir}")
+    print(f"metagraph:   {status_line(settings)}")
     print("Ctrl-C stops the API (jobs on a shared cluster keep running; state is in SQLite).")
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -177,7 +184,10 @@ def cmd_status(args) -> int:
     counts: dict[str, int] = {}
     for j in store.list_jobs():
         counts[j.status] = counts.get(j.status, 0) + 1
+    from .metagraph import status_line
+
     print(f"state dir: {settings.state_dir}")
+    print(f"metagraph: {status_line(settings)}")
     print(f"publishing to: {'Hugging Face as ' + settings.hf_username if settings.publishes_to_hf else settings.hub_dir}")
     print("jobs: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"))
     url = os.environ.get("MINER_API_URL", "http://127.0.0.1:7999")

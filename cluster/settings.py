@@ -1,7 +1,6 @@
 """Miner settings from the environment: G.O.D's names where they exist, MINER_* for ours."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,11 +107,3 @@ def _gpu_available() -> bool:
         return torch.cuda.is_available()
     except Exception:
         return False
-
-
-def read_metagraph(path: Path | None) -> dict[str, float]:
-    """The validator allow-list: hotkey -> stake, from a JSON list of {"hotkey", "stake"}."""
-    if path is None or not path.exists():
-        return {}
-    rows = json.loads(path.read_text())
-    return {str(r["hotkey"]): float(r.get("stake", 0.0)) for r in rows}

@@ -58,9 +58,14 @@ def fit(cfg: TrainConfig, out_dir: Path) -> TrainOutcome:
 
 def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Path:
     """The publishable part of a checkpoint (weights, configs, tokenizer), without the
-    optimizer/resume state, into a fresh `out_dir`."""
+    optimizer/resume state, into a fresh `out_dir`. Copied beside it and renamed into place, so a
+    kill mid-copy never leaves a half model where an uploader would take it."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint_dir, tmp, ignore=shutil.ignore_patterns("train_state.pt"))
     shutil.rmtree(out_dir, ignore_errors=True)
-    shutil.copytree(checkpoint_dir, out_dir, ignore=shutil.ignore_patterns("train_state.pt"))
+    tmp.rename(out_dir)
     return out_dir
 
 
