@@ -72,11 +72,16 @@ def cluster(tmp_path_factory):
              "--dashboard-agent-listen-port=52391", "--dashboard-agent-grpc-port=52392",
              "--runtime-env-agent-port=52393", *common, env=env)
         _mark("head started")
+        worker = subprocess.Popen(  # joins while the miner deploys on the head
+            [str(RAY_BIN / "ray"), "start", f"--address=127.0.0.1:{GCS_PORT}", "--num-cpus=2",
+             "--labels=miner-role=train", f"--metrics-export-port={WORKER_METRICS}",
+             "--dashboard-agent-listen-port=52394", "--dashboard-agent-grpc-port=52395",
+             "--runtime-env-agent-port=52396", *common], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True)
         _wait(lambda: _deploy(dashboard, _serve_config(miner_env)), 30, "the dashboard's Serve API")
         _mark("serve deploy sent")
-        _ray("start", f"--address=127.0.0.1:{GCS_PORT}", "--num-cpus=2", "--labels=miner-role=train",
-             f"--metrics-export-port={WORKER_METRICS}", "--dashboard-agent-listen-port=52394",
-             "--dashboard-agent-grpc-port=52395", "--runtime-env-agent-port=52396", *common, env=env)
+        out, _ = worker.communicate(timeout=120)
+        assert worker.returncode == 0, f"worker ray start failed:\n{out[-3000:]}"
         _mark("worker started")
         yield {"root": root, "dashboard": dashboard, "miner_env": miner_env, "validator": validator, "hotkey": hotkey}
     finally:
