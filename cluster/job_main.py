@@ -21,11 +21,14 @@ from trainers.instruct_format import DatasetError, eval_sequence_length, tokeniz
 from trainers.modeling import load_tokenizer
 from tuning.priors import default_hparams, param_count_from_config
 
+from .capacity import placement
 from .dataset_checks import check_rows
 from .fetch import FetchLimits, InputError, download_dataset, resolve_model
+from .knowledge import Knowledge, learn
+from .metrics import TrainingMonitor, record_final_slack
 from .model_check import model_dir_problem
 from .publish import best_checkpoint, publish
-from .reports import write_job_report
+from .reports import PROGRESS_FILE, PhaseTimer, write_job_report, write_timings
 from .settings import Settings, load_settings
 from .store import FAILED, PUBLISHED, PUBLISHING, QUEUED, RUNNING, SUBMITTED, TERMINAL, Job, JobStore
 
@@ -41,13 +44,28 @@ def plan(job: Job, settings: Settings, model_dir: Path, train_file: Path, rows: 
     # Tokenise once here, in the driver: bad data fails fast, before any worker starts.
     tokenize_rows(rows, job.dataset_type, load_tokenizer(str(model_dir)),
                   eval_sequence_length(getattr(hf_config, "max_position_embeddings", None)))
-    budget = job.deadline - job.created_at
-    reserve = PUBLISH_RESERVE_S + PUBLISH_RESERVE_FRACTION * budget
-    hp = default_hparams(n_params, job.task_type)
+    # The capacity plan (cluster.capacity) sets the shape and the window: stop by the planned end
+    # so the next queued job starts on time, never after the deadline.
+    shape, end = plan_shape(job, settings)
+    budget = end - (job.started_at or job.created_at)
+    reserve = max(PUBLISH_RESERVE_S + PUBLISH_RESERVE_FRACTION * budget, float((job.plan or {}).get("post_s") or 0))
+    hp = default_hparams(n_params, job.task_type, shape.pop("method"))
     return TrainConfig(model_path=str(model_dir), train_file=str(train_file), dataset_type=job.dataset_type,
                        task_type=job.task_type, run_dir=str(run_dir), run_name=f"ft-{job.task_id}",
-                       train_deadline=job.deadline - reserve, num_workers=settings.num_workers,
-                       use_gpu=settings.use_gpu, extra={"n_params": n_params}, **hp)
+                       train_deadline=end - reserve, extra={"n_params": n_params, "plan": job.plan}, **shape, **hp)
+
+
+def plan_shape(job: Job, settings: Settings) -> tuple[dict, float]:
+    """(TrainConfig resources and method, end of the training window) from the job's plan."""
+    plan = job.plan or {}
+    where = placement(plan)
+    gpus = int(plan.get("gpus") or 0)
+    shape = {"num_workers": int(plan.get("workers") or settings.num_workers),
+             "use_gpu": settings.use_gpu and (gpus > 0 or not plan),
+             "cpus_per_worker": float(plan.get("cpus_per_worker") or 1.0),
+             "accelerator_type": where["accelerator_type"], "label_selector": where["label_selector"],
+             "method": "full" if plan.get("method") == "full" else "lora"}
+    return shape, min(job.deadline, float(plan.get("planned_end") or job.deadline))
 
 
 def run_job(task_id: str, settings: Settings) -> int:
@@ -72,14 +90,9 @@ def run_job(task_id: str, settings: Settings) -> int:
     attempt = store.start_attempt(task_id)
     if attempt > 1:  # the previous driver died (cluster or control-plane crash): resume
         store.add_fault(task_id, {"kind": "driver_restart", "attempt": attempt})
-    timings: dict[str, float] = {}
-    t = time.time()
-
-    def phase(name: str) -> None:
-        nonlocal t
-        timings[name] = round(time.time() - t, 2)
-        t = time.time()
-        print(f"[job] {name} done in {timings[name]} s", flush=True)
+    timings = PhaseTimer()
+    phase = timings.phase
+    model_dir, cfg = None, None
 
     try:
         rows = _fetch_rows(job, job_dir / "train_data.json", settings)
@@ -90,12 +103,15 @@ def run_job(task_id: str, settings: Settings) -> int:
             raise InputError(problem)
         phase("fetch_model")
         cfg = plan(job, settings, model_dir, job_dir / "train_data.json", rows, job_dir / "runs")
+        cfg.label_selector = {**settings.train_labels, **cfg.label_selector}  # operator's labels + planned node
+        cfg.progress_file = str(job_dir / PROGRESS_FILE)
         phase("plan")
         (job_dir / "hparams.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         store.update_job(task_id, hparams=cfg.to_dict())
         from trainers.launch import fit
 
-        outcome = fit(cfg, job_dir / "model")
+        with TrainingMonitor(job_dir / PROGRESS_FILE, task_id, job.task_type, job.deadline):
+            outcome = fit(cfg, job_dir / "model")
         phase("train")
         for fault in outcome.faults:
             store.add_fault(task_id, fault)
@@ -105,6 +121,7 @@ def run_job(task_id: str, settings: Settings) -> int:
         traceback.print_exc()
         outcome = _fallback_outcome(job_dir, exc)
         if outcome is None:
+            learn(Knowledge(store), job, model_dir, cfg, None, f"training failed: {type(exc).__name__}: {exc}")
             return _fail(store, job_dir, task_id, f"training failed: {type(exc).__name__}: {exc}", timings)
         phase("train_failed_fallback")
 
@@ -116,11 +133,14 @@ def run_job(task_id: str, settings: Settings) -> int:
         phase("publish_and_hash")
     except Exception as exc:
         traceback.print_exc()
+        learn(Knowledge(store), job, model_dir, cfg, None, f"publishing failed: {type(exc).__name__}: {exc}")
         return _fail(store, job_dir, task_id, f"publishing failed: {type(exc).__name__}: {exc}", timings,
                      from_states=(PUBLISHING,))
     write_job_report(job_dir, outcome.summary, timings, selected=outcome.checkpoint_metrics)
+    learn(Knowledge(store), job, model_dir, cfg, outcome.summary, None)
     store.update_job(task_id, only_if_status=(PUBLISHING,), status=PUBLISHED, repo=repo, model_hash=model_hash,
                      reason=None)
+    record_final_slack(task_id, job.deadline)
     print(f"[job] published {repo} hash={model_hash} slack={job.deadline - time.time():.0f} s", flush=True)
     return 0
 
@@ -164,11 +184,11 @@ def _fallback_outcome(job_dir: Path, exc: Exception):
     return TrainOutcome(export_checkpoint(checkpoint, job_dir / "model"), {"fallback_after": f"{type(exc).__name__}: {exc}"}, {})
 
 
-def _fail(store: JobStore, job_dir: Path, task_id: str, reason: str, timings: dict,
+def _fail(store: JobStore, job_dir: Path, task_id: str, reason: str, timings: PhaseTimer,
           from_states: tuple[str, ...] = (QUEUED, SUBMITTED, RUNNING)) -> int:
     """Fails the job, unless it has moved on meanwhile (the watchdog took it over to publish)."""
     print(f"[job] FAILED: {reason}", file=sys.stderr, flush=True)
-    (job_dir / "timings.json").write_text(json.dumps(timings, indent=2))
+    write_timings(job_dir, timings)
     store.update_job(task_id, only_if_status=from_states, status=FAILED, reason=reason)
     return 1
 

@@ -45,7 +45,8 @@ def fit(cfg: TrainConfig, out_dir: Path) -> TrainOutcome:
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker,
                                                            **({"GPU": 1} if cfg.use_gpu else {})},
-                                     placement_strategy="STRICT_PACK" if cfg.num_workers <= 8 else "PACK"),
+                                     placement_strategy="STRICT_PACK" if cfg.num_workers <= 8 else "PACK",
+                                     accelerator_type=cfg.accelerator_type, label_selector=cfg.label_selector or None),
         run_config=RunConfig(
             name=cfg.run_name, storage_path=cfg.run_dir,
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="dev_loss",
