@@ -88,14 +88,14 @@ def _stream(url: str, dest: Path, limits: FetchLimits, give_up_at: float) -> Non
                     if size > limits.max_bytes:
                         raise InputError(f"dataset exceeds the {limits.max_bytes}-byte cap; download aborted")
                     if time.monotonic() > give_up_at:
-                        raise InputError(f"dataset download took longer than {limits.total_timeout_s:.0f} s "
+                        raise InputError(f"dataset download took longer than {limits.total_timeout_s:g} s "
                                          f"({size} bytes received); aborted")
                     f.write(chunk)
             complete = True
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
         raise _Transient(f"{type(exc).__name__}: {exc or 'no detail'} ({_redact(url)})") from exc
     except httpx.ReadTimeout as exc:
-        raise InputError(f"dataset download stalled: no data for {limits.read_timeout_s:.0f} s "
+        raise InputError(f"dataset download stalled: no data for {limits.read_timeout_s:g} s "
                          f"from {_redact(url)}") from exc
     except httpx.HTTPError as exc:
         raise InputError(f"dataset download failed: {type(exc).__name__}: {exc} ({_redact(url)})") from exc

@@ -72,7 +72,15 @@ class FaultLog(UserCallback):
 
 
 def _newest_checkpoint(run_path: Path) -> tuple[float, int] | None:
-    """(time, step) of the run's newest checkpoint, from the metrics the trainers save with it."""
+    """(time, step) of the checkpoint a rerun resumes from: the latest one Ray Train registered
+    (its checkpoint manager snapshot; a checkpoint persisted by a worker that died before the
+    controller saw the report is not used), else the newest saved step."""
+    snapshot = run_path / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+        return snapshot.stat().st_mtime, int(latest["metrics"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     best = None
     for metrics in run_path.glob("checkpoint_*/metrics.json"):
         try:
