@@ -11,7 +11,12 @@ from ray.train.torch import TorchTrainer
 
 from .config import TrainConfig
 
-RECIPES = {"InstructTextTask": "trainers.instruct:train_loop_per_worker"}
+# task type -> the train_loop_per_worker that trains it (Instruct and Chat differ only in rendering)
+RECIPES = {
+    "InstructTextTask": "trainers.instruct:train_loop_per_worker",
+    "ChatTask": "trainers.instruct:train_loop_per_worker",
+    "DpoTask": "trainers.dpo:train_loop_per_worker",
+}
 
 
 @dataclass
