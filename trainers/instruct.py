@@ -87,7 +87,7 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    if device.type == "cpu":
+    if device.type == "cpu" and ray.is_initialized():  # local mode (tests, benchmarks) keeps the process's setting
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world)))
     torch.manual_seed(cfg.seed)
 
