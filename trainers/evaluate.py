@@ -64,8 +64,10 @@ def dpo_eval_loss(model, base_model: str, rows: list[dict], dataset_type: dict, 
     return dev_loss(model, examples, tokenizer.pad_token_id, _device(model), BATCH_TOKENS, DPO)
 
 
-# task type -> metric(model, base model path, rows, dataset_type) -> float (lower is better for these)
+# task type -> metric(model, base model path, rows, dataset_type) -> float; lower is better
+# unless the task type is in HIGHER_IS_BETTER (e.g. a reward)
 METRICS = {"InstructTextTask": instruct_loss, "ChatTask": chat_loss, "DpoTask": dpo_eval_loss}
+HIGHER_IS_BETTER: set[str] = set()
 
 
 def evaluate_model(model, base_model: str | Path, rows: list[dict], dataset_type: dict,

@@ -24,6 +24,8 @@ import torch.distributed as dist
 from .batching import collate, make_batches, per_sample_loss, split_dev
 from .config import TrainConfig
 from .formats import max_length, tokenize_rows
+from .instruct_format import Example
+from .oom import OomLadder
 from .modeling import load_base_model, load_tokenizer, save_trainable, wrap_for_training
 
 PROBE_STEPS = 5
@@ -35,6 +37,8 @@ class Recipe:
     per_sample: Callable
     # (base_model, cfg, examples, pad_id, device) -> None: before the trainable part is attached
     prepare: Callable | None = None
+    # (example, length) -> the example cut to `length` tokens, for the OOM ladder (None: cannot cut)
+    cut: Callable | None = None
 
 
 def sft_per_sample(model, batch, pad_id: int, device) -> torch.Tensor:
@@ -43,7 +47,11 @@ def sft_per_sample(model, batch, pad_id: int, device) -> torch.Tensor:
     return per_sample_loss(logits, inputs["labels"])
 
 
-SFT = Recipe(per_sample=sft_per_sample)
+def cut_example(ex: Example, length: int) -> Example:
+    return Example(ex.input_ids[:length], ex.labels[:length])
+
+
+SFT = Recipe(per_sample=sft_per_sample, cut=cut_example)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -126,6 +134,14 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         resume_step, total = state["step"], state["total"]
 
+    def micro_step(piece: list, weight: float) -> float:
+        """Forward and backward of `weight` x the piece's mean loss; returns that mean loss."""
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = recipe.per_sample(model, piece, tokenizer.pad_token_id, device).mean()
+        (loss * weight / cfg.grad_accum).backward()
+        return loss.item()
+
+    ladder = OomLadder(recipe.cut, log=print if rank == 0 else lambda *_: None)
     history: list[dict] = []
     staging = os.path.join(cfg.run_dir, cfg.run_name, "_staging", f"rank{rank}")
     save_points = {int(total * (i + 1) / cfg.saves) for i in range(cfg.saves)}
@@ -138,9 +154,7 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
             micro += 1
             if micro <= resume_step * cfg.grad_accum:
                 continue  # already trained before the restart (batch order is deterministic)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = recipe.per_sample(model, batch, tokenizer.pad_token_id, device).mean() / cfg.grad_accum
-            loss.backward()
+            loss = ladder.run(batch, micro_step)
             tokens += sum(len(ex) for ex in batch)
             if (i + 1) % cfg.grad_accum:
                 continue
@@ -159,7 +173,7 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
                     save_points = {max(step, int(total * (k + 1) / cfg.saves)) for k in range(cfg.saves)}
                     if rank == 0:
                         print(f"[train] deadline caps the plan at {total} steps ({per_step:.2f}s/step)", flush=True)
-            entry = {"step": step, "epoch": epoch, "loss": loss.item() * cfg.grad_accum,
+            entry = {"step": step, "epoch": epoch, "loss": loss,
                      "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 2),
                      "tokens_per_s": round(tokens * world / max(1e-6, time.time() - t0), 1)}
             history.append(entry)
