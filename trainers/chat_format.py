@@ -21,12 +21,12 @@ from __future__ import annotations
 from .instruct_format import IGNORE, DatasetError, Example
 
 DUMMY = "[[dummy_message]]"
-TEMPLATES = {"chatml": ("<|im_start|>{role}\n{content}<|im_end|>\n", "")}
+# axolotl's named templates, as the text each message renders to (chatml has no BOS or prefix)
+TEMPLATES = {"chatml": "<|im_start|>{role}\n{content}<|im_end|>\n"}
 
 
 def render(turns: list[dict], template: str) -> str:
-    message, prefix = TEMPLATES[template]
-    return prefix + "".join(message.format(role=t["role"], content=t["content"]) for t in turns)
+    return "".join(TEMPLATES[template].format(role=t["role"], content=t["content"]) for t in turns)
 
 
 def check_dataset_type(dt: dict) -> str:

@@ -25,8 +25,8 @@ from .batching import collate, make_batches, per_sample_loss, split_dev
 from .config import TrainConfig
 from .formats import max_length, tokenize_rows
 from .instruct_format import Example
-from .oom import OomLadder
 from .modeling import load_base_model, load_tokenizer, save_trainable, wrap_for_training
+from .oom import OomLadder
 
 PROBE_STEPS = 5
 
