@@ -90,13 +90,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=str(BENCH / "models" / "pico-llama"))
     parser.add_argument("--tasks", nargs="*", help="task folder names (default: every supported bench task)")
     parser.add_argument("--out", help="write the Markdown table here")
+    parser.add_argument("--lr-scale", type=float, default=1.0, help="multiply the planner's LR (ablations)")
     args = parser.parse_args(argv)
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     tasks = [t for t in bench_tasks(BENCH) if not args.tasks or t.name in args.tasks]
     results = []
     with tempfile.TemporaryDirectory() as work:
         for task_dir in tasks:
-            r = run_task(task_dir, Path(args.model), args.budget_s, Path(work), {})
+            lr = None
+            if args.lr_scale != 1.0:
+                from transformers import AutoConfig
+
+                from tuning.priors import default_hparams, param_count_from_config
+
+                task_type = json.loads((task_dir / "task.json").read_text())["task_type"]
+                n = param_count_from_config(AutoConfig.from_pretrained(args.model))
+                lr = default_hparams(n, task_type)["lr"] * args.lr_scale
+            r = run_task(task_dir, Path(args.model), args.budget_s, Path(work), {"lr": lr} if lr else {})
             print(json.dumps(r), flush=True)
             results.append(r)
     table = markdown(results, args, started)
