@@ -7,9 +7,12 @@ stand-in for the Hub in tests (no network here).
 from __future__ import annotations
 
 import json
+import random
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from .settings import Settings
 
@@ -66,6 +69,50 @@ class HuggingFaceHub:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo_id, token=self.token, cache_dir=str(self.cache_dir)))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter for uploads; never sleeps past the deadline given."""
+    attempts: int = 8
+    base_s: float = 2.0
+    max_s: float = 60.0
+
+
+class PartialUpload(RuntimeError):
+    """The uploaded repo does not hold exactly what we uploaded (an interrupted upload)."""
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """HTTP 408/429/5xx, timeouts, dropped connections and partial uploads are worth another
+    try; 4xx answers (bad token, bad repo name) and local errors are not."""
+    if isinstance(exc, PartialUpload):
+        return True
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(status, int):
+        return status in (408, 429) or status >= 500
+    # Transport errors of httpx, of the Hub client's httpx2, and of requests, by class name.
+    transport = {"TransportError", "TimeoutException", "ConnectionError", "Timeout"}
+    return isinstance(exc, (TimeoutError, ConnectionError)) or any(c.__name__ in transport for c in type(exc).__mro__)
+
+
+def call_with_retries(fn: Callable[[], object], deadline: float, policy: RetryPolicy = RetryPolicy(),
+                      what: str = "upload", sleep: Callable[[float], None] = time.sleep) -> int:
+    """Runs `fn` until it succeeds; returns the number of tries. Gives up (re-raising the last
+    error) on a non-retryable error, after `policy.attempts`, or when the next pause would end
+    past `deadline` (unix time)."""
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            fn()
+            return attempt
+        except Exception as exc:
+            pause = min(policy.max_s, policy.base_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            if not is_retryable(exc) or attempt == policy.attempts or time.time() + pause >= deadline:
+                raise
+            print(f"[hub] {what} try {attempt} failed ({type(exc).__name__}: {exc}); retrying in {pause:.1f} s",
+                  flush=True)
+            sleep(pause)
+    raise AssertionError("unreachable")
 
 
 def hub_from_settings(settings: Settings) -> Hub:

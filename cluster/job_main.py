@@ -7,6 +7,7 @@ next to the job's outputs; any failure ends the job with a readable reason.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import sys
 import time
@@ -21,12 +22,16 @@ from trainers.instruct_format import DatasetError
 from trainers.modeling import load_tokenizer
 from tuning.priors import default_hparams, param_count_from_config
 
-from .fetch import InputError, download_dataset, resolve_model
-from .publish import latest_checkpoint, publish
+from .capacity import placement
+from .dataset_checks import check_rows
+from .fetch import FetchLimits, InputError, download_dataset, resolve_model
+from .knowledge import Knowledge, learn
 from .metrics import TrainingMonitor, record_final_slack
+from .model_check import model_dir_problem
+from .publish import best_checkpoint, publish
 from .reports import PROGRESS_FILE, PhaseTimer, write_job_report, write_timings
 from .settings import Settings, load_settings
-from .store import ACTIVE, FAILED, PUBLISHING, RUNNING, TERMINAL, Job, JobStore
+from .store import FAILED, PUBLISHED, PUBLISHING, QUEUED, RUNNING, SUBMITTED, TERMINAL, Job, JobStore
 
 # Seconds kept back from the deadline for saving, uploading and hashing (plus a share of the budget).
 PUBLISH_RESERVE_S = 20.0
@@ -41,13 +46,28 @@ def plan(job: Job, settings: Settings, model_dir: Path, train_file: Path, rows: 
     # fast, before any worker starts.
     tokenize_rows(job.task_type, rows, job.dataset_type, load_tokenizer(str(model_dir)),
                   max_length(job.task_type, hf_config))
-    budget = job.deadline - job.created_at
-    reserve = PUBLISH_RESERVE_S + PUBLISH_RESERVE_FRACTION * budget
-    hp = default_hparams(n_params, job.task_type)
+    # The capacity plan (cluster.capacity) sets the shape and the window: stop by the planned end
+    # so the next queued job starts on time, never after the deadline.
+    shape, end = plan_shape(job, settings)
+    budget = end - (job.started_at or job.created_at)
+    reserve = max(PUBLISH_RESERVE_S + PUBLISH_RESERVE_FRACTION * budget, float((job.plan or {}).get("post_s") or 0))
+    hp = default_hparams(n_params, job.task_type, shape.pop("method"))
     return TrainConfig(model_path=str(model_dir), train_file=str(train_file), dataset_type=job.dataset_type,
                        task_type=job.task_type, run_dir=str(run_dir), run_name=f"ft-{job.task_id}",
-                       train_deadline=job.deadline - reserve, num_workers=settings.num_workers,
-                       use_gpu=settings.use_gpu, extra={"n_params": n_params}, **hp)
+                       train_deadline=end - reserve, extra={"n_params": n_params, "plan": job.plan}, **shape, **hp)
+
+
+def plan_shape(job: Job, settings: Settings) -> tuple[dict, float]:
+    """(TrainConfig resources and method, end of the training window) from the job's plan."""
+    plan = job.plan or {}
+    where = placement(plan)
+    gpus = int(plan.get("gpus") or 0)
+    shape = {"num_workers": int(plan.get("workers") or settings.num_workers),
+             "use_gpu": settings.use_gpu and (gpus > 0 or not plan),
+             "cpus_per_worker": float(plan.get("cpus_per_worker") or 1.0),
+             "accelerator_type": where["accelerator_type"], "label_selector": where["label_selector"],
+             "method": "full" if plan.get("method") == "full" else "lora"}
+    return shape, min(job.deadline, float(plan.get("planned_end") or job.deadline))
 
 
 def run_job(task_id: str, settings: Settings) -> int:
@@ -56,22 +76,37 @@ def run_job(task_id: str, settings: Settings) -> int:
     if job is None:
         print(f"unknown task {task_id}", file=sys.stderr)
         return 2
+    job_dir = settings.job_dir(task_id)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    lock = _driver_lock(job_dir, job.deadline)  # held until exit: one driver per job, ever
+    if lock is None:
+        print(f"task {task_id}: another driver still holds the job at its deadline; nothing to do")
+        return 0
+    job = store.get_job(task_id)
     if job.status in TERMINAL:
         print(f"task {task_id} is already {job.status}; nothing to do")
         return 0
-    store.update_job(task_id, only_if_status=ACTIVE, status=RUNNING)
-    job_dir = settings.job_dir(task_id)
-    job_dir.mkdir(parents=True, exist_ok=True)
+    if not store.update_job(task_id, only_if_status=(QUEUED, SUBMITTED, RUNNING), status=RUNNING):
+        print(f"task {task_id} is {job.status} by another publisher (the watchdog); nothing to do")
+        return 0
+    attempt = store.start_attempt(task_id)
+    if attempt > 1:  # the previous driver died (cluster or control-plane crash): resume
+        store.add_fault(task_id, {"kind": "driver_restart", "attempt": attempt})
     timings = PhaseTimer()
     phase = timings.phase
+    model_dir, cfg = None, None
 
     try:
-        rows = download_dataset(job.dataset_url, job_dir / "train_data.json", settings.max_dataset_bytes)
+        rows = _fetch_rows(job, job_dir / "train_data.json", settings)
         phase("download_dataset")
         model_dir = resolve_model(job.model, settings.model_cache_dir, settings.hf_token)
+        problem = model_dir_problem(model_dir)
+        if problem:
+            raise InputError(problem)
         phase("fetch_model")
         cfg = plan(job, settings, model_dir, job_dir / "train_data.json", rows, job_dir / "runs")
-        cfg.label_selector, cfg.progress_file = dict(settings.train_labels), str(job_dir / PROGRESS_FILE)
+        cfg.label_selector = {**settings.train_labels, **cfg.label_selector}  # operator's labels + planned node
+        cfg.progress_file = str(job_dir / PROGRESS_FILE)
         phase("plan")
         (job_dir / "hparams.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         store.update_job(task_id, hparams=cfg.to_dict())
@@ -80,44 +115,83 @@ def run_job(task_id: str, settings: Settings) -> int:
         with TrainingMonitor(job_dir / PROGRESS_FILE, task_id, job.task_type, job.deadline):
             outcome = fit(cfg, job_dir / "model")
         phase("train")
+        for fault in outcome.faults:
+            store.add_fault(task_id, fault)
     except (InputError, DatasetError) as exc:
         return _fail(store, job_dir, task_id, str(exc), timings)
     except Exception as exc:
         traceback.print_exc()
         outcome = _fallback_outcome(job_dir, exc)
         if outcome is None:
+            learn(Knowledge(store), job, model_dir, cfg, None, f"training failed: {type(exc).__name__}: {exc}")
             return _fail(store, job_dir, task_id, f"training failed: {type(exc).__name__}: {exc}", timings)
         phase("train_failed_fallback")
 
-    store.update_job(task_id, status=PUBLISHING)
+    if not store.update_job(task_id, only_if_status=(RUNNING,), status=PUBLISHING):
+        print(f"[job] the watchdog is publishing {task_id} already; stopping", flush=True)
+        return 0
     try:
         repo, model_hash = publish(outcome.model_dir, job, settings)
         phase("publish_and_hash")
     except Exception as exc:
         traceback.print_exc()
-        return _fail(store, job_dir, task_id, f"publishing failed: {type(exc).__name__}: {exc}", timings)
+        learn(Knowledge(store), job, model_dir, cfg, None, f"publishing failed: {type(exc).__name__}: {exc}")
+        return _fail(store, job_dir, task_id, f"publishing failed: {type(exc).__name__}: {exc}", timings,
+                     from_states=(PUBLISHING,))
     write_job_report(job_dir, outcome.summary, timings, selected=outcome.checkpoint_metrics)
-    store.update_job(task_id, status="published", repo=repo, model_hash=model_hash, reason=None)
+    learn(Knowledge(store), job, model_dir, cfg, outcome.summary, None)
+    store.update_job(task_id, only_if_status=(PUBLISHING,), status=PUBLISHED, repo=repo, model_hash=model_hash,
+                     reason=None)
     record_final_slack(task_id, job.deadline)
     print(f"[job] published {repo} hash={model_hash} slack={job.deadline - time.time():.0f} s", flush=True)
     return 0
+
+
+def _fetch_rows(job: Job, dest: Path, settings: Settings) -> list:
+    """Downloads and checks the rows; the file the workers read holds only the usable ones."""
+    budget = max(30.0, 0.1 * (job.deadline - time.time()))  # a slow download must not eat the deadline
+    rows = download_dataset(job.dataset_url, dest, settings.max_dataset_bytes,
+                            limits=FetchLimits(settings.max_dataset_bytes, total_timeout_s=min(900.0, budget)))
+    report = check_rows(rows, job.dataset_type)
+    if len(report.rows) != len(rows):
+        print(f"[job] dropped {report.dropped_null} rows with null/missing fields and {report.dropped_huge} "
+              f"oversized rows; {len(report.rows)} left", flush=True)
+        dest.write_text(json.dumps(report.rows))
+    return report.rows
+
+
+def _driver_lock(job_dir: Path, deadline: float):
+    """An exclusive lock on the job folder. A second driver for the same job (a resubmission
+    while an orphan of the old cluster is still exiting) waits for the first to go."""
+    f = open(job_dir / ".driver.lock", "w")
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
+        except BlockingIOError:
+            if time.time() > deadline:
+                f.close()
+                return None
+            time.sleep(1.0)
 
 
 def _fallback_outcome(job_dir: Path, exc: Exception):
     """Deadlines are sacred: if training died after saving a checkpoint, publish that."""
     from trainers.launch import TrainOutcome, export_checkpoint
 
-    checkpoint = latest_checkpoint(job_dir / "runs")
+    checkpoint = best_checkpoint(job_dir / "runs")
     if checkpoint is None:
         return None
     print(f"[job] training failed ({type(exc).__name__}); publishing last checkpoint {checkpoint}", flush=True)
     return TrainOutcome(export_checkpoint(checkpoint, job_dir / "model"), {"fallback_after": f"{type(exc).__name__}: {exc}"}, {})
 
 
-def _fail(store: JobStore, job_dir: Path, task_id: str, reason: str, timings: PhaseTimer) -> int:
+def _fail(store: JobStore, job_dir: Path, task_id: str, reason: str, timings: PhaseTimer,
+          from_states: tuple[str, ...] = (QUEUED, SUBMITTED, RUNNING)) -> int:
+    """Fails the job, unless it has moved on meanwhile (the watchdog took it over to publish)."""
     print(f"[job] FAILED: {reason}", file=sys.stderr, flush=True)
     write_timings(job_dir, timings)
-    store.update_job(task_id, only_if_status=ACTIVE, status=FAILED, reason=reason)
+    store.update_job(task_id, only_if_status=from_states, status=FAILED, reason=reason)
     return 1
 
 

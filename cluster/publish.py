@@ -1,30 +1,90 @@
 """Publishing a trained model: fix the adapter's base reference, upload the whole folder to
-`<owner>/<expected_repo_name>`, then hash the *uploaded* snapshot once (G.O.D's algorithm) so
-that the submission GET answers from the store in milliseconds."""
+`<owner>/<expected_repo_name>` (retried with backoff within the job's deadline), then hash the
+*uploaded* snapshot once (G.O.D's algorithm) so that the submission GET answers from the store
+in milliseconds. A repo whose snapshot does not hash like the local folder is a partial upload:
+it is uploaded again, never reported."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from .hub import hub_from_settings, point_adapter_at_base, repo_owner
+from .hub import Hub, PartialUpload, RetryPolicy, call_with_retries, hub_from_settings, point_adapter_at_base, repo_owner
 from .model_hash import calculate_model_hash
 from .settings import Settings
 from .store import Job
 
+CHECKPOINT_METRICS = "metrics.json"  # written by the trainers next to each checkpoint's weights
 
-def publish(model_dir: Path, job: Job, settings: Settings) -> tuple[str, str]:
+
+def publish(model_dir: Path, job: Job, settings: Settings, hub: Hub | None = None,
+            policy: RetryPolicy = RetryPolicy()) -> tuple[str, str]:
     point_adapter_at_base(model_dir, job.model)
+    expected = calculate_model_hash(model_dir)
+    if expected is None:
+        raise RuntimeError(f"{model_dir} holds no weight or config files to publish")
     repo = f"{repo_owner(settings)}/{job.expected_repo_name}"
-    hub = hub_from_settings(settings)
-    hub.upload_folder(model_dir, repo)
-    model_hash = calculate_model_hash(hub.snapshot(repo))
-    if model_hash is None:
-        raise RuntimeError(f"published repo {repo} holds no weight or config files")
-    return repo, model_hash
+    hub = hub or hub_from_settings(settings)
+
+    def upload_and_verify() -> None:
+        hub.upload_folder(model_dir, repo)
+        got = calculate_model_hash(hub.snapshot(repo))
+        if got != expected:
+            raise PartialUpload(f"repo {repo} hashes {got}, the upload {expected}")
+
+    # Leave a little of the deadline for the answer itself; retries never end past it.
+    call_with_retries(upload_and_verify, deadline=job.deadline - 5, policy=policy, what=f"upload of {repo}")
+    return repo, expected
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest Ray Train checkpoint of a run that holds publishable weights: the fallback
-    when training dies after it has saved something."""
-    found = [p for p in Path(run_dir).glob("*/checkpoint_*")
-             if (p / "adapter_model.safetensors").exists() or (p / "config.json").exists()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+def checkpoint_is_complete(path: Path) -> bool:
+    """Weights whose safetensors header matches the file length, and configs that parse: a
+    checkpoint cut short by a crash or a full disk fails this and is never published."""
+    weights = sorted(Path(path).glob("*.safetensors"))
+    configs = [p for p in (Path(path) / "adapter_config.json", Path(path) / "config.json") if p.exists()]
+    if not weights or not configs:
+        return False
+    try:
+        for cfg in configs:
+            json.loads(cfg.read_text())
+        for w in weights:
+            _check_safetensors(w)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _check_safetensors(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("no header")
+        n = int.from_bytes(head, "little")
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if path.stat().st_size != 8 + n + end:
+        raise ValueError(f"{path.name} is {path.stat().st_size} bytes, its header says {8 + n + end}")
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the lowest dev loss (the newest when none has one) among a
+    job's Ray Train runs: what the fallback and the deadline watchdog publish."""
+    found = [p for p in Path(run_dir).glob("*/checkpoint_*") if p.is_dir() and checkpoint_is_complete(p)]
+    if not found:
+        return None
+
+    def rank(p: Path):
+        try:
+            dev = json.loads((p / CHECKPOINT_METRICS).read_text()).get("dev_loss")
+        except (OSError, ValueError):
+            dev = None
+        return (dev is None, dev if dev is not None else 0.0, -p.stat().st_mtime)
+    return min(found, key=rank)
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def upload_estimate_s(nbytes: int, bandwidth_bytes_s: float, fixed_s: float = 3.0) -> float:
+    """How long an upload of `nbytes` should take, hashing included, for the watchdog's timing."""
+    return fixed_s + 2 * nbytes / max(1.0, bandwidth_bytes_s)

@@ -32,6 +32,11 @@ class Settings:
     training_repo: str
     training_commit: str
     train_labels: dict[str, str] = field(default_factory=dict)  # Ray node labels training must run on
+    # reliability (issue #8): caches, the deadline watchdog, model lookups at offer time
+    cache_max_bytes: int = 200 * 1024**3          # models + finished jobs' folders, LRU beyond this
+    upload_bandwidth_bytes_s: float = 20e6         # for the watchdog's upload-time estimate
+    watchdog_margin_s: float = 60.0                # kept on top of the upload estimate (capped at 3% of a job)
+    model_lookup: str = "hub"                      # "hub": check offered HF ids' config.json; "off"
 
     @property
     def db_path(self) -> Path:
@@ -88,6 +93,10 @@ def load_settings() -> Settings:
         training_repo=_env("MINER_TRAINING_REPO", "https://github.com/rayonlabs/G.O.D"),
         training_commit=_env("MINER_TRAINING_COMMIT", "076e87fc746985e272015322cc91fb3bbbca2f26"),
         train_labels=parse_labels(_env("MINER_TRAIN_LABELS", "")),
+        cache_max_bytes=int(float(_env("MINER_CACHE_MAX_GB", "200")) * 1024**3),
+        upload_bandwidth_bytes_s=float(_env("MINER_UPLOAD_MBPS", "20")) * 1e6,
+        watchdog_margin_s=float(_env("MINER_WATCHDOG_MARGIN_S", "60")),
+        model_lookup=_env("MINER_MODEL_LOOKUP", "hub"),
     )
 
 

@@ -38,7 +38,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     repo TEXT,
     model_hash TEXT,
     hparams TEXT,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    faults TEXT
 );
 CREATE TABLE IF NOT EXISTS offers (
     task_id TEXT PRIMARY KEY,
@@ -50,6 +52,12 @@ CREATE TABLE IF NOT EXISTS offers (
     created_at REAL NOT NULL
 );
 """
+# Columns added after the first release: ALTER TABLE on open keeps older databases working.
+_ADDED_COLUMNS = {
+    "jobs": {"plan": "TEXT", "started_at": "REAL",                  # capacity plan, placement
+             "attempts": "INTEGER NOT NULL DEFAULT 0", "faults": "TEXT"},  # driver starts, survived faults
+    "offers": {"plan": "TEXT", "expires_at": "REAL"},               # reservation of an accepted offer
+}
 
 
 @dataclass
@@ -71,6 +79,10 @@ class Job:
     model_hash: str | None = None
     hparams: dict | None = None
     updated_at: float = 0.0
+    plan: dict | None = None          # capacity.Plan + node_id/planned_start/planned_end once placed
+    started_at: float | None = None
+    attempts: int = 0                  # how many times a job driver has started on it
+    faults: list | None = None         # what went wrong and was survived (worker crash, watchdog, ...)
 
     @property
     def submission_id(self) -> str:
@@ -86,9 +98,11 @@ class Offer:
     accepted: bool
     message: str
     created_at: float
+    plan: dict | None = None          # what an accepted offer reserved, until `expires_at`
+    expires_at: float | None = None
 
 
-_JSON_COLUMNS = ("dataset_type", "hparams")
+_JSON_COLUMNS = ("dataset_type", "hparams", "plan", "faults")
 
 
 class JobStore:
@@ -104,6 +118,27 @@ class JobStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
+        for table, columns in _ADDED_COLUMNS.items():
+            self.add_columns(table, columns)
+
+    def add_columns(self, table: str, columns: dict[str, str]) -> None:
+        """Migration: adds the columns a table lacks (existing rows get NULL)."""
+        have = {r["name"] for r in self._conn.execute(f"PRAGMA table_info({table})")}
+        with self._tx() as c:
+            for name, decl in columns.items():
+                if name not in have:
+                    try:
+                        c.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+                    except sqlite3.OperationalError as exc:  # another process added it first
+                        if "duplicate column" not in str(exc):
+                            raise
+
+    def transaction(self):
+        """One write transaction, for modules that keep their own tables in this database."""
+        return self._tx()
+
+    def query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        return self._conn.execute(sql, args).fetchall()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -160,6 +195,25 @@ class JobStore:
         with self._tx() as c:
             return c.execute(f"UPDATE jobs SET {sets} WHERE {where}", args).rowcount == 1
 
+    def start_attempt(self, task_id: str) -> int:
+        """Counts one more driver start on the job; returns the new count."""
+        with self._tx() as c:
+            c.execute("UPDATE jobs SET attempts = attempts + 1, updated_at = ? WHERE task_id = ?",
+                      (time.time(), task_id))
+            row = c.execute("SELECT attempts FROM jobs WHERE task_id = ?", (task_id,)).fetchone()
+            return int(row["attempts"]) if row else 0
+
+    def add_fault(self, task_id: str, fault: dict) -> None:
+        """Appends one survived fault to the job's record, in one transaction."""
+        with self._tx() as c:
+            row = c.execute("SELECT faults FROM jobs WHERE task_id = ?", (task_id,)).fetchone()
+            if row is None:
+                return
+            faults = json.loads(row["faults"]) if row["faults"] else []
+            faults.append({"at": round(time.time(), 3), **fault})
+            c.execute("UPDATE jobs SET faults = ?, updated_at = ? WHERE task_id = ?",
+                      (json.dumps(faults), time.time(), task_id))
+
     # offers ---------------------------------------------------------------
     def record_offer(self, offer: Offer) -> None:
         self.record_offers([offer])
@@ -167,15 +221,29 @@ class JobStore:
     def record_offers(self, offers: list[Offer]) -> None:
         """One transaction (one fsync) for a batch of offers."""
         with self._tx() as c:
-            c.executemany("INSERT OR REPLACE INTO offers VALUES (?, ?, ?, ?, ?, ?, ?)",
+            c.executemany("INSERT OR REPLACE INTO offers (task_id, task_type, model, hours_to_complete, accepted, "
+                          "message, created_at, plan, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                           [(o.task_id, o.task_type, o.model, o.hours_to_complete, int(o.accepted), o.message,
-                            o.created_at) for o in offers])
+                            o.created_at, json.dumps(o.plan) if o.plan else None, o.expires_at) for o in offers])
 
     def get_offer(self, task_id: str) -> Offer | None:
         row = self._conn.execute("SELECT * FROM offers WHERE task_id = ?", (task_id,)).fetchone()
         if row is None:
             return None
-        return Offer(**{**dict(row), "accepted": bool(row["accepted"])})
+        return _offer_from_row(row)
+
+    def reserved_offers(self, now: float) -> list[Offer]:
+        """Accepted offers still holding a reservation: not expired, no training request yet."""
+        rows = self._conn.execute(
+            "SELECT * FROM offers WHERE accepted = 1 AND expires_at > ? AND plan IS NOT NULL "
+            "AND task_id NOT IN (SELECT task_id FROM jobs)", (now,)).fetchall()
+        return [_offer_from_row(r) for r in rows]
+
+
+def _offer_from_row(row: sqlite3.Row) -> Offer:
+    data = dict(row)
+    data["plan"] = json.loads(data["plan"]) if data.get("plan") else None
+    return Offer(**{**data, "accepted": bool(row["accepted"])})
 
 
 def _job_from_row(row: sqlite3.Row) -> Job:

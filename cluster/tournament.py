@@ -23,7 +23,7 @@ from pathlib import Path
 from .fetch import InputError, download_dataset, parse_rows, resolve_model
 from .hub import point_adapter_at_base
 from .job_main import PUBLISH_RESERVE_S, _fallback_outcome, plan
-from .publish import latest_checkpoint
+from .publish import best_checkpoint
 from .protocol import TaskType, parse_dataset_type, task_type_of
 from .settings import load_settings
 from .store import Job
@@ -76,7 +76,7 @@ def guard_deadline(deadline: float, runs_dir: Path, out_dir: Path, margin_s: flo
     """If training is still going at (deadline - margin), put the latest checkpoint in the output
     folder: the validator uploads whatever is there when its time limit kills us."""
     def rescue() -> None:
-        checkpoint = latest_checkpoint(runs_dir)
+        checkpoint = best_checkpoint(runs_dir)
         with _EXPORT_LOCK:
             if checkpoint is None or out_dir.exists():
                 return

@@ -74,4 +74,4 @@ def test_models_needing_remote_code_are_declined_at_offer_time(tmp_path, tiny_mo
         answers[name] = admission.decide(offer.task_type, offer.model, offer.hours_to_complete, None, settings)
     assert answers["native"].accepted, answers["native"].message
     assert not answers["auto_map"].accepted and "trust_remote_code" in answers["auto_map"].message
-    assert not answers["unknown_type"].accepted and "x_custom_lm" in answers["unknown_type"].message
+    assert not answers["unknown_type"].accepted and "trust_remote_code" in answers["unknown_type"].message

@@ -40,7 +40,7 @@ def test_good_dataset_downloads(server, tmp_path):
     ("/declared-big.json", (200, b"[]", 10**12), 10_000, "over the 10000-byte cap"),
     ("/streamed-big.json", (200, b"[" + b'"x",' * 5000 + b'"x"]', -1), 10_000, "download aborted"),
     ("/notjson.json", (200, b"hello", None), 10_000, "not JSON"),
-    ("/jsonl.json", (200, b'{"a": 1}\n{"a": 2}\n', None), 10_000, "not JSON"),
+    ("/jsonl.json", (200, b'{"a": 1}\n{"a": 2}\n', None), 10_000, "JSON Lines"),
     ("/object.json", (200, b'{"a": 1}', None), 10_000, "expected an array"),
     ("/empty.json", (200, b"[]", None), 10_000, "empty array"),
     ("/latin1.json", (200, b'["caf\xe9"]', None), 10_000, "UTF-8"),

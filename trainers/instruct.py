@@ -211,6 +211,8 @@ def _report(model, optimizer, tokenizer, step: int, total: int, metrics: dict, r
                      if hasattr(model, "peft_config") else model.state_dict())
         torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "step": step, "total": total},
                    os.path.join(d, "train_state.pt"))
+        with open(os.path.join(d, "metrics.json"), "w") as f:  # lets the watchdog pick the best one
+            json.dump(metrics, f)
         checkpoint = ray.train.Checkpoint.from_directory(d)
     ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
     if rank == 0 and ray.is_initialized():

@@ -3,13 +3,18 @@ returns the best checkpoint by dev loss, with the run's history."""
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from .config import TrainConfig
+from .fault_log import FaultLog
+
+# Worker-group restarts Ray Train makes on its own (worker process died, node lost) before
+# fit() gives up; each resumes from the run's last checkpoint.
+MAX_WORKER_FAILURES = 2
 
 # task type -> the train_loop_per_worker that trains it (Instruct and Chat differ only in rendering)
 RECIPES = {
@@ -24,6 +29,7 @@ class TrainOutcome:
     model_dir: Path          # the selected weights, ready to publish
     summary: dict            # the recipe's return value (history, steps, best, ...)
     checkpoint_metrics: dict
+    faults: list = field(default_factory=list)  # worker failures survived, with the time each cost
 
 
 def _recipe(task_type: str):
@@ -36,6 +42,8 @@ def _recipe(task_type: str):
 
 
 def fit(cfg: TrainConfig, out_dir: Path) -> TrainOutcome:
+    """Runs (or, after a crash with the same run_name and run_dir, resumes) the recipe."""
+    fault_log = FaultLog(Path(cfg.run_dir) / cfg.run_name)
     trainer = TorchTrainer(
         _recipe(cfg.task_type),
         train_loop_config=cfg.to_dict(),
@@ -43,12 +51,13 @@ def fit(cfg: TrainConfig, out_dir: Path) -> TrainOutcome:
                                      resources_per_worker={"CPU": cfg.cpus_per_worker,
                                                            **({"GPU": 1} if cfg.use_gpu else {})},
                                      placement_strategy="STRICT_PACK" if cfg.num_workers <= 8 else "PACK",
-                                     label_selector=cfg.label_selector or None),
+                                     accelerator_type=cfg.accelerator_type, label_selector=cfg.label_selector or None),
         run_config=RunConfig(
             name=cfg.run_name, storage_path=cfg.run_dir,
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="dev_loss",
                                                checkpoint_score_order="min"),
-            failure_config=FailureConfig(max_failures=2)),
+            failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES),
+            callbacks=[fault_log] if cfg.num_workers > 0 else []),
     )
     result = trainer.fit()
     best = latest_good_checkpoint(result)
@@ -58,7 +67,7 @@ def fit(cfg: TrainConfig, out_dir: Path) -> TrainOutcome:
     with checkpoint.as_directory() as d:
         out_dir = export_checkpoint(Path(d), Path(out_dir))
     shutil.rmtree(Path(cfg.run_dir) / cfg.run_name / "_staging", ignore_errors=True)
-    return TrainOutcome(out_dir, result.return_value or {}, metrics)
+    return TrainOutcome(out_dir, result.return_value or {}, metrics, fault_log.read())
 
 
 def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Path:
@@ -68,7 +77,7 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(checkpoint_dir, tmp, ignore=shutil.ignore_patterns("train_state.pt"))
+    shutil.copytree(checkpoint_dir, tmp, ignore=shutil.ignore_patterns("train_state.pt", "metrics.json"))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir

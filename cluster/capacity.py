@@ -1,0 +1,259 @@
+"""Capacity planner: from a model's size and task type to a job shape and a predicted duration.
+
+Memory (weights, gradients, optimizer states, activations; DPO/GRPO reference model, GRPO
+generation) picks the method (full FT / LoRA / LoRA + ZeRO-3) and the GPU count; throughput
+(tokens/s per GPU, seeded from training-recipes.md §2.3 and scaled by what the knowledge base
+measured) gives the time. The plan becomes a Ray placement-group shape: `workers` bundles of
+{GPU: 1, CPU: c}, STRICT_PACK on one node (jobs never span nodes: at most one node's GPUs).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+GIB = 1024**3
+# Bytes per parameter of the training state, per training-recipes.md §3.3.
+FULL_BYTES = 6.0        # bf16 weights 2 + grads 2 + paged 8-bit AdamW 2 (the winner's setup)
+FROZEN_BYTES = 2.0      # a frozen bf16 base (LoRA, and the DPO/GRPO reference model)
+LORA_FRACTION = 0.02    # r128 adapters on all linear layers: ~2% of the base, trained at 16 B/param
+FULL_FT_MAX_PARAMS = 9e9  # the winner's cut: full FT up to 9 B, LoRA above (§1.6)
+RUNTIME_GIB = 3.0       # CUDA context, allocator slack, NCCL buffers
+GRPO_GENERATION_SHARE = 0.3  # vLLM colocate's gpu_memory_utilization (§3.9)
+POST_SAFETY = 3.0       # save + upload kept back from the window: hub uploads vary widely
+
+# Tokens/s per H100 ≈ C / params_B, fitted to our plain-HF measurements (§2.3):
+# full 1.24 B 48 k, 3.2 B 15.7 k (≈55 k·B); frozen-base 1.24 B 60 k, 3.2 B 25 k, 7.5 B 13.3 k (≈85 k·B).
+THROUGHPUT_C = {"full": 55e3, "lora": 85e3, "lora_zero3": 85e3 * 0.8}
+MAX_TOKENS_PER_S = 150e3   # tiny models are bound by the logits/CE and the input pipeline
+MULTI_GPU_EFFICIENCY = 0.9
+# Work per trained token relative to Instruct: DPO runs chosen+rejected and a reference forward;
+# GRPO is bound by generating 2 completions per prompt (§2.5).
+TASK_COST = {"InstructTextTask": 1.0, "ChatTask": 1.0, "DpoTask": 2.5, "GrpoTask": 6.0}
+# tournament grant multipliers (§1.1): GPUs granted by params × this
+TASK_SIZE_FACTOR = {"DpoTask": 3.0, "GrpoTask": 2.0}
+
+
+@dataclass(frozen=True)
+class Device:
+    """One kind of accelerator: memory per device and speed relative to an H100."""
+    name: str
+    mem_gib: float
+    speed: float
+
+
+DEVICES = {
+    "H100": Device("H100", 80, 1.0), "H200": Device("H200", 141, 1.15),
+    "A100": Device("A100", 80, 0.35), "A100-40G": Device("A100-40G", 40, 0.35),
+    "L40S": Device("L40S", 48, 0.35), "A10G": Device("A10G", 24, 0.12),
+    # CPU mode (tests, demo): logical workers, only tiny models; the trainer fills its window.
+    "CPU": Device("CPU", 8, 0.01),
+}
+CPU_MAX_PARAMS = 300_000_000
+
+
+def device(name: str) -> Device:
+    return DEVICES.get(name) or Device(name, 80, 0.5)  # unknown GPU: assume a modest 80 GB card
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Everything around training, in seconds or bytes/s; the safety margin is added last."""
+    download_fixed_s: float = 90.0        # dataset, tokenizer, configs, tokenising
+    download_bps: float = 250e6           # model weights from the hub (bf16 = 2 B/param)
+    load_bps: float = 1.5e9               # weights from disk into GPUs
+    save_bps: float = 1.0e9
+    upload_bps: float = 100e6
+    tuning_share: float = 0.20            # LR search budget, as the winner's (≤20% of wall clock)
+    min_train_s: float = 600.0            # below this, don't bother
+    min_train_tokens: float = 5e6         # enough steps at batch 64 × 2 k to move the loss
+    rows: int = 100_000                   # the offer's ds_size is always a fake 100 k
+    tokens_per_row: float = 300.0
+    target_epochs: float = 3.0            # the recipe caps epochs at 3 (§1.6)
+    margin_fraction: float = 0.10
+    margin_s: float = 180.0               # the recipe's "deadline − 3 min"
+
+
+GPU_TIMING = Timing()
+# CPU mode: seconds-scale overheads; the deadline-capped trainer takes whatever window it gets.
+CPU_TIMING = Timing(download_fixed_s=5, download_bps=50e6, load_bps=200e6, save_bps=100e6, upload_bps=50e6,
+                    min_train_s=20, min_train_tokens=0, margin_s=20, margin_fraction=0.05)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A job's shape and time: `gpus` devices of `gpu_type` on one node, `workers` Train workers."""
+    task_type: str
+    params: int
+    method: str                 # full | lora | lora_zero3
+    gpu_type: str
+    gpus: int                   # devices held (0 in CPU mode)
+    workers: int                # Ray Train workers (one per GPU; CPU mode: settings.num_workers)
+    cpus_per_worker: float
+    mem_per_gpu_gib: float
+    tokens_per_s: float         # whole job
+    min_s: float                # shortest useful run, overheads and margin included
+    target_s: float             # what the job uses when time allows (capped later by the deadline)
+    overhead_s: float           # download + load + save + upload + fixed margin
+    post_s: float = 0.0         # save + upload + fixed margin: kept back from the end of the window
+
+    @property
+    def strategy(self) -> str:
+        return "STRICT_PACK"
+
+    def bundles(self) -> list[dict]:
+        """The placement-group bundles Ray Train creates for this plan (one per worker)."""
+        return [self.worker_resources() for _ in range(self.workers)]
+
+    def worker_resources(self) -> dict:
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.gpus else {})}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "Plan":
+        return Plan(**{k: d[k] for k in Plan.__dataclass_fields__ if k in d})
+
+
+def shape_from_params(params: float) -> tuple[int, int]:
+    """(hidden, layers) of a typical decoder of this size (N ≈ 12·L·h², L ≈ h/128)."""
+    hidden = max(256, int((params * 128 / 12) ** (1 / 3)))
+    return hidden, max(2, hidden // 128)
+
+
+def memory_per_gpu_gib(params: float, task_type: str, method: str, gpus: int, dev: Device,
+                       seq_tokens: int = 4096, vocab: int = 128_256) -> float:
+    """Peak memory per device for one micro-batch of `seq_tokens`, gradient checkpointing on."""
+    shard = gpus if method == "lora_zero3" else 1
+    if method == "full":
+        state = FULL_BYTES * params
+        reference = FROZEN_BYTES * params if task_type in ("DpoTask", "GrpoTask") else 0.0
+    else:  # LoRA: the frozen base is also the reference (adapters off), so no second copy
+        state = FROZEN_BYTES * params + 16.0 * LORA_FRACTION * params
+        reference = 0.0
+    hidden, layers = shape_from_params(params)
+    pairs = 2 if task_type == "DpoTask" else 1
+    # checkpointed layer inputs + one layer's live activations + fp32 logits and their grad
+    act = pairs * seq_tokens * (hidden * layers * 2 + 34 * hidden + vocab * 8)
+    mem = (state + reference) / shard + act + RUNTIME_GIB * GIB
+    if method == "lora_zero3":
+        mem += 2 * FROZEN_BYTES * params / layers  # a gathered layer (and its prefetch)
+    if task_type == "GrpoTask":
+        mem += GRPO_GENERATION_SHARE * dev.mem_gib * GIB
+    return mem / GIB
+
+
+def tokens_per_s(params: float, method: str, gpus: int, dev: Device, task_type: str) -> float:
+    per_gpu = min(MAX_TOKENS_PER_S, THROUGHPUT_C[method] / max(params / 1e9, 0.05)) * dev.speed
+    n = max(gpus, 1)
+    return per_gpu * n * (MULTI_GPU_EFFICIENCY if n > 1 else 1.0) / TASK_COST.get(task_type, 1.0)
+
+
+def durations(params: float, method: str, tps: float, timing: Timing) -> tuple[float, float, float]:
+    """(min_s, target_s, overhead_s): download, load, tuning share, training, save, upload, margin."""
+    return _durations(params, method, tps, timing)[:3]
+
+
+def post_training_s(params: float, method: str, timing: Timing) -> float:
+    return _durations(params, method, 1.0, timing)[3]
+
+
+def _durations(params: float, method: str, tps: float, timing: Timing) -> tuple[float, float, float, float]:
+    weights = FROZEN_BYTES * params
+    produced = weights if method == "full" else weights * LORA_FRACTION
+    overhead = (timing.download_fixed_s + weights / timing.download_bps + weights / timing.load_bps
+                + produced / timing.save_bps + produced / timing.upload_bps)
+    min_train = max(timing.min_train_s, timing.min_train_tokens / tps)
+    target_train = max(min_train, timing.rows * timing.tokens_per_row * timing.target_epochs / tps)
+
+    def total(train: float) -> float:
+        return (overhead + train / (1 - timing.tuning_share)) * (1 + timing.margin_fraction) + timing.margin_s
+
+    post = POST_SAFETY * (produced / timing.save_bps + produced / timing.upload_bps) + timing.margin_s
+    return total(min_train), total(target_train), overhead + timing.margin_s, post
+
+
+def preferred_gpus(params: float, task_type: str) -> int:
+    """G.O.D's own grant (§1.1): params_B × (DPO 3, GRPO 2): ≤4 → 1, ≤12 → 2, ≤40 → 4, else 8."""
+    b = params / 1e9 * TASK_SIZE_FACTOR.get(task_type, 1.0)
+    return 1 if b <= 4 else 2 if b <= 12 else 4 if b <= 40 else 8
+
+
+def plan_options(params: int, task_type: str, gpu_type: str, max_gpus: int, *, cpu_workers: int = 1,
+                 cpus_per_worker: float = 1.0, speedup: float = 1.0, timing: Timing | None = None) -> list[Plan]:
+    """Shapes that fit one node of `gpu_type` with `max_gpus` devices, preferred first (G.O.D's
+    grant when it fits), then fewer GPUs down to the memory minimum. Empty: does not fit.
+    `speedup` is measured/predicted throughput from the knowledge base."""
+    dev = device(gpu_type)
+    if gpu_type == "CPU":
+        if params > CPU_MAX_PARAMS:
+            return []
+        tps = tokens_per_s(params, "lora", 1, dev, task_type) * speedup
+        lo, hi, over = durations(params, "lora", tps, timing or CPU_TIMING)
+        return [Plan(task_type, params, "lora", "CPU", 0, cpu_workers, cpus_per_worker, 0.0, tps, lo, hi, over,
+                     post_training_s(params, "lora", timing or CPU_TIMING))]
+    method, gmin = _method_and_min_gpus(params, task_type, dev, max_gpus)
+    if method is None:
+        return []
+    best = min(max_gpus, max(gmin, preferred_gpus(params, task_type)))
+    counts = [g for g in (8, 4, 2, 1) if gmin <= g <= best]
+    plans = []
+    for g in counts:
+        m = method  # full/LoRA fit one device (DDP over g); ZeRO-3 needs g ≥ its minimum
+        tps = tokens_per_s(params, m, g, dev, task_type) * speedup
+        lo, hi, over = durations(params, m, tps, timing or GPU_TIMING)
+        mem = memory_per_gpu_gib(params, task_type, m, g, dev)
+        plans.append(Plan(task_type, int(params), m, gpu_type, g, g, cpus_per_worker, round(mem, 1),
+                          tps, lo, hi, over, post_training_s(params, m, timing or GPU_TIMING)))
+    return plans
+
+
+def _method_and_min_gpus(params: float, task_type: str, dev: Device, max_gpus: int) -> tuple[str | None, int]:
+    """Full FT if it fits one device (≤9 B), else LoRA on one device, else LoRA + ZeRO-3 on the
+    fewest devices (powers of two) that fit."""
+    if params <= FULL_FT_MAX_PARAMS and memory_per_gpu_gib(params, task_type, "full", 1, dev) <= dev.mem_gib:
+        return "full", 1
+    if memory_per_gpu_gib(params, task_type, "lora", 1, dev) <= dev.mem_gib:
+        return "lora", 1
+    g = 2
+    while g <= max_gpus:
+        if memory_per_gpu_gib(params, task_type, "lora_zero3", g, dev) <= dev.mem_gib:
+            return "lora_zero3", g
+        g *= 2
+    return None, 0
+
+
+def with_speedup(plan: Plan, speedup: float, timing: Timing | None = None) -> Plan:
+    """The same shape with throughput scaled by a measured/predicted ratio."""
+    tps = plan.tokens_per_s * speedup
+    lo, hi, over = durations(plan.params, plan.method, tps,
+                             timing or (CPU_TIMING if plan.gpu_type == "CPU" else GPU_TIMING))
+    return replace(plan, tokens_per_s=tps, min_s=lo, target_s=hi, overhead_s=over)
+
+
+def params_from_config(cfg: dict) -> int | None:
+    """A parameter count from a config.json dict (same estimate as tuning.priors)."""
+    cfg = cfg.get("text_config", cfg)
+    h, layers = cfg.get("hidden_size") or cfg.get("n_embd"), cfg.get("num_hidden_layers") or cfg.get("n_layer")
+    if not h or not layers:
+        return None
+    inter = cfg.get("intermediate_size") or 4 * h
+    vocab = cfg.get("vocab_size") or 0
+    tied = cfg.get("tie_word_embeddings", False)
+    return int(layers * (4 * h * h + 3 * h * inter) + vocab * h * (1 if tied else 2))
+
+
+def placement(plan: dict) -> dict:
+    """Where a planned job runs. The driver holds no GPU (its Train workers hold the plan's
+    `workers` × {GPU: 1, CPU: c}, STRICT_PACK, the same shape as `Plan.bundles()`): it only asks
+    for the planned GPU type's marker and, when the ledger placed it on a Ray node, that node."""
+    gpu_type = plan.get("gpu_type")
+    typed = bool(plan.get("gpus")) and gpu_type not in (None, "CPU", "GPU")
+    pinned = bool(plan.get("pinned") and plan.get("node_id"))
+    return {"driver_resources": {f"accelerator_type:{gpu_type}": 0.001} if typed else {},
+            "label_selector": {"ray.io/node-id": plan["node_id"]} if pinned else {},
+            "accelerator_type": gpu_type if typed else None}
+
+
+def hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{math.ceil(seconds / 60)} min"

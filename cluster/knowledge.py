@@ -1,0 +1,178 @@
+"""The knowledge base: what every finished job taught us, keyed by model family.
+
+A family is `config.json`'s `model_type` (else its first architecture), never the repo name.
+Admission reads it in memory: a family that failed twice here since its last success is
+declined; measured tokens/s over the planner's prediction scales later time estimates.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+FAILURES_TO_BLOCK = 2
+SPEEDUP_BOUNDS = (0.25, 2.0)   # one odd run must not make the planner reckless or useless
+SPEEDUP_WINDOW = 10            # latest successes used per family
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS knowledge (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT,
+    family TEXT NOT NULL,
+    model TEXT,
+    params INTEGER,
+    task_type TEXT,
+    method TEXT,
+    gpus INTEGER,
+    gpu_type TEXT,
+    lr REAL,
+    lora_r INTEGER,
+    tokens_per_s REAL,
+    predicted_tokens_per_s REAL,
+    peak_mem_gib REAL,
+    outcome TEXT NOT NULL,
+    reason TEXT,
+    recorded_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS knowledge_family ON knowledge (family);
+"""
+SUCCESS, FAILURE = "published", "failed"
+
+
+@dataclass
+class Run:
+    family: str
+    outcome: str                          # published | failed
+    task_id: str | None = None
+    model: str | None = None
+    params: int | None = None
+    task_type: str | None = None
+    method: str | None = None
+    gpus: int | None = None
+    gpu_type: str | None = None
+    lr: float | None = None
+    lora_r: int | None = None
+    tokens_per_s: float | None = None
+    predicted_tokens_per_s: float | None = None
+    peak_mem_gib: float | None = None
+    reason: str | None = None
+    recorded_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class FamilyStats:
+    failures_since_success: int = 0
+    last_failure: str | None = None
+    ratios: list[float] = field(default_factory=list)
+
+    def add(self, run: Run) -> None:
+        if run.outcome == SUCCESS:
+            self.failures_since_success = 0
+            if run.tokens_per_s and run.predicted_tokens_per_s:
+                self.ratios = (self.ratios + [run.tokens_per_s / run.predicted_tokens_per_s])[-SPEEDUP_WINDOW:]
+        else:
+            self.failures_since_success += 1
+            self.last_failure = run.reason
+
+
+class Knowledge:
+    """The table in the job store's database plus an in-memory summary (read per offer)."""
+
+    def __init__(self, store=None):
+        self.store = store
+        self._lock = threading.Lock()
+        self._stats: dict[str, FamilyStats] = {}
+        if store is not None:
+            with store.transaction() as c:
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    c.execute(statement)
+            self.reload()
+
+    def reload(self) -> None:
+        if self.store is None:
+            return
+        stats: dict[str, FamilyStats] = {}
+        for row in self.store.query("SELECT * FROM knowledge ORDER BY recorded_at, id"):
+            run = Run(**{f.name: row[f.name] for f in fields(Run)})
+            stats.setdefault(run.family, FamilyStats()).add(run)
+        with self._lock:
+            self._stats = stats
+
+    def record(self, run: Run) -> None:
+        if self.store is not None:
+            row = asdict(run)
+            with self.store.transaction() as c:
+                c.execute(f"INSERT INTO knowledge ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
+                          tuple(row.values()))
+        with self._lock:
+            self._stats.setdefault(run.family, FamilyStats()).add(run)
+
+    def blocked(self, family: str | None) -> str | None:
+        """Why this family is declined here, or None."""
+        s = self._stats.get(family) if family else None
+        if s and s.failures_since_success >= FAILURES_TO_BLOCK:
+            return (f"model family {family!r} failed {s.failures_since_success} times here since its last "
+                    f"success (last: {(s.last_failure or 'unknown')[:120]})")
+        return None
+
+    def speedup(self, family: str | None) -> float:
+        """Measured / predicted throughput: this family's median, else all families', else 1."""
+        s = self._stats.get(family) if family else None
+        ratios = s.ratios if s and s.ratios else [r for st in self._stats.values() for r in st.ratios]
+        if not ratios:
+            return 1.0
+        lo, hi = SPEEDUP_BOUNDS
+        return min(hi, max(lo, statistics.median(ratios)))
+
+
+def family_of(config: dict | None) -> str | None:
+    """The model family from a config.json dict: `model_type`, else the first architecture."""
+    if not config:
+        return None
+    if config.get("model_type"):
+        return str(config["model_type"]).lower()
+    arch = config.get("architectures") or []
+    return str(arch[0]).lower() if arch else None
+
+
+def needs_remote_code(config: dict | None) -> bool:
+    """Hook: a config with `auto_map`, or a model_type that is not a causal LM built into
+    transformers, loads custom code, which the validator never trusts."""
+    from trainers.families import unsupported_reason
+
+    return bool(config) and unsupported_reason(config) is not None
+
+
+def local_config(model: str, cache_dir: Path | None) -> dict | None:
+    """config.json of a local model directory or of an already-downloaded HF snapshot; None
+    otherwise (the offer path never touches the network)."""
+    candidates = [Path(model).expanduser() / "config.json"]
+    if cache_dir is not None and "/" in model:
+        snaps = Path(cache_dir) / f"models--{model.replace('/', '--')}" / "snapshots"
+        if snaps.is_dir():
+            candidates += sorted(snaps.glob("*/config.json"))
+    for path in candidates:
+        try:
+            if path.is_file():
+                return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def learn(knowledge: Knowledge, job, model_dir: Path | None, cfg, summary: dict | None, failure: str | None) -> None:
+    """Records a finished job (a job_main outcome): published when `failure` is None."""
+    config = local_config(str(model_dir), None) if model_dir else None
+    family = family_of(config)
+    if family is None:
+        return  # nothing to key it by: the failure happened before the model was on disk
+    plan, summary = job.plan or {}, summary or {}
+    tps = summary["tokens"] / summary["train_seconds"] if summary.get("tokens") and summary.get("train_seconds") else None
+    peak = summary.get("peak_mem_gib")
+    knowledge.record(Run(family, FAILURE if failure else SUCCESS, job.task_id, job.model, plan.get("params"),
+                         job.task_type, plan.get("method"), plan.get("gpus"), plan.get("gpu_type"),
+                         getattr(cfg, "lr", None), getattr(cfg, "lora_r", None), tps, plan.get("tokens_per_s"),
+                         peak, failure))

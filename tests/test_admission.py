@@ -1,0 +1,169 @@
+"""The cluster brain without Ray: planner and admission on tables of (model size, task type,
+hours, cluster shape, queue) with the expected decision and reason."""
+import uuid
+
+import pytest
+
+from cluster import capacity
+from cluster.admission import PLANNABLE, Admission, Request
+from cluster.knowledge import Knowledge, Run
+from cluster.ledger import Hold, parse_shape, view_from_ray_nodes
+from cluster.protocol import TaskType
+from cluster.scheduling import JOB, Item, Scheduler
+
+NOW = 1_800_000_000.0
+B = 1_000_000_000
+I, D, G, C = TaskType.INSTRUCTTEXTTASK, TaskType.DPOTASK, TaskType.GRPOTASK, TaskType.CHATTASK
+
+
+def brain(shape: str, knowledge: Knowledge | None = None) -> Admission:
+    return Admission(Scheduler(parse_shape(shape)), knowledge, supported=set(PLANNABLE))
+
+
+def ask(adm: Admission, params: float, task=I, hours=2.0, now=NOW, model="org/some-model", config=None):
+    return adm.decide(Request(str(uuid.uuid4()), task, model, hours, int(params), config), now)
+
+
+def accept(adm: Admission, params: float, task=I, hours=2.0, now=NOW):
+    """Accepts and keeps the promise in the queue, as the control plane does."""
+    req = Request(str(uuid.uuid4()), task, "org/m", hours, int(params))
+    d = adm.decide(req, now, kind=JOB)
+    if d.accepted:
+        adm.scheduler.add(Item(req.task_id, d.plan, now + hours * 3600, JOB))
+    return d
+
+
+def fill(adm: Admission, until: float) -> None:
+    """Every device busy with running jobs until `until`."""
+    for node in adm.scheduler.view.nodes:
+        adm.scheduler.ledger.hold(Hold(f"run-{node.node_id}", node.node_id, node.gpus, NOW - 600, until))
+
+
+# (case, cluster, queue filled for h, params, task, hours, accepted, reason fragment)
+TABLE = [
+    ("70B DPO on one H100", "1x1xH100", 0, 70 * B, D, 10, False, "too big for the cluster"),
+    ("70B DPO on 8xH100", "1x8xH100", 0, 70 * B, D, 10, True, "lora_zero3 on 8×H100"),
+    ("8B instruct 1 h, queue full until then", "1x8xH100", 1.0, 8 * B, I, 1, False, "busy until"),
+    ("8B instruct 1 h, queue full 15 min", "1x8xH100", 0.25, 8 * B, I, 1, True, "starting at"),
+    ("8B instruct 1 h, idle", "1x8xH100", 0, 8 * B, I, 1, True, "full on 2×H100, starting now"),
+    ("70B GRPO in 1 h", "1x8xH100", 0, 70 * B, G, 1, False, "not enough time"),
+    ("0.5B chat 2 h on one H100", "1x1xH100", 0, 0.5 * B, C, 2, True, "full on 1×H100"),
+    ("32B DPO on 4xA100", "1x4xA100", 0, 32 * B, D, 10, True, "lora_zero3 on 4×A100"),
+    ("70B instruct prefers H100 over A100", "1x8xA100,1x8xH100", 0, 70 * B, I, 6, True, "8×H100"),
+    ("1B on a CPU-only cluster", "1x2xCPU", 0, 1 * B, I, 2, False, "too big for the cluster"),
+    ("tiny on a CPU-only cluster", "1x2xCPU", 0, 5_000_000, I, 0.05, True, "CPU worker"),
+]
+
+
+@pytest.mark.parametrize("case,shape,busy_h,params,task,hours,accepted,reason", TABLE, ids=[t[0] for t in TABLE])
+def test_decision_table(case, shape, busy_h, params, task, hours, accepted, reason):
+    adm = brain(shape)
+    if busy_h:
+        fill(adm, NOW + busy_h * 3600)
+    d = ask(adm, params, task, hours)
+    assert d.accepted is accepted, d.message
+    assert reason in d.message
+    assert d.message.startswith("accepted" if accepted else "declined")
+
+
+def test_two_1b_jobs_run_side_by_side_on_one_8_gpu_node():
+    adm = brain("1x8xH100")
+    a, b = accept(adm, 1 * B), accept(adm, 1.2 * B)
+    assert a.accepted and b.accepted
+    assert a.placement.node_id == b.placement.node_id
+    assert a.placement.start == b.placement.start == NOW
+    assert a.plan.gpus == b.plan.gpus == 1
+
+
+def test_new_job_never_makes_an_accepted_job_late():
+    adm = brain("1x1xH100")
+    first = accept(adm, 1 * B, hours=3)          # one GPU: this one has slack
+    urgent = accept(adm, 1 * B, hours=1.0)       # earlier deadline: goes first, first still fits
+    assert first.accepted and urgent.accepted
+    third = ask(adm, 1 * B, hours=1.0)
+    assert not third.accepted and "busy until" in third.message
+    order = sorted(adm.scheduler.place_all(list(adm.scheduler.queue.values()), NOW), key=lambda p: p.start)
+    assert all(p.on_time for p in order) and order[0].end <= order[1].start
+
+
+def test_unsupported_type_and_remote_code_families_are_declined():
+    adm = Admission(Scheduler(parse_shape("1x8xH100")))   # default set: trainers that exist
+    d = ask(adm, 1 * B, D)
+    assert not d.accepted and "not supported" in d.message and "InstructTextTask" in d.message
+    d = ask(adm, 1 * B, config={"model_type": "quasar", "auto_map": {"AutoModel": "x.Y"}})
+    assert not d.accepted and "trust_remote_code" in d.message
+
+
+def test_family_that_failed_twice_is_declined_until_it_succeeds():
+    know = Knowledge()
+    adm = brain("1x8xH100", know)
+    cfg = {"model_type": "falcon", "hidden_size": 2048, "num_hidden_layers": 24, "vocab_size": 65024}
+    for _ in range(2):
+        assert ask(adm, 1 * B, config=cfg).accepted
+        know.record(Run("falcon", "failed", reason="CUDA error in rotary"))
+    d = ask(adm, 1 * B, config=cfg)
+    assert not d.accepted and "'falcon' failed 2 times" in d.message
+    assert ask(adm, 1 * B, config={**cfg, "model_type": "llama"}).accepted   # other families unaffected
+    know.record(Run("falcon", "published"))
+    assert ask(adm, 1 * B, config=cfg).accepted
+
+
+def test_measured_throughput_scales_time_estimates():
+    know = Knowledge()
+    adm = brain("1x8xH100", know)
+    cfg = {"model_type": "gemma2"}
+    fast = ask(adm, 70 * B, D, hours=1.5, config=cfg)
+    assert fast.accepted, fast.message
+    know.record(Run("gemma2", "published", tokens_per_s=1000.0, predicted_tokens_per_s=4000.0))  # 4× slower
+    assert know.speedup("gemma2") == 0.25
+    slow = ask(adm, 70 * B, D, hours=1.5, config=cfg)
+    assert not slow.accepted and "not enough time" in slow.message
+
+
+def test_reservations_expire_and_free_their_devices():
+    adm = brain("1x1xH100")
+    adm.scheduler.reservation_ttl_s = 600
+    d = adm.decide(Request("offer-1", I, "org/m", 2.0, int(3 * B)), NOW)
+    adm.scheduler.add(Item("offer-1", d.plan, NOW + 2 * 3600, "offer", NOW + 600))
+    assert not ask(adm, 3 * B, hours=2.0).accepted       # the reservation holds the only GPU
+    assert adm.scheduler.expire(NOW + 601) == ["offer-1"]
+    assert ask(adm, 3 * B, hours=2.0, now=NOW + 601).accepted
+
+
+def test_planner_memory_and_shapes():
+    full = capacity.plan_options(1 * B, "InstructTextTask", "H100", 8)[0]
+    assert (full.method, full.gpus, full.bundles()) == ("full", 1, [{"CPU": 1.0, "GPU": 1.0}])
+    dpo_full = capacity.memory_per_gpu_gib(3 * B, "DpoTask", "full", 1, capacity.device("H100"))
+    sft_full = capacity.memory_per_gpu_gib(3 * B, "InstructTextTask", "full", 1, capacity.device("H100"))
+    assert dpo_full > sft_full + 5   # the reference model and chosen+rejected activations
+    grpo = capacity.memory_per_gpu_gib(8 * B, "GrpoTask", "lora", 1, capacity.device("H100"))
+    assert grpo > capacity.memory_per_gpu_gib(8 * B, "InstructTextTask", "lora", 1, capacity.device("H100")) + 20
+    big = capacity.plan_options(70 * B, "InstructTextTask", "H100", 8)
+    assert [p.gpus for p in big] == [8, 4] and all(p.method == "lora_zero3" for p in big)
+    assert all(p.mem_per_gpu_gib <= 80 for p in big) and big[0].min_s < big[1].min_s
+    assert big[0].bundles() == [{"CPU": 1.0, "GPU": 1.0}] * 8 and big[0].strategy == "STRICT_PACK"
+
+
+def test_ray_view_counts_gpus_not_accelerator_markers():
+    nodes = [{"NodeID": "b", "Alive": True, "Resources": {"CPU": 64, "GPU": 8, "accelerator_type:H100": 1}},
+             {"NodeID": "a", "Alive": True, "Resources": {"CPU": 32, "GPU": 4, "accelerator_type:A100": 1}},
+             {"NodeID": "c", "Alive": False, "Resources": {"GPU": 8, "accelerator_type:H100": 1}},
+             {"NodeID": "head", "Alive": True, "Resources": {"CPU": 8}}]
+    view = view_from_ray_nodes(nodes)
+    assert view.total == 12 and view.describe() == "1×4×A100, 1×8×H100"
+    cpu = view_from_ray_nodes([{"NodeID": "h", "Alive": True, "Resources": {"CPU": 4}}])
+    assert cpu.nodes[0].gpu_type == "CPU" and cpu.nodes[0].gpus == 3
+    with pytest.raises(ValueError, match="bad cluster shape"):
+        parse_shape("8 H100")
+
+
+def test_stateless_decide_keeps_the_old_entry_point(tmp_path, monkeypatch):
+    from cluster import admission
+    from cluster.settings import load_settings
+
+    monkeypatch.setenv("MINER_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("MINER_CLUSTER", "1x1xH100")
+    settings = load_settings()
+    assert admission.decide(I, "org/model-1B", 2.0, None, settings).accepted
+    big = admission.decide(I, "org/model-70B", 2.0, None, settings)
+    assert not big.accepted and "parameters is over" in big.message and "1×1×H100" in big.message
