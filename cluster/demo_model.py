@@ -27,6 +27,8 @@ def texts_from_task(task_dir: Path) -> list[str]:
     return [" ".join(str(v) for v in row.values()) for row in rows]
 
 
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=2048)
 _FAMILY_SHAPES = {
     # hidden 128, 4 layers, GQA where the family has it: enough to exercise each architecture.
     "llama": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -36,7 +38,20 @@ _FAMILY_SHAPES = {
     "mistral": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=4096, sliding_window=None),
     "gpt2": dict(n_embd=128, n_layer=2, n_head=4, n_positions=1024),
+    # The other families: hidden 64, 2 layers (a few hundred K parameters), enough to run each
+    # architecture's own attention/MLP/norm code through training, saving and loading.
+    "qwen3": dict(_SMALL, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+    "gemma": dict(_SMALL, num_key_value_heads=1, head_dim=16),
+    "gemma2": dict(_SMALL, num_key_value_heads=2, head_dim=16, sliding_window=64, query_pre_attn_scalar=16),
+    "phi3": dict(_SMALL, num_key_value_heads=2, original_max_position_embeddings=2048),
+    "gpt_neox": dict(_SMALL, rotary_pct=0.25),
+    "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=2048, word_embed_proj_dim=64),
+    "bloom": dict(hidden_size=64, n_layer=2, n_head=4),
+    "falcon": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=True,
+                   num_kv_heads=2, max_position_embeddings=2048),
 }
+FAMILIES = tuple(_FAMILY_SHAPES)
 
 
 def build_tiny_model(out: Path, texts: list[str], family: str = "llama", vocab_size: int = 2048,

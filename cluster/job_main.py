@@ -17,7 +17,8 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from trainers.config import TrainConfig
-from trainers.instruct_format import DatasetError, eval_sequence_length, tokenize_rows
+from trainers.formats import max_length, tokenize_rows
+from trainers.instruct_format import DatasetError
 from trainers.modeling import load_tokenizer
 from tuning.priors import default_hparams, param_count_from_config
 
@@ -41,9 +42,10 @@ def plan(job: Job, settings: Settings, model_dir: Path, train_file: Path, rows: 
     """Hyperparameters from the priors, the training deadline from the job's deadline."""
     hf_config = AutoConfig.from_pretrained(model_dir)
     n_params = param_count_from_config(hf_config)
-    # Tokenise once here, in the driver: bad data fails fast, before any worker starts.
-    tokenize_rows(rows, job.dataset_type, load_tokenizer(str(model_dir)),
-                  eval_sequence_length(getattr(hf_config, "max_position_embeddings", None)))
+    # Tokenise once here, in the driver, with the task type's validator format: bad data fails
+    # fast, before any worker starts.
+    tokenize_rows(job.task_type, rows, job.dataset_type, load_tokenizer(str(model_dir)),
+                  max_length(job.task_type, hf_config))
     # The capacity plan (cluster.capacity) sets the shape and the window: stop by the planned end
     # so the next queued job starts on time, never after the deadline.
     shape, end = plan_shape(job, settings)

@@ -139,8 +139,11 @@ def family_of(config: dict | None) -> str | None:
 
 
 def needs_remote_code(config: dict | None) -> bool:
-    """Hook: a config with `auto_map` loads custom code, which the validator never trusts."""
-    return bool(config and config.get("auto_map"))
+    """Hook: a config with `auto_map`, or a model_type that is not a causal LM built into
+    transformers, loads custom code, which the validator never trusts."""
+    from trainers.families import unsupported_reason
+
+    return bool(config) and unsupported_reason(config) is not None
 
 
 def local_config(model: str, cache_dir: Path | None) -> dict | None:

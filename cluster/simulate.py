@@ -192,11 +192,12 @@ def _await_and_verify(spec: TaskSpec, out: Outcome, base_model: str, deadline: f
         return
     snapshot = hub_from_settings(settings).snapshot(submission["repo"])
     out.hash_ok = calculate_model_hash(snapshot) == submission.get("model_hash")
-    if spec.task_type == TaskType.INSTRUCTTEXTTASK:
-        from trainers.evaluate import evaluate_path
+    from trainers.evaluate import METRICS, evaluate_path
 
+    if spec.task_type.value in METRICS:
         test = spec.path / "test.json"
-        out.base_loss = evaluate_path(base_model, base_model, test, spec.dataset_type)
-        out.submission_loss = evaluate_path(snapshot, base_model, test, spec.dataset_type)
+        kind = spec.task_type.value
+        out.base_loss = evaluate_path(base_model, base_model, test, spec.dataset_type, kind)
+        out.submission_loss = evaluate_path(snapshot, base_model, test, spec.dataset_type, kind)
     out.detail = submission["repo"]
 

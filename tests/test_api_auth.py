@@ -40,7 +40,7 @@ def test_spaced_and_compact_bodies_both_verify(env, dumps):
 
 
 def test_unsupported_task_type_is_declined_with_reason(env):
-    resp = _post(env, "/task_offer/", _offer(env["model"], "DpoTask"))
+    resp = _post(env, "/task_offer/", _offer(env["model"], "ImageTask"))
     assert resp.json() == {"message": resp.json()["message"], "accepted": False}
     assert "not supported" in resp.json()["message"]
 
@@ -104,7 +104,6 @@ def test_malformed_training_requests_get_4xx(env):
     bad = [
         {**good, "task_id": "not-a-uuid"},
         {**good, "dataset_type": {"nothing": "here"}},
-        {**good, "dataset_type": {"field_prompt": "p", "field_chosen": "c"}},  # DPO: not trainable yet
         {k: v for k, v in good.items() if k != "dataset"},
         {**good, "file_format": "zip"},
     ]

@@ -141,7 +141,7 @@ def test_projected_slack_and_monitor_without_ray(tmp_path):
 
 def test_offer_reasons_are_a_small_fixed_set_from_real_admission_messages():
     settings = load_settings()
-    cases = {(TaskType.DPOTASK, "org/m", 1.0): "unsupported_task_type",
+    cases = {(TaskType.IMAGETASK, "org/m", 1.0): "unsupported_task_type",
              (TaskType.INSTRUCTTEXTTASK, "org/m", 0.001): "too_short",
              (TaskType.INSTRUCTTEXTTASK, "org/m", 1000.0): "too_long",
              (TaskType.INSTRUCTTEXTTASK, "not a model", 1.0): "model_unusable",

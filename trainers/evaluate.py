@@ -1,6 +1,10 @@
-"""The validator's Instruct metric, computed our way on any submission: mean over samples of
-the per-sample mean cross-entropy on output + EOS, with the base tokenizer, dropping samples
-longer than the evaluation length. Loads a full model or a PEFT adapter."""
+"""The validators' metrics, computed our way on any submission, with the base tokenizer:
+- Instruct and Chat: mean over samples of the per-sample mean cross-entropy on the labelled
+  tokens (output + EOS; assistant turns), dropping samples longer than the evaluation length;
+- DPO: mean sigmoid DPO loss at beta 0.1 against the base model as reference.
+The same per-sample functions are the training loop's dev metric. A submission loads as a
+full model or as a PEFT adapter (base from its adapter_config.json). `METRICS` maps a task
+type to its metric; a new task type registers its own there (and its loop in launch.RECIPES)."""
 from __future__ import annotations
 
 import json
@@ -9,9 +13,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from .batching import collate, make_batches, per_sample_loss
-from .instruct_format import eval_sequence_length, tokenize_rows
+from .batching import make_batches
+from .dpo import DPO, fill_reference
+from .formats import max_length, tokenize_rows
+from .instruct import SFT, dev_loss
 from .modeling import load_tokenizer
+
+BATCH_TOKENS = 16384
 
 
 def load_submission(path: str | Path):
@@ -28,24 +36,50 @@ def load_submission(path: str | Path):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
 
 
-@torch.no_grad()
-def instruct_loss(model, tokenizer_path: str, rows: list[dict], dataset_type: dict,
-                  batch_tokens: int = 16384) -> float:
-    tokenizer = load_tokenizer(tokenizer_path)
-    max_len = eval_sequence_length(getattr(model.config, "max_position_embeddings", None))
-    examples, _ = tokenize_rows(rows, dataset_type, tokenizer, max_len)
-    model.eval()
-    device = next(model.parameters()).device
-    losses: list[float] = []
-    for batch in make_batches(examples, batch_tokens, 32, seed=0):
-        inputs = collate(batch, tokenizer.pad_token_id, device)
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        losses.extend(per_sample_loss(logits, inputs["labels"]).tolist())
-    return sum(losses) / len(losses)
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
-def evaluate_path(model_path: str | Path, base_model: str, test_file: str | Path, dataset_type: dict) -> float:
-    """Loss of a model folder (full or adapter) on a test file, with the base model's tokenizer."""
+def sft_loss(model, base_model: str, rows: list[dict], dataset_type: dict, task_type: str = "InstructTextTask") -> float:
+    tokenizer = load_tokenizer(str(base_model))
+    examples, _ = tokenize_rows(task_type, rows, dataset_type, tokenizer, max_length(task_type, model.config))
+    return dev_loss(model, examples, tokenizer.pad_token_id, _device(model), BATCH_TOKENS, SFT)
+
+
+def instruct_loss(model, tokenizer_path: str, rows: list[dict], dataset_type: dict) -> float:
+    return sft_loss(model, tokenizer_path, rows, dataset_type, "InstructTextTask")
+
+
+def chat_loss(model, base_model: str, rows: list[dict], dataset_type: dict) -> float:
+    return sft_loss(model, base_model, rows, dataset_type, "ChatTask")
+
+
+def dpo_eval_loss(model, base_model: str, rows: list[dict], dataset_type: dict, reference=None) -> float:
+    """The reference is the base model (loaded here unless given)."""
+    tokenizer = load_tokenizer(str(base_model))
+    examples, _ = tokenize_rows("DpoTask", rows, dataset_type, tokenizer, max_length("DpoTask", model.config))
+    reference = reference if reference is not None else load_submission(base_model)
+    for batch in make_batches(examples, BATCH_TOKENS, 16, seed=0):
+        fill_reference(reference, batch, tokenizer.pad_token_id, _device(reference))
+    return dev_loss(model, examples, tokenizer.pad_token_id, _device(model), BATCH_TOKENS, DPO)
+
+
+# task type -> metric(model, base model path, rows, dataset_type) -> float; lower is better
+# unless the task type is in HIGHER_IS_BETTER (e.g. a reward)
+METRICS = {"InstructTextTask": instruct_loss, "ChatTask": chat_loss, "DpoTask": dpo_eval_loss}
+HIGHER_IS_BETTER: set[str] = set()
+
+
+def evaluate_model(model, base_model: str | Path, rows: list[dict], dataset_type: dict,
+                   task_type: str = "InstructTextTask") -> float:
+    if task_type not in METRICS:
+        raise ValueError(f"no evaluator for task type {task_type!r} (have: {sorted(METRICS)})")
+    return METRICS[task_type](model, str(base_model), rows, dataset_type)
+
+
+def evaluate_path(model_path: str | Path, base_model: str | Path, test_file: str | Path, dataset_type: dict,
+                  task_type: str = "InstructTextTask") -> float:
+    """The validator metric of a model folder (full or adapter) on a test file, with the base
+    model's tokenizer (and, for DPO, the base model as reference)."""
     rows = json.loads(Path(test_file).read_text())
-    model = load_submission(model_path)
-    return instruct_loss(model, base_model, rows, dataset_type)
+    return evaluate_model(load_submission(model_path), base_model, rows, dataset_type, task_type)

@@ -1,9 +1,11 @@
-"""The Instruct recipe: runs inside every Ray Train (TorchTrainer) worker.
+"""The training loop of every recipe: runs inside every Ray Train (TorchTrainer) worker.
 
-Trains on exactly the text the validator scores (see instruct_format.py) with a per-sample
-loss equal to its metric, on a schedule planned from the wall-clock budget: after a few
-probe steps the total step count is capped so that training ends by `train_deadline`, and
-the cosine schedule is stretched over the steps that will really happen.
+Trains on exactly the text the validator scores (see formats.py) with a per-sample loss equal
+to its metric, on a schedule planned from the wall-clock budget: after a few probe steps the
+total step count is capped so that training ends by `train_deadline`, and the cosine schedule
+is stretched over the steps that will really happen. A `Recipe` holds what differs between
+task types (the per-sample metric, a preparation step); Instruct and Chat are the SFT recipe
+(only the rendering differs), DPO is in dpo.py.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import ray.train
 import torch
@@ -19,11 +23,36 @@ import torch.distributed as dist
 
 from .batching import collate, make_batches, per_sample_loss, split_dev
 from .config import TrainConfig
-from .instruct_format import eval_sequence_length, tokenize_rows
+from .formats import max_length, tokenize_rows
+from .instruct_format import Example
 from .modeling import load_base_model, load_tokenizer, save_trainable, wrap_for_training
+from .oom import OomLadder
 from .progress import ProgressFile
 
 PROBE_STEPS = 5
+
+
+@dataclass(frozen=True)
+class Recipe:
+    # (model, batch, pad_id, device) -> tensor [len(batch)]: the validator's metric per sample
+    per_sample: Callable
+    # (base_model, cfg, examples, pad_id, device) -> None: before the trainable part is attached
+    prepare: Callable | None = None
+    # (example, length) -> the example cut to `length` tokens, for the OOM ladder (None: cannot cut)
+    cut: Callable | None = None
+
+
+def sft_per_sample(model, batch, pad_id: int, device) -> torch.Tensor:
+    inputs = collate(batch, pad_id, device)
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    return per_sample_loss(logits, inputs["labels"])
+
+
+def cut_example(ex: Example, length: int) -> Example:
+    return Example(ex.input_ids[:length], ex.labels[:length])
+
+
+SFT = Recipe(per_sample=sft_per_sample, cut=cut_example)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -44,37 +73,44 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def dev_loss(model, dev, pad_id: int, device, batch_tokens: int) -> float | None:
+def dev_loss(model, dev, pad_id: int, device, batch_tokens: int, recipe: Recipe = SFT) -> float | None:
+    """The recipe's validator metric on the dev split (mean over samples)."""
     if not dev:
         return None
     model.eval()
     losses = []
     for batch in make_batches(dev, batch_tokens, 16, seed=0):
-        inputs = collate(batch, pad_id, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        losses.extend(per_sample_loss(logits, inputs["labels"]).tolist())
+            losses.extend(recipe.per_sample(model, batch, pad_id, device).tolist())
     model.train()
     return sum(losses) / len(losses)
 
 
 def train_loop_per_worker(config: dict) -> dict:
+    """Instruct and Chat: supervised fine-tuning on the validator's rendering."""
+    return run_recipe(config, SFT)
+
+
+def run_recipe(config: dict, recipe: Recipe) -> dict:
     cfg = TrainConfig(**config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    if device.type == "cpu":
+    if device.type == "cpu" and ray.is_initialized():  # local mode (tests, benchmarks) keeps the process's setting
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world)))
     torch.manual_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model_path)
     base = load_base_model(cfg.model_path, device)
-    max_len = cfg.max_seq_len or eval_sequence_length(getattr(base.config, "max_position_embeddings", None))
+    max_len = max_length(cfg.task_type, base.config, cfg.max_seq_len)
     with open(cfg.train_file) as f:
         rows = json.load(f)
-    examples, dropped = tokenize_rows(rows, cfg.dataset_type, tokenizer, max_len)
+    examples, dropped = tokenize_rows(cfg.task_type, rows, cfg.dataset_type, tokenizer, max_len)
     train, dev = split_dev(examples, cfg.dev_fraction, cfg.max_dev_rows, cfg.seed)
     shard = train[rank::world]
+    if recipe.prepare:
+        base.to(device)
+        recipe.prepare(base, cfg, shard + dev, tokenizer.pad_token_id, device)
     model = wrap_for_training(base, cfg)
     model.to(device)
     raw_model = model
@@ -99,6 +135,14 @@ def train_loop_per_worker(config: dict) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         resume_step, total = state["step"], state["total"]
 
+    def micro_step(piece: list, weight: float) -> float:
+        """Forward and backward of `weight` x the piece's mean loss; returns that mean loss."""
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = recipe.per_sample(model, piece, tokenizer.pad_token_id, device).mean()
+        (loss * weight / cfg.grad_accum).backward()
+        return loss.item()
+
+    ladder = OomLadder(recipe.cut, log=print if rank == 0 else lambda *_: None)
     history: list[dict] = []
     progress = ProgressFile(cfg.progress_file if rank == 0 else "", world_size=world, device=device.type,
                             train_deadline=cfg.train_deadline)
@@ -113,12 +157,8 @@ def train_loop_per_worker(config: dict) -> dict:
             micro += 1
             if micro <= resume_step * cfg.grad_accum:
                 continue  # already trained before the restart (batch order is deterministic)
-            inputs = collate(batch, tokenizer.pad_token_id, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-            loss = per_sample_loss(logits, inputs["labels"]).mean() / cfg.grad_accum
-            loss.backward()
-            tokens += int(inputs["attention_mask"].sum())
+            loss = ladder.run(batch, micro_step)
+            tokens += sum(len(ex) for ex in batch)
             if (i + 1) % cfg.grad_accum:
                 continue
             for group in optimizer.param_groups:
@@ -136,7 +176,7 @@ def train_loop_per_worker(config: dict) -> dict:
                     save_points = {max(step, int(total * (k + 1) / cfg.saves)) for k in range(cfg.saves)}
                     if rank == 0:
                         print(f"[train] deadline caps the plan at {total} steps ({per_step:.2f}s/step)", flush=True)
-            entry = {"step": step, "epoch": epoch, "loss": loss.item() * cfg.grad_accum,
+            entry = {"step": step, "epoch": epoch, "loss": loss,
                      "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 2),
                      "tokens_per_s": round(tokens * world / max(1e-6, time.time() - t0), 1)}
             history.append(entry)
@@ -146,7 +186,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 print(f"[train] step {step}/{total} loss {entry['loss']:.4f} lr {entry['lr']:.2e} "
                       f"{entry['tokens_per_s']:.0f} tok/s", flush=True)
             if step in save_points or done:
-                entry["dev_loss"] = dev_loss(model, dev, tokenizer.pad_token_id, device, cfg.batch_tokens)
+                entry["dev_loss"] = dev_loss(model, dev, tokenizer.pad_token_id, device, cfg.batch_tokens, recipe)
                 if best["dev_loss"] is None or (entry["dev_loss"] or 0) <= best["dev_loss"]:
                     best = {"dev_loss": entry["dev_loss"], "step": step}
                 _report(raw_model, optimizer, tokenizer, step, total, entry, rank, staging)

@@ -16,7 +16,12 @@ from .fault_log import FaultLog
 # fit() gives up; each resumes from the run's last checkpoint.
 MAX_WORKER_FAILURES = 2
 
-RECIPES = {"InstructTextTask": "trainers.instruct:train_loop_per_worker"}
+# task type -> the train_loop_per_worker that trains it (Instruct and Chat differ only in rendering)
+RECIPES = {
+    "InstructTextTask": "trainers.instruct:train_loop_per_worker",
+    "ChatTask": "trainers.instruct:train_loop_per_worker",
+    "DpoTask": "trainers.dpo:train_loop_per_worker",
+}
 
 
 @dataclass
