@@ -12,7 +12,7 @@ from pathlib import Path
 from .protocol import TaskType
 from .settings import Settings
 
-SUPPORTED_TASK_TYPES = {TaskType.INSTRUCTTEXTTASK}
+SUPPORTED_TASK_TYPES = {TaskType.INSTRUCTTEXTTASK, TaskType.GRPOTASK}
 # Without a GPU, only tiny models train in useful time.
 CPU_MAX_PARAMS = 300_000_000
 GPU_MAX_PARAMS = 9_000_000_000

@@ -66,6 +66,12 @@ class ControlPlane:
         task_type = task_type_of(dataset_type)
         if task_type not in endpoint_types:
             raise Refused(422, f"a {task_type.value} dataset_type does not belong on this endpoint")
+        if task_type is TaskType.GRPOTASK:
+            from trainers.reward_sandbox import reward_functions_problem
+
+            problem = reward_functions_problem(dataset_type.model_dump())
+            if problem:
+                raise Refused(422, problem)
         existing = self.store.get_job(req.task_id)
         if existing is not None:  # a retried request: same answer, nothing queued twice
             return TrainResponse(message=f"Training job already known ({existing.status}).", task_id=req.task_id)

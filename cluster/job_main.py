@@ -36,9 +36,13 @@ def plan(job: Job, settings: Settings, model_dir: Path, train_file: Path, rows: 
     """Hyperparameters from the priors, the training deadline from the job's deadline."""
     hf_config = AutoConfig.from_pretrained(model_dir)
     n_params = param_count_from_config(hf_config)
-    # Tokenise once here, in the driver: bad data fails fast, before any worker starts.
-    tokenize_rows(rows, job.dataset_type, load_tokenizer(str(model_dir)),
-                  eval_sequence_length(getattr(hf_config, "max_position_embeddings", None)))
+    if job.task_type == "GrpoTask":  # prompts there, reward functions load in the sandbox
+        from trainers.grpo import check_grpo_task
+
+        check_grpo_task(rows, job.dataset_type)
+    else:  # Tokenise once here, in the driver: bad data fails fast, before any worker starts.
+        tokenize_rows(rows, job.dataset_type, load_tokenizer(str(model_dir)),
+                      eval_sequence_length(getattr(hf_config, "max_position_embeddings", None)))
     budget = job.deadline - job.created_at
     reserve = PUBLISH_RESERVE_S + PUBLISH_RESERVE_FRACTION * budget
     hp = default_hparams(n_params, job.task_type)

@@ -11,7 +11,8 @@ from ray.train.torch import TorchTrainer
 
 from .config import TrainConfig
 
-RECIPES = {"InstructTextTask": "trainers.instruct:train_loop_per_worker"}
+RECIPES = {"InstructTextTask": "trainers.instruct:train_loop_per_worker",
+           "GrpoTask": "trainers.grpo:train_loop_per_worker"}
 
 
 @dataclass

@@ -63,8 +63,9 @@ class WorkerDied(Exception):
 
 class RewardSandbox:
     def __init__(self, sources: list[str], limits: SandboxLimits | None = None,
-                 sample_rows: list[dict] | None = None):
+                 sample_rows: list[dict] | None = None, smoke: bool = True):
         self.sources = list(sources)
+        self.smoke = smoke
         self.limits = limits or SandboxLimits()
         self.sample_rows = (sample_rows or [])[:10]
         self.reports: list[LoadReport] = []
@@ -85,7 +86,7 @@ class RewardSandbox:
         for i, src in enumerate(self.sources):
             name = _def_name(src) or f"reward_func_{i}"
             try:
-                reply = self._request({"op": "load", "source": src, "sample": self.sample_rows},
+                reply = self._request({"op": "load", "source": src, "sample": self.sample_rows, "smoke": self.smoke},
                                       self.limits.load_timeout_s)
             except WorkerDied as exc:
                 self.reports.append(LoadReport(i, name, False, str(exc)))
@@ -239,21 +240,33 @@ def _row(kwargs: dict, j: int, n: int) -> dict:
 
 
 def check_reward_functions(dataset_type: dict, sample_rows: list[dict] | None = None,
-                           limits: SandboxLimits | None = None) -> list[LoadReport]:
-    """Loads a GRPO task's reward functions in the sandbox and reports on each (start_training
-    and plan time). Raises nothing; an empty or missing list gives no reports."""
+                           limits: SandboxLimits | None = None, smoke: bool = True) -> list[LoadReport]:
+    """Loads a GRPO task's reward functions in the sandbox and reports on each. With `smoke`, also
+    the validator's test call (on up to 10 sample rows, else its two fixed strings)."""
     sources = [rf.get("reward_func", "") for rf in (dataset_type.get("reward_functions") or [])]
     if not sources:
         return []
-    with RewardSandbox(sources, limits, sample_rows) as box:
+    with RewardSandbox(sources, limits, sample_rows, smoke=smoke) as box:
         return box.reports
 
 
-def usable_reward_problem(reports: list[LoadReport], weights: list[float]) -> str | None:
-    """None when at least one function loads and carries weight, else the readable reason."""
+def usable_reward_problem(reports: list[LoadReport], weights: list[float], undecided_ok: bool = False) -> str | None:
+    """None when at least one function loads and carries weight, else the readable reason.
+    `undecided_ok`: a load that timed out (a slow import under a short budget) counts as usable."""
     if not reports:
         return "the task has no reward functions"
-    if any(r.ok and weights[r.index] > 0 for r in reports):
+    if any((r.ok or undecided_ok and r.reason.startswith("timed out")) and weights[r.index] > 0 for r in reports):
         return None
     reasons = "; ".join(f"{r.name}: {r.reason or 'weight 0'}" for r in reports)
     return f"no usable reward function ({reasons})"
+
+
+def reward_functions_problem(dataset_type: dict) -> str | None:
+    """The start_training check (answers within the validator's 10 s): every function parses,
+    loads and takes `completions`, in the sandbox with a short budget; no data yet, so no smoke
+    test (plan time does that on the downloaded rows)."""
+    funcs = dataset_type.get("reward_functions") or []
+    weights = [float(f.get("reward_weight", 0) or 0) for f in funcs]
+    limits = SandboxLimits(load_timeout_s=1.5, cpu_seconds=2, memory_bytes=1 << 30)
+    return usable_reward_problem(check_reward_functions(dataset_type, limits=limits, smoke=False), weights,
+                                 undecided_ok=True)
