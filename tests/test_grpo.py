@@ -20,8 +20,11 @@ ONE = "def always_one(completions, **kwargs):\n    return [1.0] * len(completion
 HALF = "def always_half(completions, **kwargs):\n    return [0.5] * len(completions)\n"
 EXTRA = ("def is_a(completions, extra_data=None, **kwargs):\n"
          "    return [1.0 if e == 'A' else 0.0 for e in extra_data]\n")
-RAISES = "def flaky(completions, **kwargs):\n    raise RuntimeError('reward service down')\n"
+# Passes the validator's smoke test (prompts stand in for completions there) and fails in training.
+FLAKY = ("def flaky(completions, **kwargs):\n    if any('?' not in c for c in completions):\n"
+         "        raise RuntimeError('reward service down')\n    return [1.0] * len(completions)\n")
 BROKEN = "def broken(completions:\n"
+SHORT = "def short(completions, **kwargs):\n    return [1.0 / (1 + len(c)) for c in completions]\n"
 
 
 def dataset_type(*funcs):
@@ -69,7 +72,7 @@ def test_prompt_kl_is_zero_for_the_base_and_positive_once_the_adapter_moves(base
     assert prompt_kl(model, model, tokenizer, prompts) > 1e-4
 
 
-def _fit(tmp_path, base_model, dt, **overrides):
+def _fit(tmp_path, base_model, dt, epochs=0.25, **overrides):
     from trainers.launch import fit
 
     train = tmp_path / "train.json"
@@ -78,18 +81,18 @@ def _fit(tmp_path, base_model, dt, **overrides):
              "sandbox": {"call_timeout_s": 5.0}}
     cfg = TrainConfig(model_path=str(base_model), train_file=str(train), dataset_type=dt, task_type="GrpoTask",
                       run_dir=str(tmp_path / "runs"), run_name="g", num_workers=0, lr=1e-3, lora_r=4,
-                      lora_alpha=8, epochs=0.5, saves=1, dev_fraction=0.2, extra=extra, **overrides)
+                      lora_alpha=8, epochs=epochs, saves=1, dev_fraction=0.2, extra=extra, **overrides)
     return fit(cfg, tmp_path / "out")
 
 
 def test_recipe_trains_publishes_and_reports_failing_rewards(tmp_path, base_model):
-    dt = dataset_type((EXTRA, 0.6), (RAISES, 0.3), (BROKEN, 0.1))
+    dt = dataset_type((SHORT, 0.6), (EXTRA, 0.2), (FLAKY, 0.1), (BROKEN, 0.1))
     outcome = _fit(tmp_path, base_model, dt)
     s = outcome.summary
-    assert s["steps"] == s["planned_steps"] == 4  # 32 train prompts x 0.5 epoch / 4 per step
+    assert s["steps"] == s["planned_steps"] == 2  # 32 train prompts x 0.25 epoch / 4 per step
     failures = s["reward_failures"]
-    assert "does not parse" in failures["load_failures"]["broken#2"]
-    assert failures["failed_samples"]["flaky#1"] == {"RuntimeError: reward service down (line 2)": 4 * 8}
+    assert "does not parse" in failures["load_failures"]["broken#3"]
+    assert failures["failed_samples"]["flaky#2"]["RuntimeError: reward service down (line 3)"] > 0
     assert (outcome.model_dir / "adapter_config.json").exists()
     assert outcome.checkpoint_metrics["dev_score"] == pytest.approx(-outcome.checkpoint_metrics["dev_loss"])
     test = tmp_path / "test.json"
