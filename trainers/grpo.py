@@ -15,6 +15,7 @@ import json
 import os
 import random
 import time
+from dataclasses import replace
 
 import ray.train
 import torch
@@ -26,7 +27,7 @@ from .instruct import PROBE_STEPS, _report, lr_at
 from .modeling import load_base_model, load_tokenizer, wrap_for_training
 from .reward_sandbox import RewardSandbox, SandboxLimits, check_reward_functions, usable_reward_problem
 
-DEFAULTS = {"prompts_per_step": 8, "max_completion_length": 256, "dev_prompts": 32, "dev_max_completion": 256,
+DEFAULTS = {"prompts_per_step": 16, "max_completion_length": 256, "dev_prompts": 32, "dev_max_completion": 256,
             "beta": BETA_GRPO, "num_generations": NUM_GENERATIONS}
 
 
@@ -158,8 +159,11 @@ def train_loop_per_worker(config: dict) -> dict:
         model.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         plan = Plan(state["total"], cfg.saves, resume_step=state["step"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_at(plan.resume_step + s, plan.total, cfg) / cfg.lr)
+    # Instruct's warm-up + cosine over the live plan; the warm-up ends by the probe at the latest,
+    # because a GRPO step is slow and the first plan (from epochs) is rarely the one that runs.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(
+        plan.resume_step + s, plan.total,
+        replace(cfg, warmup_fraction=min(cfg.warmup_fraction, PROBE_STEPS / plan.total))) / cfg.lr)
 
     staging = os.path.join(cfg.run_dir, cfg.run_name, "_staging", f"rank{rank}")
     # The KL reference for the dev score: the base itself (LoRA: adapter disabled; full: a frozen copy).
@@ -186,8 +190,10 @@ def train_loop_per_worker(config: dict) -> dict:
     t0 = time.time()
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=Dataset.from_list(train),
                           processing_class=tokenizer, optimizers=(optimizer, scheduler), callbacks=[callback])
-    trainer.train()
-    box.close()
+    try:
+        trainer.train()
+    finally:
+        box.close()
     return {"history": callback.history, "steps": plan.resume_step + trainer.state.global_step,
             "planned_steps": plan.total, "best": callback.best, "train_rows": len(train), "dev_rows": len(dev),
             "reward_failures": box.failure_summary(), "train_seconds": round(time.time() - t0, 2)}

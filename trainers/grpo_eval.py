@@ -74,7 +74,7 @@ class GrpoScore:
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: list[str], num_generations: int, max_new_tokens: int,
-                       seed: int, batch_prompts: int = 16) -> list[str]:
+                       seed: int, batch_prompts: int = 64) -> list[str]:
     """num_generations sampled completions per prompt, grouped per prompt (TRL's order)."""
     was_training = model.training
     model.eval()

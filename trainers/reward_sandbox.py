@@ -127,6 +127,8 @@ class RewardSandbox:
         if not report.ok or fn in self._disabled:
             return [0.0] * n
         self.calls += 1
+        if (self._proc is None or self._proc.poll() is not None) and not self._try_respawn(label, n):
+            return [0.0] * n
         try:
             reply = self._request({"op": "call", "fn": self._slot[fn], "completions": completions,
                                    "kwargs": kwargs or {}}, self.limits.call_timeout_s)
@@ -136,7 +138,7 @@ class RewardSandbox:
             if self._streak[fn] >= self.limits.max_consecutive_failures:
                 self._disabled.add(fn)
                 self._count(label, f"switched off after {self._streak[fn]} failures in a row", 0)
-            self._respawn()
+            self._try_respawn(label, 0)
             return [0.0] * n
         self._streak[fn] = 0
         if reply.get("ok"):
@@ -178,6 +180,18 @@ class RewardSandbox:
         self._spawn()
         for i in sorted(self._slot, key=self._slot.get):
             self._request({"op": "load", "source": self.sources[i], "smoke": False}, self.limits.load_timeout_s)
+
+    def _try_respawn(self, label: str, samples: int) -> bool:
+        """Never raises: a worker that cannot be restarted costs these samples, and the next call
+        tries again."""
+        try:
+            self._respawn()
+            return True
+        except (WorkerDied, OSError) as exc:
+            self._count(label, f"sandbox restart failed: {exc}", samples)
+            _kill(self._proc)
+            self._proc = None
+            return False
 
     def _request(self, obj: dict, timeout: float) -> dict:
         data = json.dumps(obj).encode()
