@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=None, help="default: the size prior's")
     p.add_argument("--max-new-tokens", type=int, default=16, help="completion length, training and scoring")
     p.add_argument("--prompts-per-step", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the cores are shared)")
     p.add_argument("--test-rows", type=int, default=None, help="default: all of test.json")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "grpo"))
     args = p.parse_args(argv)
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     from trainers.launch import fit
     from tuning.priors import default_hparams, param_count_from_config
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     task = Path(args.task)
     meta = json.loads((task / "task.json").read_text())
     dt = meta["dataset_type"]
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     print(f"[bench] base {base}", flush=True)
     with tempfile.TemporaryDirectory(prefix="grpo-bench-") as tmp:
         extra = {"prompts_per_step": args.prompts_per_step, "max_completion_length": args.max_new_tokens, "dev_prompts": 32,
-                 "dev_max_completion": args.max_new_tokens}
+                 "dev_max_completion": args.max_new_tokens, "cpu_threads": args.threads}
         cfg = TrainConfig(model_path=args.model, train_file=str(task / "train.json"), dataset_type=dt,
                           task_type="GrpoTask", run_dir=str(Path(tmp) / "runs"), run_name="bench", num_workers=0,
                           train_deadline=time.time() + args.budget_s, extra=extra, **hp)

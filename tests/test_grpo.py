@@ -78,7 +78,7 @@ def _fit(tmp_path, base_model, dt, epochs=0.25, **overrides):
     train = tmp_path / "train.json"
     train.write_text(json.dumps(ROWS))
     extra = {"prompts_per_step": 4, "max_completion_length": 6, "dev_prompts": 4, "dev_max_completion": 6,
-             "sandbox": {"call_timeout_s": 5.0}}
+             "sandbox": {"call_timeout_s": 5.0}, "cpu_threads": 1}
     cfg = TrainConfig(model_path=str(base_model), train_file=str(train), dataset_type=dt, task_type="GrpoTask",
                       run_dir=str(tmp_path / "runs"), run_name="g", num_workers=0, lr=1e-3, lora_r=4,
                       lora_alpha=8, epochs=epochs, saves=1, dev_fraction=0.2, extra=extra, **overrides)

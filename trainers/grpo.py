@@ -125,8 +125,8 @@ def train_loop_per_worker(config: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world)))
+    if device.type == "cpu":  # cpu_threads=1 on a shared machine: spinning OpenMP threads starve
+        torch.set_num_threads(cfg.extra.get("cpu_threads") or max(1, (os.cpu_count() or 1) // max(1, world)))
     torch.manual_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model_path)
