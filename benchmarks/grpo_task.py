@@ -84,6 +84,8 @@ def main(argv=None) -> int:
         "planned_steps": summary.get("planned_steps"), "selected_checkpoint": outcome.checkpoint_metrics,
         "base": base, "trained": trained, "trained_beats_base": trained["score"] > base["score"],
         "reward_failures": summary.get("reward_failures"),
+        "dev_evaluations": [{k: h[k] for k in ("step", "dev_score", "dev_reward", "dev_kl")}
+                            for h in summary.get("history", []) if "dev_score" in h],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(result, indent=2))
@@ -102,7 +104,7 @@ def render(r: dict) -> str:
     return f"""# GRPO on `{r['task']}` with `{r['model']}` under a fixed CPU budget
 
 - Command: `{r['command']}`
-- Machine: {r['machine']}; other engineers' jobs were running on the same 2 cores.
+- Machine: {r['machine']}, 24 GB RAM; other engineers' jobs were running on the same 2 cores.
 - Date: {r['date']}
 - Training: the production recipe (`trainers/grpo.py`, TRL GRPOTrainer, beta {r['grpo'].get('beta', 0.5)}, 2 generations)
   through `trainers.launch.fit` (Ray Train local mode), hparams from the size prior: {json.dumps(r['hparams'])};
@@ -115,6 +117,10 @@ def render(r: dict) -> str:
 | metric | base | trained |
 |---|---|---|
 {table}
+
+Dev checkpoints (32 held-out train prompts): {', '.join(f"step {d['step']}: {d['dev_score']:.4f}" for d in r.get('dev_evaluations', []))};
+scored: the checkpoint of step {r['selected_checkpoint'].get('step')}. Ray Train local mode (`num_workers=0`) returns only
+the last checkpoint, so the dev-based choice that `CheckpointConfig` makes in a real TorchTrainer run is not exercised here.
 
 The trained model **{verdict}** the base on the validator's GRPO score ({t['score']:.4f} vs {b['score']:.4f}).
 Reward-function failures during training: {json.dumps((r['reward_failures'] or {}).get('failed_samples', {}))};

@@ -31,9 +31,14 @@ DEFAULTS = {"prompts_per_step": 16, "max_completion_length": 256, "dev_prompts":
             "beta": BETA_GRPO, "num_generations": NUM_GENERATIONS}
 
 
-def grpo_settings(cfg: TrainConfig) -> dict:
+# CPU workers only train tiny models against short budgets: shorter completions keep steps short.
+CPU_DEFAULTS = {"max_completion_length": 32, "dev_max_completion": 32}
+
+
+def grpo_settings(cfg: TrainConfig, device_type: str = "cuda") -> dict:
     """GRPO knobs live in cfg.extra (the planner may override any of DEFAULTS)."""
-    return {k: cfg.extra.get(k, v) for k, v in DEFAULTS.items()}
+    defaults = {**DEFAULTS, **(CPU_DEFAULTS if device_type == "cpu" else {})}
+    return {k: cfg.extra.get(k, v) for k, v in defaults.items()}
 
 
 def check_grpo_task(rows: list[dict], dataset_type: dict) -> None:
@@ -108,6 +113,7 @@ class DeadlineAndCheckpoints(TrainerCallback):
             if dev.get("dev_score") is not None and (self.best["dev_score"] is None
                                                       or dev["dev_score"] >= self.best["dev_score"]):
                 self.best = {"dev_score": dev["dev_score"], "step": step}
+            self.history.append(entry)
             self.report(step, self.plan.total, entry)
             if self.rank == 0:
                 print(f"[grpo] step {step}/{self.plan.total} dev {dev}", flush=True)
@@ -121,10 +127,10 @@ def train_loop_per_worker(config: dict) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     cfg = TrainConfig(**config)
-    g = grpo_settings(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    g = grpo_settings(cfg, device.type)
     if device.type == "cpu":  # cpu_threads=1 on a shared machine: spinning OpenMP threads starve
         torch.set_num_threads(cfg.extra.get("cpu_threads") or max(1, (os.cpu_count() or 1) // max(1, world)))
     torch.manual_seed(cfg.seed)
