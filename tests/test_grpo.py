@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_api_auth import _post, env  # noqa: F401 - the signed-API fixture
 
+from cluster.reports import write_job_report
 from trainers.config import TrainConfig
 from trainers.grpo import check_grpo_task
 from trainers.grpo_eval import evaluate_grpo_path, grpo_rows, grpo_score, prompt_kl
@@ -94,6 +95,11 @@ def test_recipe_trains_publishes_and_reports_failing_rewards(tmp_path, base_mode
     assert "does not parse" in failures["load_failures"]["broken#3"]
     assert failures["failed_samples"]["flaky#2"]["RuntimeError: reward service down (line 3)"] > 0
     assert (outcome.model_dir / "adapter_config.json").exists()
+    history = s["history"]  # in the shape the job report plots (a crash there would fail the job)
+    assert [h["step"] for h in history] == [1, 2] and all("loss" in h and "lr" in h for h in history)
+    assert history[-1]["dev_loss"] == pytest.approx(-history[-1]["dev_score"])
+    write_job_report(tmp_path, s, {"train": 1.0}, selected=outcome.checkpoint_metrics)
+    assert json.loads((tmp_path / "loss_curve.json").read_text()) == history
     assert outcome.checkpoint_metrics["dev_score"] == pytest.approx(-outcome.checkpoint_metrics["dev_loss"])
     test = tmp_path / "test.json"
     test.write_text(json.dumps(ROWS[:6]))
@@ -132,3 +138,4 @@ def test_start_training_grpo_refuses_unusable_reward_functions(env):  # noqa: F8
     assert resp.status_code == 200, resp.text
     job = env["control"].store.get_job(request["task_id"])
     assert job.task_type == "GrpoTask" and job.dataset_type["extra_column"] == "answer"
+

@@ -90,14 +90,16 @@ class DeadlineAndCheckpoints(TrainerCallback):
     def __init__(self, cfg: TrainConfig, plan: Plan, evaluate, report, rank: int):
         self.cfg, self.plan, self.evaluate, self.report, self.rank = cfg, plan, evaluate, report, rank
         self.t0 = time.time()
-        self.history: list[dict] = []
+        self.history: list[dict] = []   # one entry per step, in the shape the job report plots
+        self.dev_at: dict[int, dict] = {}
         self.best: dict = {"dev_score": None}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "reward" in logs:
-            self.history.append({"step": self.plan.resume_step + state.global_step, "reward": logs["reward"],
-                                 "kl": logs.get("kl"), "loss": logs.get("loss"),
-                                 "elapsed_s": round(time.time() - self.t0, 2)})
+        if logs and "reward" in logs:  # the trainer logs a step after on_step_end: attach its dev result
+            step = self.plan.resume_step + state.global_step
+            self.history.append({"step": step, "loss": logs.get("loss", 0.0), "lr": logs.get("learning_rate", 0.0),
+                                 "reward": logs["reward"], "kl": logs.get("kl"),
+                                 "elapsed_s": round(time.time() - self.t0, 2), **self.dev_at.pop(step, {})})
 
     def on_step_end(self, args, state, control, **kwargs):
         step = self.plan.resume_step + state.global_step
@@ -113,7 +115,7 @@ class DeadlineAndCheckpoints(TrainerCallback):
             if dev.get("dev_score") is not None and (self.best["dev_score"] is None
                                                       or dev["dev_score"] >= self.best["dev_score"]):
                 self.best = {"dev_score": dev["dev_score"], "step": step}
-            self.history.append(entry)
+            self.dev_at[step] = dev
             self.report(step, self.plan.total, entry)
             if self.rank == 0:
                 print(f"[grpo] step {step}/{self.plan.total} dev {dev}", flush=True)
