@@ -20,7 +20,7 @@ from .protocol import TaskType
 from .scheduling import OFFER, Placement, Scheduler
 
 # Task types with a trainer; other helpers add theirs here. The planner sizes all of PLANNABLE.
-SUPPORTED_TASK_TYPES = {TaskType.INSTRUCTTEXTTASK, TaskType.CHATTASK, TaskType.DPOTASK}
+SUPPORTED_TASK_TYPES = {TaskType.INSTRUCTTEXTTASK, TaskType.CHATTASK, TaskType.DPOTASK, TaskType.GRPOTASK}
 PLANNABLE = {TaskType.INSTRUCTTEXTTASK, TaskType.CHATTASK, TaskType.DPOTASK, TaskType.GRPOTASK}
 UNKNOWN_SIZE_PARAMS = 8_000_000_000   # no count, config or size in the name: plan for a typical 8 B
 MAX_OPTIONS = 4                        # shapes tried per offer (keeps decisions in milliseconds)

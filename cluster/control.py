@@ -124,6 +124,12 @@ class ControlPlane:
         problem = check_request(req.dataset, req.dataset_type) or self.models.problem(req.model)
         if problem:
             raise Refused(422, problem)
+        if task_type is TaskType.GRPOTASK:
+            from trainers.reward_sandbox import reward_functions_problem
+
+            problem = reward_functions_problem(dataset_type.model_dump())
+            if problem:
+                raise Refused(422, problem)
         existing = self.store.get_job(req.task_id)
         if existing is not None:  # a retried request: same answer, nothing queued twice
             return TrainResponse(message=f"Training job already known ({existing.status}).", task_id=req.task_id)

@@ -44,8 +44,13 @@ def plan(job: Job, settings: Settings, model_dir: Path, train_file: Path, rows: 
     n_params = param_count_from_config(hf_config)
     # Tokenise once here, in the driver, with the task type's validator format: bad data fails
     # fast, before any worker starts.
-    tokenize_rows(job.task_type, rows, job.dataset_type, load_tokenizer(str(model_dir)),
-                  max_length(job.task_type, hf_config))
+    if job.task_type == "GrpoTask":  # prompts there, reward functions load in the sandbox
+        from trainers.grpo import check_grpo_task
+
+        check_grpo_task(rows, job.dataset_type)
+    else:
+        tokenize_rows(job.task_type, rows, job.dataset_type, load_tokenizer(str(model_dir)),
+                      max_length(job.task_type, hf_config))
     # The capacity plan (cluster.capacity) sets the shape and the window: stop by the planned end
     # so the next queued job starts on time, never after the deadline.
     shape, end = plan_shape(job, settings)

@@ -21,6 +21,7 @@ RECIPES = {
     "InstructTextTask": "trainers.instruct:train_loop_per_worker",
     "ChatTask": "trainers.instruct:train_loop_per_worker",
     "DpoTask": "trainers.dpo:train_loop_per_worker",
+    "GrpoTask": "trainers.grpo:train_loop_per_worker",
 }
 
 

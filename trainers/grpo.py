@@ -1,0 +1,207 @@
+"""The GRPO recipe: TRL's GRPOTrainer inside every Ray Train (TorchTrainer) worker.
+
+Trains on what the validator scores (grpo_eval.py): raw-string prompts with the base tokenizer,
+the task's reward functions with their weights (run in the sandbox, never in this process), the
+validator's beta (0.5, KL to the base) and number of generations (2). The schedule and the
+checkpoints follow the Instruct recipe: a few probe steps measure the step time, the plan is
+capped to what fits before `train_deadline` and the warm-up + cosine schedule is stretched over
+the steps that will really happen; at each save point the dev GRPO score (weighted reward -
+beta x KL on held-out prompts) is measured and a checkpoint is reported to Ray Train, which keeps
+the best one (it ranks on `dev_loss`, reported as -dev_score).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import replace
+
+import ray.train
+import torch
+from transformers import TrainerCallback
+
+from .config import TrainConfig
+from .grpo_eval import BETA_GRPO, NUM_GENERATIONS, grpo_rows, grpo_score, reward_kwargs, reward_sources
+from .instruct import PROBE_STEPS, _report, lr_at
+from .modeling import load_base_model, load_tokenizer, wrap_for_training
+from .reward_sandbox import RewardSandbox, SandboxLimits, check_reward_functions, usable_reward_problem
+
+DEFAULTS = {"prompts_per_step": 16, "max_completion_length": 256, "dev_prompts": 32, "dev_max_completion": 256,
+            "beta": BETA_GRPO, "num_generations": NUM_GENERATIONS}
+
+
+# CPU workers only train tiny models against short budgets: shorter completions keep steps short.
+CPU_DEFAULTS = {"max_completion_length": 32, "dev_max_completion": 32}
+
+
+def grpo_settings(cfg: TrainConfig, device_type: str = "cuda") -> dict:
+    """GRPO knobs live in cfg.extra (the planner may override any of DEFAULTS)."""
+    defaults = {**DEFAULTS, **(CPU_DEFAULTS if device_type == "cpu" else {})}
+    return {k: cfg.extra.get(k, v) for k, v in defaults.items()}
+
+
+def check_grpo_task(rows: list[dict], dataset_type: dict) -> None:
+    """Plan-time check in the driver: rows with prompts, and at least one reward function that
+    loads and passes the validator's smoke test on these rows. Raises DatasetError(reason)."""
+    from .instruct_format import DatasetError
+
+    adapted = grpo_rows(rows, dataset_type)
+    if not adapted:
+        raise DatasetError(f"no row has a non-empty prompt in column {dataset_type.get('field_prompt')!r}")
+    _, weights = reward_sources(dataset_type)
+    problem = usable_reward_problem(check_reward_functions(dataset_type, adapted[:10]), weights)
+    if problem:
+        raise DatasetError(problem)
+
+
+def sandbox_rewards(box: RewardSandbox) -> tuple[list, list[int]]:
+    """TRL reward callables, one per usable task function, proxying to the sandbox."""
+    funcs, used = [], box.usable()
+    for fn in used:
+        def reward(completions, prompts=None, completion_ids=None, _fn=fn, **columns):
+            rows = [{"prompt": p, **{k: v[i] for k, v in columns.items() if isinstance(v, list)}}
+                    for i, p in enumerate(prompts or [""] * len(completions))]
+            return box.call(_fn, list(completions), reward_kwargs(box, _fn, rows, completions))
+        reward.__name__ = box.reports[fn].name
+        funcs.append(reward)
+    return funcs, used
+
+
+class Plan:
+    """Planned total steps, mutable: the deadline probe may shrink it, the LR schedule follows."""
+
+    def __init__(self, total: int, saves: int, resume_step: int = 0):
+        self.total, self.saves, self.resume_step = total, saves, resume_step
+        self.save_points = self._points(resume_step)
+
+    def _points(self, floor: int) -> set[int]:
+        return {max(floor + 1, int(self.total * (k + 1) / self.saves)) for k in range(self.saves)}
+
+    def cap(self, fits: int, step: int) -> None:
+        if fits < self.total:
+            self.total = max(step, fits)
+            self.save_points = self._points(step)
+
+
+class DeadlineAndCheckpoints(TrainerCallback):
+    """Probes the step time, caps the plan at the deadline, evaluates and checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, plan: Plan, evaluate, report, rank: int):
+        self.cfg, self.plan, self.evaluate, self.report, self.rank = cfg, plan, evaluate, report, rank
+        self.t0 = time.time()
+        self.history: list[dict] = []   # one entry per step, in the shape the job report plots
+        self.dev_at: dict[int, dict] = {}
+        self.best: dict = {"dev_score": None}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "reward" in logs:  # the trainer logs a step after on_step_end: attach its dev result
+            step = self.plan.resume_step + state.global_step
+            self.history.append({"step": step, "loss": logs.get("loss", 0.0), "lr": logs.get("learning_rate", 0.0),
+                                 "reward": logs["reward"], "kl": logs.get("kl"),
+                                 "elapsed_s": round(time.time() - self.t0, 2), **self.dev_at.pop(step, {})})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = self.plan.resume_step + state.global_step
+        if state.global_step == PROBE_STEPS and self.cfg.train_deadline:
+            per_step = (time.time() - self.t0) / PROBE_STEPS
+            self.plan.cap(step + int(max(0.0, self.cfg.train_deadline - time.time()) / per_step * 0.9), step)
+            if self.rank == 0:
+                print(f"[grpo] {per_step:.2f}s/step; plan {self.plan.total} steps", flush=True)
+        done = step >= self.plan.total or (bool(self.cfg.train_deadline) and time.time() >= self.cfg.train_deadline)
+        if step in self.plan.save_points or done:
+            dev = self.evaluate()
+            entry = {"step": step, **dev}
+            if dev.get("dev_score") is not None and (self.best["dev_score"] is None
+                                                      or dev["dev_score"] >= self.best["dev_score"]):
+                self.best = {"dev_score": dev["dev_score"], "step": step}
+            self.dev_at[step] = dev
+            self.report(step, self.plan.total, entry)
+            if self.rank == 0:
+                print(f"[grpo] step {step}/{self.plan.total} dev {dev}", flush=True)
+        if done:
+            control.should_training_stop = True
+        return control
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    cfg = TrainConfig(**config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    g = grpo_settings(cfg, device.type)
+    if device.type == "cpu":  # cpu_threads=1 on a shared machine: spinning OpenMP threads starve
+        torch.set_num_threads(cfg.extra.get("cpu_threads") or max(1, (os.cpu_count() or 1) // max(1, world)))
+    torch.manual_seed(cfg.seed)
+
+    tokenizer = load_tokenizer(cfg.model_path)
+    base = load_base_model(cfg.model_path, device)
+    with open(cfg.train_file) as f:
+        rows = grpo_rows(json.load(f), cfg.dataset_type)
+    random.Random(cfg.seed).shuffle(rows)
+    n_dev = min(g["dev_prompts"], int(len(rows) * cfg.dev_fraction)) if len(rows) >= 20 else 0
+    dev, train = rows[:n_dev], rows[n_dev:]
+
+    sources, weights = reward_sources(cfg.dataset_type)
+    box = RewardSandbox(sources, SandboxLimits(**cfg.extra.get("sandbox", {})), sample_rows=train[:10])
+    problem = usable_reward_problem(box.start(), weights)
+    if problem:
+        box.close()
+        raise ValueError(problem)
+    reward_funcs, used = sandbox_rewards(box)
+
+    model = wrap_for_training(base, cfg).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # One optimizer step = prompts_per_step prompts x num_generations completions per worker.
+    batch = g["prompts_per_step"] * g["num_generations"]
+    steps_per_epoch = max(1, len(train) // (g["prompts_per_step"] * world * cfg.grad_accum))
+    plan = Plan(max(1, int(cfg.epochs * steps_per_epoch)), cfg.saves)
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:  # restarted after a failure: continue from the last reported weights and step
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, "train_state.pt"), map_location=device, weights_only=False)
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        plan = Plan(state["total"], cfg.saves, resume_step=state["step"])
+    # Instruct's warm-up + cosine over the live plan; the warm-up ends by the probe at the latest,
+    # because a GRPO step is slow and the first plan (from epochs) is rarely the one that runs.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(
+        plan.resume_step + s, plan.total,
+        replace(cfg, warmup_fraction=min(cfg.warmup_fraction, PROBE_STEPS / plan.total))) / cfg.lr)
+
+    staging = os.path.join(cfg.run_dir, cfg.run_name, "_staging", f"rank{rank}")
+    # The KL reference for the dev score: the base itself (LoRA: adapter disabled; full: a frozen copy).
+    reference = model if hasattr(model, "disable_adapter") else load_base_model(cfg.model_path, device).eval()
+
+    def evaluate() -> dict:
+        if not dev:
+            return {}
+        s = grpo_score(model, tokenizer, dev, box, weights, base=reference,
+                       max_new_tokens=g["dev_max_completion"], seed=cfg.seed, beta=g["beta"])
+        return {"dev_score": s.score, "dev_loss": -s.score, "dev_reward": s.reward, "dev_kl": s.kl}
+
+    callback = DeadlineAndCheckpoints(
+        cfg, plan, evaluate, lambda step, total, m: _report(model, optimizer, tokenizer, step, total, m, rank, staging),
+        rank)
+    args = GRPOConfig(
+        output_dir=staging, beta=g["beta"], num_generations=g["num_generations"],
+        per_device_train_batch_size=batch, gradient_accumulation_steps=cfg.grad_accum,
+        max_completion_length=g["max_completion_length"], temperature=1.0, learning_rate=cfg.lr,
+        max_steps=plan.total - plan.resume_step, reward_weights=[weights[i] for i in used],
+        max_grad_norm=cfg.max_grad_norm, logging_steps=1, save_strategy="no", report_to="none",
+        use_cpu=device.type == "cpu", bf16=device.type == "cuda", seed=cfg.seed + plan.resume_step,
+        gradient_checkpointing=False, disable_tqdm=True)
+    t0 = time.time()
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=Dataset.from_list(train),
+                          processing_class=tokenizer, optimizers=(optimizer, scheduler), callbacks=[callback])
+    try:
+        trainer.train()
+    finally:
+        box.close()
+    return {"history": callback.history, "steps": plan.resume_step + trainer.state.global_step,
+            "planned_steps": plan.total, "best": callback.best, "train_rows": len(train), "dev_rows": len(dev),
+            "reward_failures": box.failure_summary(), "train_seconds": round(time.time() - t0, 2)}
