@@ -229,7 +229,7 @@ def _place(item: Item, tl: Timeline) -> Placement:
         node_id = item.node_hint
     window = min(item.plan.target_s, item.deadline - start)
     end = start + max(window, 0.0)
-    runnable = window >= item.plan.overhead_s + MIN_LATE_TRAIN_S
+    runnable = window >= min(item.plan.min_s, item.plan.overhead_s + MIN_LATE_TRAIN_S)  # on time ⇒ runnable
     if runnable:  # one that cannot even publish in time holds nothing: it will be failed
         tl.occupy(node_id, item.units, end)
     return Placement(item.task_id, node_id, start, end, window >= item.plan.min_s, runnable)

@@ -88,7 +88,7 @@ def test_new_job_never_makes_an_accepted_job_late():
 
 def test_unsupported_type_and_remote_code_families_are_declined():
     adm = Admission(Scheduler(parse_shape("1x8xH100")))   # default set: trainers that exist
-    d = ask(adm, 1 * B, TaskType.IMAGETASK)
+    d = ask(adm, 1 * B, TaskType.IMAGETASK)   # text-only miner: no image trainer, not plannable
     assert not d.accepted and "not supported" in d.message and "InstructTextTask" in d.message
     d = ask(adm, 1 * B, config={"model_type": "quasar", "auto_map": {"AutoModel": "x.Y"}})
     assert not d.accepted and "trust_remote_code" in d.message

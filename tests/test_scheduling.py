@@ -144,3 +144,11 @@ def test_finished_jobs_teach_the_knowledge_base_by_family(settings, tmp_path):
         learn(again.knowledge, job, base_model, None, None, "training failed: NaN loss")
     assert "'llama' failed 2 times" in again.knowledge.blocked("llama")
     assert plane(settings).knowledge.blocked("llama")
+
+
+def test_a_short_cpu_job_that_was_admitted_is_dispatched(settings):
+    cp = plane(settings, shape="1x3xCPU")          # CPU mode, a 72-second budget (tests, demo)
+    task_id, resp = offer(cp, params=5e6, hours=0.02)
+    assert resp.accepted, resp.message
+    train(cp, task_id, hours=0.02)
+    assert cp.store.get_job(task_id).started_at is not None
