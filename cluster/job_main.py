@@ -143,11 +143,15 @@ def run_job(task_id: str, settings: Settings) -> int:
         learn(Knowledge(store), job, model_dir, cfg, None, f"publishing failed: {type(exc).__name__}: {exc}")
         return _fail(store, job_dir, task_id, f"publishing failed: {type(exc).__name__}: {exc}", timings,
                      from_states=(PUBLISHING,))
-    write_job_report(job_dir, outcome.summary, timings, selected=outcome.checkpoint_metrics)
-    learn(Knowledge(store), job, model_dir, cfg, outcome.summary, None)
+    # The submission is the promise: record it first; reports and learning must never undo it.
     store.update_job(task_id, only_if_status=(PUBLISHING,), status=PUBLISHED, repo=repo, model_hash=model_hash,
                      reason=None)
     record_final_slack(task_id, job.deadline)
+    try:
+        write_job_report(job_dir, outcome.summary, timings, selected=outcome.checkpoint_metrics)
+        learn(Knowledge(store), job, model_dir, cfg, outcome.summary, None)
+    except Exception:  # a plotting or bookkeeping bug: the model is published either way
+        traceback.print_exc()
     print(f"[job] published {repo} hash={model_hash} slack={job.deadline - time.time():.0f} s", flush=True)
     return 0
 
