@@ -17,10 +17,11 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from .batching import collate, make_batches, per_sample_loss, split_dev
+from .batching import split_dev
 from .config import TrainConfig
 from .instruct_format import eval_sequence_length, tokenize_rows
 from .modeling import load_base_model, load_tokenizer, save_trainable, wrap_for_training
+from .packing import fast_path
 
 PROBE_STEPS = 5
 
@@ -43,18 +44,16 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def dev_loss(model, dev, pad_id: int, device, batch_tokens: int) -> float | None:
+def dev_loss(loss_model, dev, plan, pad_id: int, device) -> float | None:
+    """Mean over dev samples of each sample's mean token loss (the validator's metric)."""
     if not dev:
         return None
-    model.eval()
-    losses = []
-    for batch in make_batches(dev, batch_tokens, 16, seed=0):
-        inputs = collate(batch, pad_id, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        losses.extend(per_sample_loss(logits, inputs["labels"]).tolist())
-    model.train()
-    return sum(losses) / len(losses)
+    loss_model.eval()
+    total = 0.0
+    for batch in plan.batches(dev, seed=0):
+        total += float(loss_model(**plan.collate(batch, pad_id, device))) * len(batch)
+    loss_model.train()
+    return total / len(dev)
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -77,17 +76,20 @@ def train_loop_per_worker(config: dict) -> dict:
     model = wrap_for_training(base, cfg)
     model.to(device)
     raw_model = model
+    # packed varlen micro-batches + fused CE on GPU (padded on CPU), micro-batch from the memory plan
+    loss_model, plan = fast_path(model, cfg, device, max((len(ex) for ex in shard), default=1))
+    raw_loss = loss_model
     if world > 1:
-        model = ray.train.torch.prepare_model(model, move_to_device=False)
+        loss_model = ray.train.torch.prepare_model(loss_model, move_to_device=False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
 
-    batches_per_epoch = len(make_batches(shard, cfg.batch_tokens, cfg.max_batch, cfg.seed))
+    batches_per_epoch = len(plan.batches(shard, cfg.seed))
     total = max(1, int(cfg.epochs * batches_per_epoch / cfg.grad_accum))
     if rank == 0:
         print(f"[train] rows={len(rows)} dropped_for_length={dropped} train={len(train)} dev={len(dev)} "
-              f"max_len={max_len} workers={world} planned_steps={total}", flush=True)
+              f"max_len={max_len} workers={world} planned_steps={total} plan={plan}", flush=True)
 
     start = resume_step = 0
     ckpt = ray.train.get_checkpoint()
@@ -103,19 +105,16 @@ def train_loop_per_worker(config: dict) -> dict:
     save_points = {int(total * (i + 1) / cfg.saves) for i in range(cfg.saves)}
     step, epoch, micro, t0, tokens = resume_step, 0, 0, time.time(), 0
     best = {"dev_loss": None}
-    model.train()
+    loss_model.train()
     done = False
     while not done:
-        for i, batch in enumerate(make_batches(shard, cfg.batch_tokens, cfg.max_batch, cfg.seed + epoch)):
+        for i, batch in enumerate(plan.batches(shard, cfg.seed + epoch)):
             micro += 1
             if micro <= resume_step * cfg.grad_accum:
                 continue  # already trained before the restart (batch order is deterministic)
-            inputs = collate(batch, tokenizer.pad_token_id, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-            loss = per_sample_loss(logits, inputs["labels"]).mean() / cfg.grad_accum
+            loss = loss_model(**plan.collate(batch, tokenizer.pad_token_id, device)) / cfg.grad_accum
             loss.backward()
-            tokens += int(inputs["attention_mask"].sum())
+            tokens += sum(len(ex) for ex in batch)
             if (i + 1) % cfg.grad_accum:
                 continue
             for group in optimizer.param_groups:
@@ -143,7 +142,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 print(f"[train] step {step}/{total} loss {entry['loss']:.4f} lr {entry['lr']:.2e} "
                       f"{entry['tokens_per_s']:.0f} tok/s", flush=True)
             if step in save_points or done:
-                entry["dev_loss"] = dev_loss(model, dev, tokenizer.pad_token_id, device, cfg.batch_tokens)
+                entry["dev_loss"] = dev_loss(raw_loss, dev, plan, tokenizer.pad_token_id, device)
                 if best["dev_loss"] is None or (entry["dev_loss"] or 0) <= best["dev_loss"]:
                     best = {"dev_loss": entry["dev_loss"], "step": step}
                 _report(raw_model, optimizer, tokenizer, step, total, entry, rank, staging)
