@@ -55,7 +55,7 @@ SHAPES = {
 }
 # HF micro-batch (samples) that fits padded to the longest length, and accumulation steps:
 # samples per optimizer step = micro x accum, the same for both paths.
-HF_MICRO = {"tiny": (4, 2), "llama1b": (24, 5), "llama3b": (16, 8), "llama8b": (12, 6), "qwen0.5b": (16, 8), "qwen7b": (12, 6)}
+HF_MICRO = {"tiny": (4, 2), "llama1b": (24, 5), "llama3b": (12, 10), "llama8b": (8, 9), "qwen0.5b": (16, 8), "qwen7b": (8, 9)}
 CASES = ["llama1b-full", "llama8b-lora", "llama1b-lora", "qwen0.5b-full", "qwen0.5b-lora",
          "llama3b-full", "llama3b-lora", "qwen7b-lora"]
 
@@ -168,10 +168,11 @@ def correctness(model, samples, device) -> dict:
     return {"tokens": int(ref.numel()), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
             "mean_token_loss_hf": float(ref.mean()), "mean_token_loss_ours": float(ours.mean()),
             "metric_hf": ref_metric, "metric_ours": ours_metric,
-            "ok": bool(diff.mean() < 2e-2 and abs(ours_metric - ref_metric) < 2e-2 * abs(ref_metric))}
+            # bf16 tolerance (relative 1e-3..1e-2): per-token and for the validator's metric
+            "ok": bool(diff.mean() < 1e-2 * ref.abs().mean() and abs(ours_metric - ref_metric) < 1e-2 * abs(ref_metric))}
 
 
-def run_hf(model, samples, micro: int, accum: int, warm: int, timed: int, tmp: str) -> dict:
+def run_hf(model, samples, micro: int, accum: int, warm: int, timed: int, tmp: str, grouped: bool = False) -> dict:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -194,7 +195,10 @@ def run_hf(model, samples, micro: int, accum: int, warm: int, timed: int, tmp: s
             _sync()
             marks.append(time.perf_counter())
 
-    args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
+    fields = TrainingArguments.__dataclass_fields__
+    sampling = ({} if not grouped else {"train_sampling_strategy": "group_by_length"}
+                if "train_sampling_strategy" in fields else {"group_by_length": True})
+    args = TrainingArguments(**sampling,output_dir=tmp, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
                              max_steps=warm + timed, bf16=DEVICE == "cuda", use_cpu=DEVICE == "cpu", learning_rate=1e-5, save_strategy="no",
                              report_to="none", logging_strategy="no", disable_tqdm=True,
                              remove_unused_columns=False, dataloader_num_workers=0)
@@ -232,6 +236,7 @@ def run_ours(model, cfg, samples, per_step: int, warm: int, timed: int, compile_
         for batch in batches:  # the step of trainers/instruct.py
             loss = loss_model(**plan.collate(batch, 0, device)) / len(batches)
             loss.backward()
+            last_loss = float(loss) * len(batches)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -245,7 +250,7 @@ def run_ours(model, cfg, samples, per_step: int, warm: int, timed: int, compile_
     secs = marks[-1] - marks[warm - 1]
     return {"tokens_per_s": real / secs, "step_s": secs / timed, "peak_mem_gib": _peak_gib(),
             "plan_tokens": plan.batch_tokens, "checkpointing": plan.checkpointing, "compile": compile_,
-            "micro_batches_per_step": micro_batches / timed, "first_step_s": first_compile, "last_loss": float(loss)}
+            "micro_batches_per_step": micro_batches / timed, "first_step_s": first_compile, "last_loss": last_loss}
 
 
 def run_case(case: str, lengths: str, warm: int, timed: int, variants: list[str]) -> dict:
@@ -268,13 +273,17 @@ def run_case(case: str, lengths: str, warm: int, timed: int, variants: list[str]
     result["check"] = correctness(model, samples[:64], torch.device(DEVICE))
     for variant in variants:
         try:
-            if variant == "hf":
+            if variant in ("hf", "hf_grouped"):
                 with tempfile.TemporaryDirectory() as tmp:
-                    r = run_hf(model, samples, micro, accum, warm, timed, tmp)
+                    r = run_hf(model, samples, micro, accum, warm, timed, tmp, grouped=variant == "hf_grouped")
             else:
                 r = run_ours(model, cfg, samples, per_step, warm, timed, compile_=variant == "ours")
         except torch.OutOfMemoryError as e:
             r = {"error": f"OOM: {str(e)[:200]}"}
+        except Exception as e:  # one broken variant must not lose the others
+            import traceback
+            traceback.print_exc()
+            r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         if "tokens_per_s" in r:
             r["mfu"] = r["tokens_per_s"] * fpt / PEAK_FLOPS
         result[variant] = r
@@ -292,14 +301,18 @@ def main() -> None:
     rp = sub.add_parser("run")
     rp.add_argument("--lengths", required=True)
     rp.add_argument("--cases", default=",".join(CASES))
-    rp.add_argument("--variants", default="hf,ours", help="hf, ours (compiled), ours_eager")
+    rp.add_argument("--variants", default="hf,ours", help="hf, hf_grouped (group_by_length), ours_eager, ours")
     rp.add_argument("--warm", type=int, default=3)
     rp.add_argument("--timed", type=int, default=6)
     rp.add_argument("--out", default=".")
     rp.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    pp = sub.add_parser("report", help="markdown table from throughput.jsonl files")
+    pp.add_argument("jsonl", nargs="+")
     a = ap.parse_args()
     if a.cmd == "lengths":
         return make_lengths(a.out)
+    if a.cmd == "report":
+        return print(report([json.loads(ln) for f in a.jsonl for ln in Path(f).read_text().splitlines()]))
     if a.one:  # a single case in this process; the driver below isolates cases (OOM, memory)
         print("RESULT " + json.dumps(run_case(a.cases, a.lengths, a.warm, a.timed, a.variants.split(","))), flush=True)
         return
@@ -319,13 +332,42 @@ def main() -> None:
         print(summary_line(res), flush=True)
 
 
+def report(results: list[dict]) -> str:
+    rows = ["| case | real tok/step | path | tokens/s | MFU | peak GiB | vs hf | notes |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        base = r["hf"].get("tokens_per_s")
+        for v in ("hf", "hf_grouped", "ours"):
+            x = r.get(v)
+            if not x:
+                continue
+            if "error" in x:
+                rows.append(f"| {r['case']} | | {v} | {x['error'][:40]} | | | | |")
+                continue
+            if v == "ours":
+                note = (f"1 pack of <= {x['plan_tokens']} tok, {x['micro_batches_per_step']:.2g} micro/step, "
+                        f"ckpt {'on' if x['checkpointing'] else 'off'}, 1st step {x['first_step_s']:.0f}s")
+            else:
+                note = f"{x['micro_batch']} x {x['accum']} samples, {100 * x['padding_fraction']:.0f}% padding"
+            ratio = f"{x['tokens_per_s'] / base:.2f}x" if base and v != "hf" else "1"
+            rows.append(f"| {r['case']} | {r['real_tokens_per_step']:.0f} | {v} | {x['tokens_per_s']:,.0f} | "
+                        f"{x['mfu']:.3f} | {x['peak_mem_gib']:.1f} | {ratio} | {note} |")
+    checks = ["| case | label tokens | mean abs diff | max abs diff | mean token CE hf / ours | metric hf / ours | ok |",
+              "|---|---|---|---|---|---|---|"]
+    for r in results:
+        c = r["check"]
+        checks.append(f"| {r['case']} | {c['tokens']} | {c['mean_abs_diff']:.4f} | {c['max_abs_diff']:.3f} | "
+                      f"{c['mean_token_loss_hf']:.4f} / {c['mean_token_loss_ours']:.4f} | "
+                      f"{c['metric_hf']:.4f} / {c['metric_ours']:.4f} | {'yes' if c['ok'] else 'NO'} |")
+    return "\n".join(rows) + "\n\n" + "\n".join(checks)
+
+
 def summary_line(r: dict) -> str:
     if "error" in r:
         return f"{r['case']}: ERROR {r['error'][-300:]}"
     parts = [f"{r['case']:<14} {r['wall_s']:>5}s check={'ok' if r['check']['ok'] else 'FAIL'}"
              f"(mean|d|={r['check']['mean_abs_diff']:.3g})"]
     base = r.get("hf", {}).get("tokens_per_s")
-    for v in ("hf", "ours", "ours_eager"):
+    for v in ("hf", "hf_grouped", "ours_eager", "ours"):
         x = r.get(v)
         if not x:
             continue

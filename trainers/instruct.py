@@ -123,10 +123,12 @@ def train_loop_per_worker(config: dict) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if step - resume_step == PROBE_STEPS and cfg.train_deadline:
+            if step - resume_step == 1:
+                t_warm = time.time()  # the first step carries torch.compile's warm-up: not a probe
+            if step - resume_step == PROBE_STEPS + 1 and cfg.train_deadline:
                 # Deadline schedule: cap the plan at what fits before the deadline.
-                per_step = (time.time() - t0) / PROBE_STEPS
-                fits = resume_step + PROBE_STEPS + int(max(0.0, cfg.train_deadline - time.time()) / per_step * 0.9)
+                per_step = (time.time() - t_warm) / PROBE_STEPS
+                fits = step + int(max(0.0, cfg.train_deadline - time.time()) / per_step * 0.9)
                 if fits < total:
                     total = max(step, fits)
                     save_points = {max(step, int(total * (k + 1) / cfg.saves)) for k in range(cfg.saves)}
