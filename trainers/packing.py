@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .batching import make_batches
+from .batching import collate, make_batches
 from .fused_loss import linear_cross_entropy
 from .instruct_format import IGNORE, Example
 
@@ -124,14 +124,10 @@ def collate_packed(batch: list[Example], device: torch.device) -> dict[str, torc
 
 
 def collate_padded(batch: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    width = max(len(ex) for ex in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ex in enumerate(batch):
-        ids[row, :len(ex)] = torch.tensor(ex.input_ids)
-        mask[row, :len(ex)] = 1
+    padded = collate(batch, pad_id, torch.device("cpu"))
+    width = padded["input_ids"].shape[1]
     index, targets, weights = _label_rows(batch, [row * width for row in range(len(batch))])
-    out = {"input_ids": ids, "attention_mask": mask,
+    out = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"],
            "label_index": index, "label_targets": targets, "label_weights": weights}
     return {k: v.to(device) for k, v in out.items()}
 
