@@ -27,13 +27,20 @@ def _settings_with_metagraph() -> Settings:
 def cmd_serve(args) -> int:
     from .embedded import deploy
 
-    settings = _settings_with_metagraph()
+    from .metagraph import chain_sync_available, status_line
+
+    settings = load_settings()
+    if settings.metagraph_file is None and not chain_sync_available():
+        print("no validator allow-list: set MINER_METAGRAPH_FILE, or install the bittensor SDK "
+              "(pip install bittensor) to sync NETUID from SUBTENSOR_NETWORK", file=sys.stderr)
+        return 2
     ends = deploy(host=args.host, port=args.port)
     from .identity import miner_hotkey
 
     print(f"miner API:   {ends.api_url}   (hotkey {miner_hotkey(settings)})")
     print(f"dashboard:   {ends.dashboard_url}")
-    print(f"state dir:   {settings.state_dir}   metagraph: {settings.metagraph_file}")
+    print(f"state dir:   {settings.state_dir}")
+    print(f"metagraph:   {status_line(settings)}")
     print("Ctrl-C stops the API (jobs on a shared cluster keep running; state is in SQLite).")
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -95,16 +102,80 @@ def cmd_simulate(args) -> int:
     return 0 if ok else 1
 
 
+def _console(args):
+    from rich.console import Console
+
+    # --save: also keep what was printed, as SVG or PNG (for docs and bug reports)
+    return Console(width=args.width, record=bool(getattr(args, "save", None)))
+
+
+def _save(console, args) -> None:
+    """Writes the recorded output to args.save: .svg, or .png through cairosvg (the docs extra)."""
+    if not getattr(args, "save", None):
+        return
+    # Drawn with DejaVu Sans Mono (present on most Linux hosts), whose glyphs are 0.602 em wide.
+    svg = console.export_svg(title="miner", font_aspect_ratio=0.602).replace("Fira Code", "DejaVu Sans Mono")
+    if args.save.endswith(".png"):
+        import cairosvg  # pip install cairosvg
+
+        cairosvg.svg2png(bytestring=svg.encode(), write_to=args.save)
+    else:
+        Path(args.save).write_text(svg)
+
+
 def cmd_jobs(args) -> int:
-    store = JobStore(load_settings().db_path)
-    jobs = store.list_jobs()
-    if not jobs:
-        print("no jobs")
-    for j in jobs:
-        left = j.deadline - time.time()
-        print(f"{j.task_id}  {j.task_type:<16} {j.status:<10} deadline {'in %.0fs' % left if left > 0 else 'passed'}"
-              f"  {j.repo or ''}  {j.reason or ''}")
+    """Every job with a progress bar from the trainer's progress file; --watch refreshes live."""
+    from rich.live import Live
+
+    from .jobview import jobs_table
+    from .store import ACTIVE
+
+    settings = load_settings()
+    store = JobStore(settings.db_path)
+    console = _console(args)
+    if not args.watch:
+        console.print(jobs_table(store.list_jobs(), settings))
+        _save(console, args)
+        return 0
+    try:
+        with Live(jobs_table(store.list_jobs(), settings), console=console, refresh_per_second=2) as live:
+            while True:
+                time.sleep(args.interval)
+                jobs = store.list_jobs()
+                live.update(jobs_table(jobs, settings))
+                if args.until_done and not any(j.status in ACTIVE for j in jobs):
+                    break
+    except KeyboardInterrupt:
+        pass
+    _save(console, args)
     return 0
+
+
+def cmd_job(args) -> int:
+    """One job's story: timeline, hyperparameters, losses, outcome or failure reason."""
+    from .jobview import job_story
+
+    settings = load_settings()
+    job = JobStore(settings.db_path).get_job(args.task_id)
+    if job is None:
+        print(f"no job {args.task_id} in {settings.db_path}", file=sys.stderr)
+        return 2
+    console = _console(args)
+    console.print(job_story(job, settings, _ray_job_info(job.ray_submission_id or job.submission_id)))
+    _save(console, args)
+    return 0
+
+
+def _ray_job_info(submission_id: str) -> dict | None:
+    """The Ray Job's record when a cluster answers (RAY_ADDRESS / local dashboard), else None."""
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        info = JobSubmissionClient(os.environ.get("RAY_API_SERVER_ADDRESS")).get_job_info(submission_id)
+    except Exception:
+        return None
+    return {"status": str(getattr(info.status, "value", info.status)), "start_time": info.start_time,
+            "end_time": info.end_time, "driver_node_id": info.driver_node_id}
 
 
 def cmd_status(args) -> int:
@@ -113,7 +184,10 @@ def cmd_status(args) -> int:
     counts: dict[str, int] = {}
     for j in store.list_jobs():
         counts[j.status] = counts.get(j.status, 0) + 1
+    from .metagraph import status_line
+
     print(f"state dir: {settings.state_dir}")
+    print(f"metagraph: {status_line(settings)}")
     print(f"publishing to: {'Hugging Face as ' + settings.hf_username if settings.publishes_to_hf else settings.hub_dir}")
     print("jobs: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"))
     url = os.environ.get("MINER_API_URL", "http://127.0.0.1:7999")
@@ -134,7 +208,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, help="hours_to_complete, in minutes, for short runs")
     p.add_argument("--miner-url", default="http://127.0.0.1:7999")
     p.set_defaults(fn=cmd_simulate)
-    sub.add_parser("jobs", help="list jobs and their states").set_defaults(fn=cmd_jobs)
+    p = sub.add_parser("jobs", help="jobs with live progress bars, losses and deadlines")
+    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
+    p.add_argument("--until-done", action="store_true", help="with --watch: stop when no job is active")
+    p.set_defaults(fn=cmd_jobs)
+    p = sub.add_parser("job", help="one job's story: timeline, hyperparameters, losses, failure reason")
+    p.add_argument("task_id")
+    p.set_defaults(fn=cmd_job)
+    for name in ("jobs", "job"):
+        sub.choices[name].add_argument("--width", type=int, default=None, help="console width")
+        sub.choices[name].add_argument("--save", metavar="PATH", help="also write the output to PATH (.svg or .png)")
     sub.add_parser("status", help="what the control plane knows").set_defaults(fn=cmd_status)
     args = parser.parse_args(argv)
     return args.fn(args)

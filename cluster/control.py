@@ -10,7 +10,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from . import admission
+from . import admission, metrics
+from .offer_log import OfferLog
 from .protocol import (MinerSubmission, MinerTaskOffer, MinerTaskResponse, TaskType, TrainRequestText,
                        TrainResponse, parse_dataset_type, task_type_of)
 from .settings import Settings
@@ -31,6 +32,7 @@ class ControlPlane:
     def __init__(self, settings: Settings, store: JobStore | None = None, runner=None):
         self.settings = settings
         self.store = store or JobStore(settings.db_path)
+        self.offers = OfferLog(self.store)  # offer decisions: answered from memory, written in batches
         self._runner = runner
 
     @property
@@ -43,10 +45,12 @@ class ControlPlane:
 
     # offers -----------------------------------------------------------------
     def offer(self, offer: MinerTaskOffer) -> MinerTaskResponse:
+        started = time.perf_counter()
         d = admission.decide(offer.task_type, offer.model, offer.hours_to_complete,
                              offer.model_params_count, self.settings)
-        self.store.record_offer(Offer(offer.task_id, offer.task_type.value, offer.model,
+        self.offers.record(Offer(offer.task_id, offer.task_type.value, offer.model,
                                       offer.hours_to_complete, d.accepted, d.message, time.time()))
+        metrics.record_offer(d.accepted, d.message, time.perf_counter() - started)
         return MinerTaskResponse(message=d.message, accepted=d.accepted)
 
     # training ---------------------------------------------------------------
@@ -65,7 +69,7 @@ class ControlPlane:
         existing = self.store.get_job(req.task_id)
         if existing is not None:  # a retried request: same answer, nothing queued twice
             return TrainResponse(message=f"Training job already known ({existing.status}).", task_id=req.task_id)
-        offer = self.store.get_offer(req.task_id)
+        offer = self.offers.get(req.task_id)
         if offer is not None and not offer.accepted:
             raise Refused(409, f"this task's offer was declined: {offer.message}")
         d = admission.decide(task_type, req.model, req.hours_to_complete, None, self.settings)

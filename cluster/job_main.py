@@ -22,7 +22,8 @@ from tuning.priors import default_hparams, param_count_from_config
 
 from .fetch import InputError, download_dataset, resolve_model
 from .publish import latest_checkpoint, publish
-from .reports import write_job_report
+from .metrics import TrainingMonitor, record_final_slack
+from .reports import PROGRESS_FILE, PhaseTimer, write_job_report, write_timings
 from .settings import Settings, load_settings
 from .store import ACTIVE, FAILED, PUBLISHING, RUNNING, TERMINAL, Job, JobStore
 
@@ -59,14 +60,8 @@ def run_job(task_id: str, settings: Settings) -> int:
     store.update_job(task_id, only_if_status=ACTIVE, status=RUNNING)
     job_dir = settings.job_dir(task_id)
     job_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    t = time.time()
-
-    def phase(name: str) -> None:
-        nonlocal t
-        timings[name] = round(time.time() - t, 2)
-        t = time.time()
-        print(f"[job] {name} done in {timings[name]} s", flush=True)
+    timings = PhaseTimer()
+    phase = timings.phase
 
     try:
         rows = download_dataset(job.dataset_url, job_dir / "train_data.json", settings.max_dataset_bytes)
@@ -74,12 +69,14 @@ def run_job(task_id: str, settings: Settings) -> int:
         model_dir = resolve_model(job.model, settings.model_cache_dir, settings.hf_token)
         phase("fetch_model")
         cfg = plan(job, settings, model_dir, job_dir / "train_data.json", rows, job_dir / "runs")
+        cfg.label_selector, cfg.progress_file = dict(settings.train_labels), str(job_dir / PROGRESS_FILE)
         phase("plan")
         (job_dir / "hparams.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         store.update_job(task_id, hparams=cfg.to_dict())
         from trainers.launch import fit
 
-        outcome = fit(cfg, job_dir / "model")
+        with TrainingMonitor(job_dir / PROGRESS_FILE, task_id, job.task_type, job.deadline):
+            outcome = fit(cfg, job_dir / "model")
         phase("train")
     except (InputError, DatasetError) as exc:
         return _fail(store, job_dir, task_id, str(exc), timings)
@@ -99,6 +96,7 @@ def run_job(task_id: str, settings: Settings) -> int:
         return _fail(store, job_dir, task_id, f"publishing failed: {type(exc).__name__}: {exc}", timings)
     write_job_report(job_dir, outcome.summary, timings, selected=outcome.checkpoint_metrics)
     store.update_job(task_id, status="published", repo=repo, model_hash=model_hash, reason=None)
+    record_final_slack(task_id, job.deadline)
     print(f"[job] published {repo} hash={model_hash} slack={job.deadline - time.time():.0f} s", flush=True)
     return 0
 
@@ -114,9 +112,9 @@ def _fallback_outcome(job_dir: Path, exc: Exception):
     return TrainOutcome(export_checkpoint(checkpoint, job_dir / "model"), {"fallback_after": f"{type(exc).__name__}: {exc}"}, {})
 
 
-def _fail(store: JobStore, job_dir: Path, task_id: str, reason: str, timings: dict) -> int:
+def _fail(store: JobStore, job_dir: Path, task_id: str, reason: str, timings: PhaseTimer) -> int:
     print(f"[job] FAILED: {reason}", file=sys.stderr, flush=True)
-    (job_dir / "timings.json").write_text(json.dumps(timings, indent=2))
+    write_timings(job_dir, timings)
     store.update_job(task_id, only_if_status=ACTIVE, status=FAILED, reason=reason)
     return 1
 

@@ -1,9 +1,8 @@
 """Miner settings from the environment: G.O.D's names where they exist, MINER_* for ours."""
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -32,6 +31,7 @@ class Settings:
     min_hours: float
     training_repo: str
     training_commit: str
+    train_labels: dict[str, str] = field(default_factory=dict)  # Ray node labels training must run on
 
     @property
     def db_path(self) -> Path:
@@ -81,12 +81,23 @@ def load_settings() -> Settings:
         hub_dir=Path(_env("MINER_HUB_DIR", str(state_dir / "hub"))).expanduser().resolve(),
         max_dataset_bytes=int(_env("MINER_MAX_DATASET_BYTES", str(2 * 1024**3))),
         num_workers=int(_env("MINER_TRAIN_WORKERS", "1")),
-        use_gpu=_env("MINER_USE_GPU", "auto") in ("1", "true", "auto") and _gpu_available(),
+        # "1": train on GPUs even when this process (a CPU head's job driver) sees none
+        use_gpu=_env("MINER_USE_GPU", "auto") in ("1", "true") or (_env("MINER_USE_GPU", "auto") == "auto" and _gpu_available()),
         max_hours=float(_env("MINER_MAX_HOURS", "48")),
         min_hours=float(_env("MINER_MIN_HOURS", "0.02")),
         training_repo=_env("MINER_TRAINING_REPO", "https://github.com/rayonlabs/G.O.D"),
         training_commit=_env("MINER_TRAINING_COMMIT", "076e87fc746985e272015322cc91fb3bbbca2f26"),
+        train_labels=parse_labels(_env("MINER_TRAIN_LABELS", "")),
     )
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """`key=value,key2=value2` (the `ray start --labels` format) as a dict."""
+    pairs = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in pairs if "=" not in p or not p.split("=", 1)[0].strip()]
+    if bad:
+        raise ValueError(f"MINER_TRAIN_LABELS must look like key=value,key2=value2; bad part(s): {bad}")
+    return {k.strip(): v.strip() for k, v in (p.split("=", 1) for p in pairs)}
 
 
 def _gpu_available() -> bool:
@@ -96,11 +107,3 @@ def _gpu_available() -> bool:
         return torch.cuda.is_available()
     except Exception:
         return False
-
-
-def read_metagraph(path: Path | None) -> dict[str, float]:
-    """The validator allow-list: hotkey -> stake, from a JSON list of {"hotkey", "stake"}."""
-    if path is None or not path.exists():
-        return {}
-    rows = json.loads(path.read_text())
-    return {str(r["hotkey"]): float(r.get("stake", 0.0)) for r in rows}

@@ -10,6 +10,7 @@ Keys and signatures use substrate-interface's `Keypair` (maintained sr25519 bind
 from __future__ import annotations
 
 import hashlib
+import heapq
 import secrets
 import string
 import threading
@@ -53,10 +54,16 @@ def verify_signature(validator_hotkey: str, signature: str, message: str) -> boo
 
 @dataclass
 class NonceManager:
-    """Single-use nonces inside a +-2 minute window (fiber `NonceManager`)."""
+    """Single-use nonces inside a +-2 minute window (fiber `NonceManager`).
+
+    A nonce is remembered until its own timestamp leaves the window (ts + window), not for a
+    fixed time after it was seen: a nonce stamped 2 minutes ahead stays valid for 4 minutes and
+    must stay un-replayable for as long. Expiry is a heap, so each request costs O(log n) and
+    memory is bounded by (request rate x 4 minutes)."""
 
     window_ns: int = NONCE_WINDOW_NS
-    _seen: dict[str, int] = field(default_factory=dict)
+    _seen: set[str] = field(default_factory=set)
+    _expiry: list[tuple[int, str]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def check_and_consume(self, nonce: str, now_ns: int | None = None) -> str | None:
@@ -73,10 +80,13 @@ class NonceManager:
         if ts - now > self.window_ns:
             return "nonce from the future"
         with self._lock:
-            for old, seen_at in list(self._seen.items()):
-                if now - seen_at > self.window_ns:
-                    del self._seen[old]
+            while self._expiry and self._expiry[0][0] < now:
+                self._seen.discard(heapq.heappop(self._expiry)[1])
             if nonce in self._seen:
                 return "nonce already used"
-            self._seen[nonce] = now
+            self._seen.add(nonce)
+            heapq.heappush(self._expiry, (ts + self.window_ns, nonce))
         return None
+
+    def __len__(self) -> int:
+        return len(self._seen)

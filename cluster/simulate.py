@@ -134,12 +134,9 @@ def validator_keypair(settings: Settings) -> Keypair:
 
 
 def register_validator(metagraph_file: Path, hotkey: str, stake: float) -> None:
-    rows = json.loads(metagraph_file.read_text()) if metagraph_file.exists() else []
-    rows = [r for r in rows if r.get("hotkey") != hotkey] + [{"hotkey": hotkey, "stake": stake}]
-    metagraph_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = metagraph_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    tmp.replace(metagraph_file)
+    from .metagraph import read_nodes_file, write_nodes_file
+
+    write_nodes_file(metagraph_file, {**read_nodes_file(metagraph_file), hotkey: stake})
 
 
 def run_simulation(tasks: list[TaskSpec], model: str | None, client: ValidatorClient, settings: Settings,

@@ -162,10 +162,14 @@ class JobStore:
 
     # offers ---------------------------------------------------------------
     def record_offer(self, offer: Offer) -> None:
+        self.record_offers([offer])
+
+    def record_offers(self, offers: list[Offer]) -> None:
+        """One transaction (one fsync) for a batch of offers."""
         with self._tx() as c:
-            c.execute("INSERT OR REPLACE INTO offers VALUES (?, ?, ?, ?, ?, ?, ?)",
-                      (offer.task_id, offer.task_type, offer.model, offer.hours_to_complete,
-                       int(offer.accepted), offer.message, offer.created_at))
+            c.executemany("INSERT OR REPLACE INTO offers VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          [(o.task_id, o.task_type, o.model, o.hours_to_complete, int(o.accepted), o.message,
+                            o.created_at) for o in offers])
 
     def get_offer(self, task_id: str) -> Offer | None:
         row = self._conn.execute("SELECT * FROM offers WHERE task_id = ?", (task_id,)).fetchone()

@@ -6,15 +6,28 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 
 from cluster.control import ControlPlane, Refused
 from cluster.protocol import (MinerSubmission, MinerTaskOffer, MinerTaskResponse, TaskType, TrainingRepoResponse,
                               TrainRequestImage, TrainRequestText, TrainResponse)
 
-from .auth import verified_validator
+from .auth import SignedRequests
 from .wiring import control_plane
 
 api = FastAPI(title="Gradients miner", version="0.1.0")
+# Every route but /healthz and the docs is signed by a staked validator (fiber's
+# blacklist_low_stake + verify_request, in that order), checked before any parsing.
+api.add_middleware(SignedRequests)
+
+
+@api.exception_handler(RequestValidationError)
+async def short_validation_errors(request, exc: RequestValidationError) -> JSONResponse:
+    """422 with a short reason. FastAPI's default echoes the input back, which may not even be
+    serialisable (a huge or non-finite number) and would turn a bad request into a 500."""
+    problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()[:5])
+    return JSONResponse(status_code=422, content={"detail": f"invalid request: {problems}"[:1000]})
 
 TEXT_TRAINING_TYPES = {TaskType.INSTRUCTTEXTTASK, TaskType.DPOTASK, TaskType.CHATTASK}
 
@@ -27,35 +40,35 @@ def _train(control: ControlPlane, req: TrainRequestText, types: set[TaskType]) -
 
 
 @api.post("/task_offer/", response_model=MinerTaskResponse)
-def task_offer(offer: MinerTaskOffer, _: str = Depends(verified_validator),
+def task_offer(offer: MinerTaskOffer,
                control: ControlPlane = Depends(control_plane)) -> MinerTaskResponse:
     return control.offer(offer)
 
 
 @api.post("/task_offer_image/", response_model=MinerTaskResponse)
-def task_offer_image(offer: MinerTaskOffer, _: str = Depends(verified_validator)) -> MinerTaskResponse:
+def task_offer_image(offer: MinerTaskOffer) -> MinerTaskResponse:
     return MinerTaskResponse(message="declined: this miner does not train image models yet", accepted=False)
 
 
 @api.post("/start_training/", response_model=TrainResponse)
-def start_training(req: TrainRequestText, _: str = Depends(verified_validator),
+def start_training(req: TrainRequestText,
                    control: ControlPlane = Depends(control_plane)) -> TrainResponse:
     return _train(control, req, TEXT_TRAINING_TYPES)
 
 
 @api.post("/start_training_grpo/", response_model=TrainResponse)
-def start_training_grpo(req: TrainRequestText, _: str = Depends(verified_validator),
+def start_training_grpo(req: TrainRequestText,
                         control: ControlPlane = Depends(control_plane)) -> TrainResponse:
     return _train(control, req, {TaskType.GRPOTASK})
 
 
 @api.post("/start_training_image/", response_model=TrainResponse)
-def start_training_image(req: TrainRequestImage, _: str = Depends(verified_validator)) -> TrainResponse:
+def start_training_image(req: TrainRequestImage) -> TrainResponse:
     raise HTTPException(422, "this miner does not train image models; the offer was declined")
 
 
 @api.get("/get_latest_model_submission/{task_id}", response_model=MinerSubmission)
-def get_latest_model_submission(task_id: str, _: str = Depends(verified_validator),
+def get_latest_model_submission(task_id: str,
                                 control: ControlPlane = Depends(control_plane)) -> MinerSubmission:
     submission = control.submission(task_id)
     if submission is None:
@@ -64,7 +77,7 @@ def get_latest_model_submission(task_id: str, _: str = Depends(verified_validato
 
 
 @api.get("/training_repo/{task_type}", response_model=TrainingRepoResponse)
-def training_repo(task_type: Literal["text", "image"], _: str = Depends(verified_validator),
+def training_repo(task_type: Literal["text", "image"],
                   control: ControlPlane = Depends(control_plane)) -> TrainingRepoResponse:
     s = control.settings
     return TrainingRepoResponse(github_repo=s.training_repo, commit_hash=s.training_commit)

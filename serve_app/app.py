@@ -11,6 +11,7 @@ import os
 
 from ray import serve
 
+from cluster import metrics
 from cluster.control import ControlPlane
 from cluster.identity import miner_hotkey
 from cluster.settings import load_settings
@@ -40,6 +41,7 @@ class MinerIngress:
         while True:
             try:
                 await asyncio.to_thread(self.control.reconcile)
+                metrics.record_jobs_by_state(self.control.store)
             except Exception:  # never let one bad pass end the loop
                 log.exception("reconcile pass failed")
             await asyncio.sleep(self.interval)

@@ -38,3 +38,46 @@ def base_model(tiny_models) -> Path:
     """The pretrained bench model when ../shared is there, else a tiny built one."""
     pico = BENCH / "models" / "pico-llama"
     return pico if (pico / "config.json").exists() else tiny_models["qwen2"]
+
+
+@pytest.fixture()
+def api_env(tmp_path, monkeypatch, base_model):
+    """The FastAPI app wired to a real control plane and SQLite store, a real sr25519 validator
+    (stake 5000), a low-stake one (10) and the miner's own key. No Ray: jobs go to `runner`."""
+    from fastapi.testclient import TestClient
+    from substrateinterface import Keypair
+
+    from cluster.control import ControlPlane
+    from cluster.settings import load_settings
+    from cluster.simulate import register_validator
+    from serve_app.api import api
+    from serve_app.auth import Authenticator
+    from serve_app.wiring import install
+
+    monkeypatch.setenv("MINER_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("MINER_METAGRAPH_FILE", str(tmp_path / "metagraph.json"))
+    monkeypatch.setenv("MIN_STAKE_THRESHOLD", "1000")
+    validator, poor, miner = (Keypair.create_from_mnemonic(Keypair.generate_mnemonic()) for _ in range(3))
+    register_validator(tmp_path / "metagraph.json", validator.ss58_address, 5000)
+    register_validator(tmp_path / "metagraph.json", poor.ss58_address, 10)
+    settings = load_settings()
+    runner = RecordingRunner()
+    control = ControlPlane(settings, runner=runner)
+    install(control, Authenticator(settings, miner.ss58_address))
+    return {"client": TestClient(api), "validator": validator, "poor": poor, "miner": miner, "control": control,
+            "model": str(base_model), "runner": runner}
+
+
+class RecordingRunner:
+    """The Ray Job runner's interface, recording submissions instead of starting Ray (API tests only;
+    tests/test_end_to_end.py runs the real one)."""
+
+    def __init__(self):
+        self.submitted: list[str] = []
+
+    def submit(self, job, settings) -> str:
+        self.submitted.append(job.task_id)
+        return job.submission_id
+
+    def status(self, submission_id):
+        return "PENDING", ""

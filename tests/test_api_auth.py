@@ -4,31 +4,14 @@ import time
 import uuid
 
 import pytest
-from fastapi.testclient import TestClient
 from substrateinterface import Keypair
 
-from cluster.control import ControlPlane
-from cluster.settings import load_settings
 from cluster.signing import make_nonce, signed_headers
-from cluster.simulate import register_validator
-from serve_app.api import api
-from serve_app.auth import Authenticator
-from serve_app.wiring import install
 
 
 @pytest.fixture()
-def env(tmp_path, monkeypatch, base_model):
-    monkeypatch.setenv("MINER_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("MINER_METAGRAPH_FILE", str(tmp_path / "metagraph.json"))
-    monkeypatch.setenv("MIN_STAKE_THRESHOLD", "1000")
-    validator, poor, miner = (Keypair.create_from_mnemonic(Keypair.generate_mnemonic()) for _ in range(3))
-    register_validator(tmp_path / "metagraph.json", validator.ss58_address, 5000)
-    register_validator(tmp_path / "metagraph.json", poor.ss58_address, 10)
-    settings = load_settings()
-    control = ControlPlane(settings)
-    install(control, Authenticator(settings, miner.ss58_address))
-    return {"client": TestClient(api), "validator": validator, "poor": poor, "miner": miner, "control": control,
-            "model": str(base_model)}
+def env(api_env):
+    return api_env
 
 
 def _offer(model, task_type="InstructTextTask"):
@@ -47,7 +30,7 @@ def test_signed_offer_is_answered_and_recorded(env):
     offer = _offer(env["model"])
     resp = _post(env, "/task_offer/", offer)
     assert resp.status_code == 200 and resp.json()["accepted"] is True
-    assert env["control"].store.get_offer(offer["task_id"]).accepted
+    assert env["control"].offers.get(offer["task_id"]).accepted
 
 
 @pytest.mark.parametrize("dumps", [json.dumps, lambda p: json.dumps(p, separators=(",", ":"))])
@@ -82,7 +65,7 @@ def test_rejections_have_the_right_status(env):
     for name, (status, sent, headers) in cases.items():
         resp = env["client"].post("/task_offer/", content=sent, headers={"Content-Type": "application/json", **headers})
         assert resp.status_code == status, (name, resp.text)
-    assert env["control"].store.get_offer(offer["task_id"]) is None  # nothing stored from rejected requests
+    assert env["control"].offers.get(offer["task_id"]) is None  # nothing stored from rejected requests
 
 
 def test_replayed_nonce_is_rejected(env):

@@ -44,3 +44,17 @@ def test_offers_are_recorded(tmp_path):
     offer = store.get_offer("t9")
     assert offer.accepted is False and offer.message == "declined: no"
     assert store.get_offer("nope") is None
+
+
+def test_offer_log_answers_from_memory_and_writes_in_batches(tmp_path):
+    from cluster.offer_log import OfferLog
+
+    store = JobStore(tmp_path / "m.db")
+    log = OfferLog(store, flush_interval_s=3600)  # no background flush during the test
+    offers = [Offer(f"t{i}", "InstructTextTask", "m", 1.0, i % 2 == 0, "ok", time.time()) for i in range(50)]
+    for o in offers:
+        log.record(o)
+    assert log.get("t3").accepted is False and store.get_offer("t3") is None  # pending, visible
+    log.close()  # closing flushes
+    reopened = JobStore(tmp_path / "m.db")
+    assert reopened.get_offer("t4").accepted is True and reopened.get_offer("t49") is not None

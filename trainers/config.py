@@ -41,6 +41,8 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    label_selector: dict = field(default_factory=dict)  # node labels the workers must run on
+    progress_file: str = ""            # rank 0 writes live progress here (trainers/progress.py)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -22,6 +22,7 @@ from .config import TrainConfig
 from .instruct_format import eval_sequence_length, tokenize_rows
 from .modeling import load_base_model, load_tokenizer, save_trainable, wrap_for_training
 from .packing import fast_path
+from .progress import ProgressFile
 
 PROBE_STEPS = 5
 
@@ -101,6 +102,8 @@ def train_loop_per_worker(config: dict) -> dict:
         resume_step, total = state["step"], state["total"]
 
     history: list[dict] = []
+    progress = ProgressFile(cfg.progress_file if rank == 0 else "", world_size=world, device=device.type,
+                            train_deadline=cfg.train_deadline)
     staging = os.path.join(cfg.run_dir, cfg.run_name, "_staging", f"rank{rank}")
     save_points = {int(total * (i + 1) / cfg.saves) for i in range(cfg.saves)}
     step, epoch, micro, t0, tokens = resume_step, 0, 0, time.time(), 0
@@ -148,6 +151,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 if best["dev_loss"] is None or (entry["dev_loss"] or 0) <= best["dev_loss"]:
                     best = {"dev_loss": entry["dev_loss"], "step": step}
                 _report(raw_model, optimizer, tokenizer, step, total, entry, rank, staging)
+            progress.update(entry, total, final=done)
             if done:
                 break
         epoch += 1

@@ -37,7 +37,8 @@ def fit(cfg: TrainConfig, out_dir: Path) -> TrainOutcome:
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker,
                                                            **({"GPU": 1} if cfg.use_gpu else {})},
-                                     placement_strategy="STRICT_PACK" if cfg.num_workers <= 8 else "PACK"),
+                                     placement_strategy="STRICT_PACK" if cfg.num_workers <= 8 else "PACK",
+                                     label_selector=cfg.label_selector or None),
         run_config=RunConfig(
             name=cfg.run_name, storage_path=cfg.run_dir,
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="dev_loss",
@@ -57,9 +58,14 @@ def fit(cfg: TrainConfig, out_dir: Path) -> TrainOutcome:
 
 def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Path:
     """The publishable part of a checkpoint (weights, configs, tokenizer), without the
-    optimizer/resume state, into a fresh `out_dir`."""
+    optimizer/resume state, into a fresh `out_dir`. Copied beside it and renamed into place, so a
+    kill mid-copy never leaves a half model where an uploader would take it."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint_dir, tmp, ignore=shutil.ignore_patterns("train_state.pt"))
     shutil.rmtree(out_dir, ignore_errors=True)
-    shutil.copytree(checkpoint_dir, out_dir, ignore=shutil.ignore_patterns("train_state.pt"))
+    tmp.rename(out_dir)
     return out_dir
 
 
