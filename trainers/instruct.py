@@ -3,9 +3,11 @@
 Trains on exactly the text the validator scores (see formats.py) with a per-sample loss equal
 to its metric, on a schedule planned from the wall-clock budget: after a few probe steps the
 total step count is capped so that training ends by `train_deadline`, and the cosine schedule
-is stretched over the steps that will really happen. A `Recipe` holds what differs between
-task types (the per-sample metric, a preparation step); Instruct and Chat are the SFT recipe
-(only the rendering differs), DPO is in dpo.py.
+is stretched over the steps that will really happen; the time each dev evaluation and
+checkpoint takes is measured and kept back too. A `Recipe` holds what differs between task
+types (the per-sample metric, a preparation step); Instruct and Chat are the SFT recipe (only
+the rendering differs) and take the fast path of packing.py (packed varlen batches and a fused
+label-only cross-entropy on GPU); DPO is in dpo.py.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from .formats import max_length, tokenize_rows
 from .instruct_format import Example
 from .modeling import load_base_model, load_tokenizer, save_trainable, wrap_for_training
 from .oom import OomLadder
+from .packing import fast_path
 from .progress import ProgressFile
 
 PROBE_STEPS = 5
@@ -40,6 +43,8 @@ class Recipe:
     prepare: Callable | None = None
     # (example, length) -> the example cut to `length` tokens, for the OOM ladder (None: cannot cut)
     cut: Callable | None = None
+    # the per-token cross-entropy of SFT: packing.fast_path computes it packed and fused
+    fast: bool = False
 
 
 def sft_per_sample(model, batch, pad_id: int, device) -> torch.Tensor:
@@ -52,7 +57,7 @@ def cut_example(ex: Example, length: int) -> Example:
     return Example(ex.input_ids[:length], ex.labels[:length])
 
 
-SFT = Recipe(per_sample=sft_per_sample, cut=cut_example)
+SFT = Recipe(per_sample=sft_per_sample, cut=cut_example, fast=True)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -74,7 +79,7 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 @torch.no_grad()
 def dev_loss(model, dev, pad_id: int, device, batch_tokens: int, recipe: Recipe = SFT) -> float | None:
-    """The recipe's validator metric on the dev split (mean over samples)."""
+    """The recipe's validator metric on `dev`, padded and per sample (also the evaluator's)."""
     if not dev:
         return None
     model.eval()
@@ -84,6 +89,48 @@ def dev_loss(model, dev, pad_id: int, device, batch_tokens: int, recipe: Recipe 
             losses.extend(recipe.per_sample(model, batch, pad_id, device).tolist())
     model.train()
     return sum(losses) / len(losses)
+
+
+class Steps:
+    """How one recipe turns examples into micro-batches and a batch into its mean metric:
+    the fast path (packing.py) for SFT, the recipe's own per-sample metric otherwise."""
+
+    def __init__(self, recipe: Recipe, model, cfg: TrainConfig, device, pad_id: int, longest: int):
+        self.recipe, self.cfg, self.device, self.pad_id = recipe, cfg, device, pad_id
+        self.plan = None
+        self.module = model
+        if recipe.fast:
+            self.module, self.plan = fast_path(model, cfg, device, longest)
+
+    def batches(self, examples: list, seed: int) -> list[list]:
+        if self.plan is not None:
+            return self.plan.batches(examples, seed)
+        return make_batches(examples, self.cfg.batch_tokens, self.cfg.max_batch, seed)
+
+    def mean_loss(self, module, batch: list) -> torch.Tensor:
+        """Mean over the batch's samples of the validator's per-sample metric."""
+        if self.plan is not None:
+            return module(**self.plan.collate(batch, self.pad_id, self.device))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self.recipe.per_sample(module, batch, self.pad_id, self.device).mean()
+
+    @torch.no_grad()
+    def dev_loss(self, dev: list) -> float | None:
+        """The validator's metric on the dev split (mean over samples)."""
+        if self.plan is None:
+            return dev_loss(self.module, dev, self.pad_id, self.device, self.cfg.batch_tokens, self.recipe)
+        if not dev:
+            return None
+        self.module.eval()
+        total = sum(float(self.mean_loss(self.module, b)) * len(b) for b in self.batches(dev, seed=0))
+        self.module.train()
+        return total / len(dev)
+
+
+def steps_that_fit(now: float, deadline: float, per_step: float, saves_left: int, save_s: float) -> int:
+    """Optimizer steps that still fit before `deadline`, keeping back the remaining dev
+    evaluations and checkpoints at their measured cost, with a 10% margin."""
+    return int(max(0.0, deadline - now - saves_left * save_s) / max(per_step, 1e-6) * 0.9)
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -114,13 +161,15 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
     model = wrap_for_training(base, cfg)
     model.to(device)
     raw_model = model
+    steps = Steps(recipe, model, cfg, device, tokenizer.pad_token_id, max((len(ex) for ex in shard), default=1))
+    trained = steps.module  # what the forward pass runs: the model, or the fast path's loss module
     if world > 1:
-        model = ray.train.torch.prepare_model(model, move_to_device=False)
-    params = [p for p in model.parameters() if p.requires_grad]
+        trained = ray.train.torch.prepare_model(trained, move_to_device=False)
+    params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
 
-    batches_per_epoch = len(make_batches(shard, cfg.batch_tokens, cfg.max_batch, cfg.seed))
+    batches_per_epoch = len(steps.batches(shard, cfg.seed))
     total = max(1, int(cfg.epochs * batches_per_epoch / cfg.grad_accum))
     if rank == 0:
         print(f"[train] rows={len(rows)} dropped_for_length={dropped} train={len(train)} dev={len(dev)} "
@@ -137,8 +186,7 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
 
     def micro_step(piece: list, weight: float) -> float:
         """Forward and backward of `weight` x the piece's mean loss; returns that mean loss."""
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = recipe.per_sample(model, piece, tokenizer.pad_token_id, device).mean()
+        loss = steps.mean_loss(trained, piece)
         (loss * weight / cfg.grad_accum).backward()
         return loss.item()
 
@@ -150,10 +198,11 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
     save_points = {int(total * (i + 1) / cfg.saves) for i in range(cfg.saves)}
     step, epoch, micro, t0, tokens = resume_step, 0, 0, time.time(), 0
     best = {"dev_loss": None}
-    model.train()
+    save_s = 0.0  # what one dev evaluation + checkpoint costs, measured at each save
+    trained.train()
     done = False
     while not done:
-        for i, batch in enumerate(make_batches(shard, cfg.batch_tokens, cfg.max_batch, cfg.seed + epoch)):
+        for i, batch in enumerate(steps.batches(shard, cfg.seed + epoch)):
             micro += 1
             if micro <= resume_step * cfg.grad_accum:
                 continue  # already trained before the restart (batch order is deterministic)
@@ -167,29 +216,35 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if step - resume_step == PROBE_STEPS and cfg.train_deadline:
-                # Deadline schedule: cap the plan at what fits before the deadline.
-                per_step = (time.time() - t0) / PROBE_STEPS
-                fits = resume_step + PROBE_STEPS + int(max(0.0, cfg.train_deadline - time.time()) / per_step * 0.9)
-                if fits < total:
-                    total = max(step, fits)
-                    save_points = {max(step, int(total * (k + 1) / cfg.saves)) for k in range(cfg.saves)}
-                    if rank == 0:
-                        print(f"[train] deadline caps the plan at {total} steps ({per_step:.2f}s/step)", flush=True)
+            if step - resume_step == 1:
+                t_warm = time.time()  # the first step carries torch.compile's warm-up: not a probe
+            if step - resume_step == PROBE_STEPS + 1 and cfg.train_deadline:
+                per_step = (time.time() - t_warm) / PROBE_STEPS
+                total, save_points = _cap(step, total, save_points, steps_that_fit(
+                    time.time(), cfg.train_deadline, per_step, len([p for p in save_points if p > step]), save_s),
+                    cfg.saves, per_step, rank)
             entry = {"step": step, "epoch": epoch, "loss": loss,
                      "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 2),
                      "tokens_per_s": round(tokens * world / max(1e-6, time.time() - t0), 1)}
             history.append(entry)
-            out_of_time = bool(cfg.train_deadline) and time.time() >= cfg.train_deadline
+            # stop early enough for the final dev evaluation and checkpoint to end by the deadline
+            out_of_time = bool(cfg.train_deadline) and time.time() + save_s >= cfg.train_deadline
             done = _any_rank(step >= total or out_of_time, device)
             if rank == 0 and (step % 10 == 0 or done):
                 print(f"[train] step {step}/{total} loss {entry['loss']:.4f} lr {entry['lr']:.2e} "
                       f"{entry['tokens_per_s']:.0f} tok/s", flush=True)
             if step in save_points or done:
-                entry["dev_loss"] = dev_loss(model, dev, tokenizer.pad_token_id, device, cfg.batch_tokens, recipe)
+                t_save = time.time()
+                entry["dev_loss"] = steps.dev_loss(dev)
                 if best["dev_loss"] is None or (entry["dev_loss"] or 0) <= best["dev_loss"]:
                     best = {"dev_loss": entry["dev_loss"], "step": step}
                 _report(raw_model, optimizer, tokenizer, step, total, entry, rank, staging)
+                save_s = max(save_s, time.time() - t_save)
+                if cfg.train_deadline and not done and step - resume_step > PROBE_STEPS:
+                    per_step = (t_save - t_warm) / max(1, step - resume_step - 1)
+                    left = len([p for p in save_points if p > step])
+                    total, save_points = _cap(step, total, save_points, steps_that_fit(
+                        time.time(), cfg.train_deadline, per_step, left, save_s), cfg.saves, per_step, rank)
             progress.update(entry, total, final=done)
             if done:
                 break
@@ -197,6 +252,17 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
     return {"history": history, "steps": step, "planned_steps": total, "best": best,
             "dropped_for_length": dropped, "train_rows": len(train), "dev_rows": len(dev),
             "max_len": max_len, "tokens": tokens * world, "train_seconds": round(time.time() - t0, 2)}
+
+
+def _cap(step: int, total: int, save_points: set, fits: int, saves: int, per_step: float, rank: int):
+    """The plan capped to `fits` more steps, save points spread over what remains."""
+    if step + fits >= total:
+        return total, save_points
+    total = max(step, step + fits)
+    save_points = {p for p in save_points if p <= step} | {max(step, int(total * (k + 1) / saves)) for k in range(saves)}
+    if rank == 0:
+        print(f"[train] deadline caps the plan at {total} steps ({per_step:.2f}s/step)", flush=True)
+    return total, save_points
 
 
 def _report(model, optimizer, tokenizer, step: int, total: int, metrics: dict, rank: int, staging: str) -> None:

@@ -1,0 +1,78 @@
+"""Cross-entropy fused with the output projection, computed in chunks of rows.
+
+A 128k vocabulary makes the logits the largest tensor of a small model's step (16k tokens x
+128k x fp32 = 8 GiB, twice: logits and their gradient). Here they never exist whole: each
+chunk's logits are made, turned into the loss and the gradient with respect to the logits,
+and multiplied back into the gradients of the hidden states and of the head's weight while
+still in cache, as Liger's FusedLinearCrossEntropy does. Per-token weights let one call
+give the validator's metric (mean over samples of each sample's mean token loss).
+"""
+from __future__ import annotations
+
+import torch
+
+CHUNK_ROWS = 8192  # logits of one chunk: 8192 x 128k bf16 = 2 GiB
+
+
+def _ce_and_grad(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
+    """Per-token loss and d(sum(weights * loss))/d(logits), in fp32 math, one pass when compiled."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    picked = x.gather(1, targets[:, None]).squeeze(1)
+    probs = torch.exp(x - lse[:, None])
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
+    grad = ((probs - onehot.float()) * weights[:, None]).to(logits.dtype)
+    return lse - picked, grad
+
+
+_compiled = None
+
+
+def _elementwise(logits, targets, weights):
+    """On CUDA the softmax/gradient step is compiled into a few fused kernels (it is memory-bound:
+    eager runs six passes over the chunk's logits); elsewhere it runs eagerly."""
+    global _compiled
+    if not logits.is_cuda:
+        return _ce_and_grad(logits, targets, weights)
+    if _compiled is None:
+        _compiled = torch.compile(_ce_and_grad, dynamic=True)
+    return _compiled(logits, targets, weights)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, weights, chunk):
+        need_grad = hidden.requires_grad or weight.requires_grad  # False in evaluation
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if weight.requires_grad else None
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s:s + chunk]
+            loss, grad_logits = _elementwise(h @ weight.t(), targets[s:s + chunk], weights[s:s + chunk])
+            losses[s:s + chunk] = loss
+            if grad_hidden is not None:
+                grad_hidden[s:s + chunk] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.t() @ h).float()
+        ctx.save_for_backward(grad_hidden if need_grad else torch.empty(0),
+                              grad_weight if grad_weight is not None else torch.empty(0))
+        ctx.weight_dtype, ctx.has_grad_weight = weight.dtype, grad_weight is not None
+        ctx.mark_non_differentiable(losses)
+        return (losses * weights).sum(), losses
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_losses):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_total.to(grad_hidden.dtype)
+        gw = (grad_weight * grad_total).to(ctx.weight_dtype) if ctx.has_grad_weight else None
+        return gh, gw, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         weights: torch.Tensor, chunk: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over rows of weights * CE(hidden @ weight.T, targets), per-row CE without grad).
+    hidden (n, d), weight (V, d), targets (n,) all valid class ids, weights (n,) fp32."""
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0, hidden.new_zeros(0, dtype=torch.float32)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, weights.float(), chunk)
