@@ -32,6 +32,7 @@ class Settings:
     min_hours: float
     training_repo: str
     training_commit: str
+    search_share: float = 0.2          # share of a job's training window for the LR/rank search
 
     @property
     def db_path(self) -> Path:
@@ -86,6 +87,7 @@ def load_settings() -> Settings:
         min_hours=float(_env("MINER_MIN_HOURS", "0.02")),
         training_repo=_env("MINER_TRAINING_REPO", "https://github.com/rayonlabs/G.O.D"),
         training_commit=_env("MINER_TRAINING_COMMIT", "076e87fc746985e272015322cc91fb3bbbca2f26"),
+        search_share=float(_env("MINER_SEARCH_SHARE", "0.2")),
     )
 
 

@@ -146,7 +146,8 @@ def train_loop_per_worker(config: dict) -> dict:
                 entry["dev_loss"] = dev_loss(model, dev, tokenizer.pad_token_id, device, cfg.batch_tokens)
                 if best["dev_loss"] is None or (entry["dev_loss"] or 0) <= best["dev_loss"]:
                     best = {"dev_loss": entry["dev_loss"], "step": step}
-                _report(raw_model, optimizer, tokenizer, step, total, entry, rank, staging)
+                _report(raw_model, optimizer, tokenizer, step, total, entry, rank, staging,
+                        save=not cfg.extra.get("search_trial"))
             if done:
                 break
         epoch += 1
@@ -155,13 +156,15 @@ def train_loop_per_worker(config: dict) -> dict:
             "max_len": max_len, "tokens": tokens * world, "train_seconds": round(time.time() - t0, 2)}
 
 
-def _report(model, optimizer, tokenizer, step: int, total: int, metrics: dict, rank: int, staging: str) -> None:
+def _report(model, optimizer, tokenizer, step: int, total: int, metrics: dict, rank: int, staging: str,
+            save: bool = True) -> None:
     """Reports metrics with a checkpoint (rank 0 writes it; every rank must call report).
     Ray Train copies the checkpoint into the run's storage during report, so the staging copy
-    is removed afterwards - except in local mode (num_workers=0, no Ray), where it is the copy."""
+    is removed afterwards - except in local mode (num_workers=0, no Ray), where it is the copy.
+    Search trials (save=False) report metrics only: their weights are never used."""
     d = os.path.join(staging, f"step_{step:07d}")
     checkpoint = None
-    if rank == 0:
+    if rank == 0 and save:
         save_trainable(model, tokenizer, d)
         trainable = ({k: v for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
                      if hasattr(model, "peft_config") else model.state_dict())

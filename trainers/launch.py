@@ -21,7 +21,7 @@ class TrainOutcome:
     checkpoint_metrics: dict
 
 
-def _recipe(task_type: str):
+def recipe(task_type: str):
     if task_type not in RECIPES:
         raise ValueError(f"no trainer for task type {task_type!r} yet (have: {sorted(RECIPES)})")
     module, fn = RECIPES[task_type].split(":")
@@ -30,14 +30,17 @@ def _recipe(task_type: str):
     return getattr(importlib.import_module(module), fn)
 
 
+def scaling_config(cfg: TrainConfig) -> ScalingConfig:
+    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                         resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+                         placement_strategy="STRICT_PACK" if cfg.num_workers <= 8 else "PACK")
+
+
 def fit(cfg: TrainConfig, out_dir: Path) -> TrainOutcome:
     trainer = TorchTrainer(
-        _recipe(cfg.task_type),
+        recipe(cfg.task_type),
         train_loop_config=cfg.to_dict(),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker,
-                                                           **({"GPU": 1} if cfg.use_gpu else {})},
-                                     placement_strategy="STRICT_PACK" if cfg.num_workers <= 8 else "PACK"),
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=cfg.run_name, storage_path=cfg.run_dir,
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="dev_loss",
