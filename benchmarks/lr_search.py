@@ -19,6 +19,7 @@ import argparse
 import fcntl
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -127,11 +128,13 @@ def bench_task(task: str, model: Path, args, work: Path) -> dict:
 
     rt = RangeTestConfig(steps=args.rt_steps, cached_batches=args.rt_cached)
     plan = SearchPlan(share=0.2, range_test=rt, range_test_share=1.0, cpu_trials=args.concurrent,
-                      asha=AshaConfig(trials=args.trials, rungs=4, grace=1, reduction_factor=2),
+                      asha=AshaConfig(trials=args.trials, rungs=4, grace=1),
                       trial_fraction=0.25, min_trial_steps=args.steps // 4, max_trial_steps=args.steps // 4)
     search_cfg = replace(cfg, num_workers=1, cpus_per_worker=1.0)
     if args.phase == "grid":
         return {}
+    for stale in ("search", "final"):  # a rerun must not resume last time's runs (same run names)
+        shutil.rmtree(work / task / stale, ignore_errors=True)
     with ray_lock():  # Ray on a shared machine: only under the lock, only for the search
         t0 = time.time()
         tuned, outcome = tune_hyperparameters(search_cfg, work / task / "search", window_s=1e6, prior_lr=hp["lr"],

@@ -63,7 +63,8 @@ def train_loop_per_worker(config: dict) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world)))
+        # OMP_NUM_THREADS wins when set (shared CPUs: spinning extra threads under load is slow).
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // max(1, world)))
     torch.manual_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model_path)

@@ -27,7 +27,7 @@ class AshaConfig:
     trials: int = 8                  # Tune num_samples (the first ones are the space's first points)
     rungs: int = 4                   # dev evaluations per full trial = ASHA max_t
     grace: int = 1                   # ASHA grace_period, in evaluations
-    reduction_factor: int = 2
+    reduction_factor: int = 3        # keep the best third at each rung
     trial_steps: int = 32            # optimizer steps of a trial that is never stopped
     concurrent: int = 1              # trials at once (see max_concurrent)
     time_budget_s: float | None = None
