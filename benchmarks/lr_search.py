@@ -91,11 +91,13 @@ def _cached(path: Path, compute):
 
 
 @contextmanager
-def ray_lock():
+def ray_lock(take_lock: bool = True):
+    """Ray only under the machine's shared lock (unless the caller already holds it: --no-lock)."""
     import ray
 
-    with open("/tmp/miner-ray.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with open("/tmp/miner-ray.lock", "a") as lock:
+        if take_lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
         ray.init(num_cpus=2, include_dashboard=True, object_store_memory=300_000_000, log_to_driver=False)
         try:
             yield
@@ -135,7 +137,7 @@ def bench_task(task: str, model: Path, args, work: Path) -> dict:
         return {}
     for stale in ("search", "final"):  # a rerun must not resume last time's runs (same run names)
         shutil.rmtree(work / task / stale, ignore_errors=True)
-    with ray_lock():  # Ray on a shared machine: only under the lock, only for the search
+    with ray_lock(not args.no_lock):  # Ray on a shared machine: only under the lock, only for the search
         t0 = time.time()
         tuned, outcome = tune_hyperparameters(search_cfg, work / task / "search", window_s=1e6, prior_lr=hp["lr"],
                                               plan=plan, hidden_size=128)
@@ -212,6 +214,7 @@ def main() -> None:
     p.add_argument("--concurrent", type=int, default=2)
     p.add_argument("--work", default="/tmp/lr_search_bench")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--no-lock", action="store_true", help="the caller holds /tmp/miner-ray.lock already")
     p.add_argument("--phase", choices=["grid", "all"], default="all", help="grid: only the grid runs (no Ray)")
     args = p.parse_args()
     t0 = time.time()

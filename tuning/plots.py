@@ -40,8 +40,10 @@ def plot_range_test(result, path: Path) -> bool:
 
 def plot_trials(trials: list[dict], chosen: dict, path: Path) -> bool:
     """Dev loss by step for every trial; early-stopped trials dashed, the chosen one thick."""
+    if not trials:
+        return False
     plt = _pyplot()
-    if plt is None or not trials:
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     for t in trials:

@@ -35,8 +35,8 @@ class SearchPlan:
     min_trial_steps: int = 8
     max_trial_steps: int = 400
     trial_startup_s: float = 20.0      # fixed cost of one trial (Train worker start, model load)
-    teardown_margin_s: float = 5.0     # kept back for Tune to stop trials at its time budget,
-    teardown_fraction: float = 0.15    # plus this share of what is left for ASHA
+    teardown_margin_s: float = 10.0    # kept back for Tune to stop trials at its time budget and
+    teardown_fraction: float = 0.2     # read results (~10 s measured on a loaded 2-core box), + this share
     job_gpus: int = 0                  # GPUs the job holds (0: CPU)
     cpu_trials: int = 1                # concurrent trials on CPU
 
