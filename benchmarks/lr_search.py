@@ -128,38 +128,48 @@ def bench_task(task: str, model: Path, args, work: Path) -> dict:
     grid_compute = sum(costs.train(r["steps"], 1) for r in grid)
     print(f"[{task}] grid best lr {best['lr']:.2e} dev {best['dev_loss']:.4f} ({grid_s:.0f} s)", flush=True)
 
+    # Baselines at the prior's rank: TRL's default LR (the grid's first point, same run) and 2e-4.
+    baselines = None if args.phase in ("grid", "search") else _cached(work / task / "baselines.json", lambda: {
+        "trl_default": {**grid[0], "test_loss": evaluate_path(work / task / "grid" / f"model-lr{TRL_DEFAULT_LR:.3g}",
+                                                             cfg.model_path, test_file, cfg.dataset_type)},
+        "reference_miner": full_run(cfg, REFERENCE_MINER_LR, work / task / "baselines", test_file)})
+    if args.phase in ("grid", "baselines"):
+        return {}  # (--phase search skips the baselines: it runs under the Ray lock, they need no Ray)
+
     rt = RangeTestConfig(steps=args.rt_steps, cached_batches=args.rt_cached)
+    # LR only, at the prior's rank: compared like with like against the LR grid (jobs search the rank too).
     plan = SearchPlan(share=0.2, range_test=rt, range_test_share=1.0, cpu_trials=args.concurrent,
-                      asha=AshaConfig(trials=args.trials, rungs=4, grace=1),
+                      asha=AshaConfig(trials=args.trials, rungs=4, grace=1, search_rank=False),
                       trial_fraction=0.25, min_trial_steps=args.steps // 4, max_trial_steps=args.steps // 4)
     search_cfg = replace(cfg, num_workers=1, cpus_per_worker=1.0)
-    if args.phase == "grid":
-        return {}
-    for stale in ("search", "final"):  # a rerun must not resume last time's runs (same run names)
-        shutil.rmtree(work / task / stale, ignore_errors=True)
-    with ray_lock(not args.no_lock):  # Ray on a shared machine: only under the lock, only for the search
-        t0 = time.time()
-        tuned, outcome = tune_hyperparameters(search_cfg, work / task / "search", window_s=1e6, prior_lr=hp["lr"],
-                                              plan=plan, hidden_size=128)
-        search_s = time.time() - t0
-    trials = (outcome.asha or {}).get("trials", [])
-    search_compute = (costs.range_test(len(outcome.range_test["lrs"]), rt.cached_batches)
-                      + sum(costs.train(t["steps"], t["iterations"]) for t in trials))
-    chosen = {"lr": tuned.lr, "lora_r": tuned.lora_r}
-    print(f"[{task}] search chose {chosen} ({outcome.source}) in {search_s:.0f} s", flush=True)
 
-    ours = full_run(cfg, tuned.lr, work / task / "final", test_file, lora_r=tuned.lora_r, lora_alpha=tuned.lora_alpha)
-    baselines = {name: full_run(cfg, lr, work / task / "final", test_file, lora_r=tuned.lora_r,
-                                lora_alpha=tuned.lora_alpha)
-                 for name, lr in (("trl_default", TRL_DEFAULT_LR), ("reference_miner", REFERENCE_MINER_LR))}
+    def search() -> dict:
+        shutil.rmtree(work / task / "search", ignore_errors=True)
+        with ray_lock(not args.no_lock):  # Ray on a shared machine: only under the lock, only for the search
+            t0 = time.time()
+            tuned, outcome = tune_hyperparameters(search_cfg, work / task / "search", window_s=1e6,
+                                                  prior_lr=hp["lr"], plan=plan, hidden_size=128)
+            return {"seconds": round(time.time() - t0, 1), "tuned": {"lr": tuned.lr, "lora_r": tuned.lora_r},
+                    "outcome": outcome.to_dict()}
+
+    found = _cached(work / task / "search.json", search)
+    outcome, chosen, search_s = found["outcome"], found["tuned"], found["seconds"]
+    trials = (outcome["asha"] or {}).get("trials", [])
+    search_compute = (costs.range_test(len(outcome["range_test"]["lrs"]), rt.cached_batches)
+                      + sum(costs.train(t["steps"], t["iterations"]) for t in trials))
+    print(f"[{task}] search chose {chosen} ({outcome['source']}) in {search_s:.0f} s", flush=True)
+    if args.phase == "search":
+        return {}
+    shutil.rmtree(work / task / "final", ignore_errors=True)  # a rerun must not resume last time's run
+    ours = full_run(cfg, chosen["lr"], work / task / "final", test_file)
     return {
         "task": task, "steps_per_full_run": args.steps, "batches_per_epoch": costs.per_epoch, "prior_lr": hp["lr"],
         "grid": grid, "grid_best": best, "grid_seconds": round(grid_s, 1), "grid_compute": grid_compute,
-        "search": {"chosen": chosen, "source": outcome.source, "seconds": round(search_s, 1),
+        "search": {"chosen": chosen, "source": outcome["source"], "seconds": search_s,
                    "compute": search_compute, "compute_share_of_grid": round(search_compute / grid_compute, 4),
-                   "range_test": {k: outcome.range_test[k] for k in ("suggestion", "candidates", "lr_at_min",
-                                                                         "diverged_at", "stopped_by", "seconds")},
-                   "trials": [{"lr": t["config"]["lr"], "lora_r": t["config"].get("lora_r"), "steps": t["steps"],
+                   "range_test": {k: outcome["range_test"][k] for k in ("suggestion", "candidates", "lr_at_min",
+                                                                            "diverged_at", "stopped_by", "seconds")},
+                   "trials": [{"lr": t["config"]["lr"], "steps": t["steps"],
                                "dev_losses": [c["dev_loss"] for c in t["curve"]], "stopped_early": t["stopped_early"]}
                               for t in trials]},
         "ours_full_run": ours, "ours_vs_grid_best": round(ours["dev_loss"] / best["dev_loss"] - 1, 4),
@@ -170,8 +180,11 @@ def bench_task(task: str, model: Path, args, work: Path) -> dict:
 def write_markdown(report: dict, path: Path) -> None:
     lines = ["# LR search benchmark: range test + ASHA vs a grid of full runs", "",
              f"- command: `{report['command']}`", f"- machine: {report['machine']}", f"- date: {report['date']}",
-             f"- model: {report['model']} (LoRA, rank from the priors for the grid; ASHA also picks the rank)",
-             f"- wall-clock of this invocation: {report['total_seconds']:.0f} s (grid runs cached from a `--phase grid` run are not in it; their seconds are in the table)", "",
+             f"- model: {report['model']}, LoRA at the priors' rank for every run (the benchmark's ASHA searches the LR only, "
+             "to compare like with like against the LR grid; jobs search the rank too)",
+             f"- wall-clock: grid {sum(t['grid_seconds'] for t in report['tasks']):.0f} s, search "
+             f"{sum(t['search']['seconds'] for t in report['tasks']):.0f} s, final invocation {report['total_seconds']:.0f} s "
+             "(phases run as separate invocations, results cached in --work)", "",
              "| task | grid best LR | grid best dev | ours (LR, r) | ours dev | vs grid | search compute / grid | "
              "search s / grid s | TRL 2e-5 dev | 2e-4 dev | ours test | TRL test | 2e-4 test |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -189,7 +202,7 @@ def write_markdown(report: dict, path: Path) -> None:
         rt = t["search"]["range_test"]
         lines.append(f"  - range test: " + ", ".join(f"{k} {v:.2e}" for k, v in rt["candidates"].items())
                      + f" (stopped: {rt['stopped_by']}); ASHA trials: " + ", ".join(
-                         f"{x['lr']:.1e}/r{x['lora_r']}{' (stopped)' if x['stopped_early'] else ''}"
+                         f"{x['lr']:.1e}{' (stopped)' if x['stopped_early'] else ''}"
                          for x in t["search"]["trials"]))
     lines += ["", "Dev loss: the validator's Instruct metric on the job's dev split (5% of the rows used, held out); "
               "test loss: the same metric on the task's test.json (400 rows). Compute: 3 x trained padded tokens + "
@@ -215,12 +228,13 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/lr_search_bench")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--no-lock", action="store_true", help="the caller holds /tmp/miner-ray.lock already")
-    p.add_argument("--phase", choices=["grid", "all"], default="all", help="grid: only the grid runs (no Ray)")
+    p.add_argument("--phase", choices=["grid", "baselines", "search", "all"], default="all",
+                   help="stop after this phase; each phase's results are kept in --work and reused")
     args = p.parse_args()
     t0 = time.time()
     model = BENCH / "models" / args.model
     tasks = [bench_task(t, model, args, Path(args.work)) for t in args.tasks]
-    if args.phase == "grid":
+    if args.phase != "all":
         return
     report = {"command": " ".join(["python"] + sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()} {platform.processor() or ''} {_cpu()} (shared, 2 cores), "

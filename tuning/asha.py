@@ -34,6 +34,7 @@ class AshaConfig:
     trial_workers: int = 1           # Train workers (one GPU each on GPU) per trial
     seed: int = 0
     extra_points: list[dict] = field(default_factory=list)  # also evaluated first (e.g. known LRs)
+    search_rank: bool = True         # False: keep the config's LoRA rank, search the LR only
 
 
 @dataclass
@@ -94,6 +95,9 @@ def run_asha(cfg: TrainConfig, out_dir: Path, centre_lr: float, asha: AshaConfig
     storage = (Path(out_dir) / "asha").resolve()
     space, first = search_space(cfg.task_type, cfg.to_dict(), centre_lr, hidden_size)
     first = first + [{**first[0], **p} for p in asha.extra_points]
+    if not asha.search_rank:
+        space.pop("lora_r", None)
+        first = [{k: v for k, v in p.items() if k != "lora_r"} for p in first]
     base = trial_base(cfg, asha, batches_per_epoch, storage / "trials")
     trainable = tune.with_resources(tune.with_parameters(_trial, base=base, storage=str(storage / "trials")),
                                     {"CPU": 0.01})
