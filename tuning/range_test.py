@@ -11,7 +11,7 @@ Suggestion rule: one decade below the LR at the minimum of the smoothed loss (`m
   edge; Smith and fastai's original rule put it about a decade below.
 - The alternatives are noisier on a short, cached sweep: the steepest-descent point depends on
   one finite difference of a noisy curve, and the minimum itself over-shoots (it is the edge).
-- The rule only has to land within the ASHA search window (about +-0.6 decades, asha.py), which
+- The rule only has to land within the ASHA search window (about +-0.6 decades, space.py), which
   then measures. benchmarks/lr_search.py records every candidate rule next to the grid's best
   LR, so the rule is checked against full runs, not taken on faith.
 """
