@@ -21,6 +21,7 @@ from trainers.formats import max_length, tokenize_rows
 from trainers.instruct_format import DatasetError
 from trainers.modeling import load_tokenizer
 from tuning.priors import default_hparams, param_count_from_config
+from tuning.search import SearchPlan, tune_hyperparameters
 
 from .capacity import placement
 from .dataset_checks import check_rows
@@ -75,6 +76,32 @@ def plan_shape(job: Job, settings: Settings) -> tuple[dict, float]:
     return shape, min(job.deadline, float(plan.get("planned_end") or job.deadline))
 
 
+def search_hparams(cfg: TrainConfig, job: Job, settings: Settings, job_dir: Path) -> TrainConfig:
+    """LR (and LoRA rank) from a range test + ASHA on this job's model and data, within
+    `settings.search_share` of the training window; the prior refined by the knowledge base.
+    Curves and plots go to job_dir (search.json, range_test.*, search_trials.png); the chosen
+    values and time spent ride in the config's `extra`, so the job record (hparams) keeps them."""
+    if settings.search_share <= 0:
+        return cfg
+    hf_config = AutoConfig.from_pretrained(cfg.model_path)
+    plan_ = SearchPlan(share=settings.search_share, job_gpus=cfg.num_workers if cfg.use_gpu else 0)
+    known = _known_lrs(hf_config.model_type, cfg.extra.get("n_params", 0), job.task_type, cfg.method)
+    tuned, search = tune_hyperparameters(cfg, job_dir, window_s=cfg.train_deadline - time.time(), prior_lr=cfg.lr,
+                                         known_lrs=known, plan=plan_, hidden_size=getattr(hf_config, "hidden_size", None))
+    tuned.extra = {**tuned.extra, "search": search.brief()}
+    return tuned
+
+
+def _known_lrs(family: str, n_params: int, task_type: str, method: str) -> list[float]:
+    """LRs that won before on this family/size/task, from cluster/knowledge.py once it exists."""
+    try:
+        from . import knowledge
+    except ImportError:
+        return []
+    lookup = getattr(knowledge, "winning_lrs", None)
+    return list(lookup(family=family, n_params=n_params, task_type=task_type, method=method) or []) if lookup else []
+
+
 def run_job(task_id: str, settings: Settings) -> int:
     store = JobStore(settings.db_path)
     job = store.get_job(task_id)
@@ -113,6 +140,8 @@ def run_job(task_id: str, settings: Settings) -> int:
         cfg.label_selector = {**settings.train_labels, **cfg.label_selector}  # operator's labels + planned node
         cfg.progress_file = str(job_dir / PROGRESS_FILE)
         phase("plan")
+        cfg = search_hparams(cfg, job, settings, job_dir)
+        phase("search")
         (job_dir / "hparams.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         store.update_job(task_id, hparams=cfg.to_dict())
         from trainers.launch import fit

@@ -37,6 +37,7 @@ class Settings:
     upload_bandwidth_bytes_s: float = 20e6         # for the watchdog's upload-time estimate
     watchdog_margin_s: float = 60.0                # kept on top of the upload estimate (capped at 3% of a job)
     model_lookup: str = "hub"                      # "hub": check offered HF ids' config.json; "off"
+    search_share: float = 0.2          # share of a job's training window for the LR/rank search
 
     @property
     def db_path(self) -> Path:
@@ -97,6 +98,7 @@ def load_settings() -> Settings:
         upload_bandwidth_bytes_s=float(_env("MINER_UPLOAD_MBPS", "20")) * 1e6,
         watchdog_margin_s=float(_env("MINER_WATCHDOG_MARGIN_S", "60")),
         model_lookup=_env("MINER_MODEL_LOOKUP", "hub"),
+        search_share=float(_env("MINER_SEARCH_SHARE", "0.2")),
     )
 
 

@@ -143,8 +143,9 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    if device.type == "cpu" and ray.is_initialized():  # local mode (tests, benchmarks) keeps the process's setting
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world)))
+    if device.type == "cpu":
+        # OMP_NUM_THREADS wins when set (shared CPUs: spinning extra threads under load is slow).
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // max(1, world)))
     torch.manual_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model_path)
@@ -238,7 +239,8 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
                 entry["dev_loss"] = steps.dev_loss(dev)
                 if best["dev_loss"] is None or (entry["dev_loss"] or 0) <= best["dev_loss"]:
                     best = {"dev_loss": entry["dev_loss"], "step": step}
-                _report(raw_model, optimizer, tokenizer, step, total, entry, rank, staging)
+                _report(raw_model, optimizer, tokenizer, step, total, entry, rank, staging,
+                        save=not cfg.extra.get("search_trial"))
                 save_s = max(save_s, time.time() - t_save)
                 if cfg.train_deadline and not done and step - resume_step > PROBE_STEPS:
                     per_step = (t_save - t_warm) / max(1, step - resume_step - 1)
@@ -265,13 +267,15 @@ def _cap(step: int, total: int, save_points: set, fits: int, saves: int, per_ste
     return total, save_points
 
 
-def _report(model, optimizer, tokenizer, step: int, total: int, metrics: dict, rank: int, staging: str) -> None:
+def _report(model, optimizer, tokenizer, step: int, total: int, metrics: dict, rank: int, staging: str,
+            save: bool = True) -> None:
     """Reports metrics with a checkpoint (rank 0 writes it; every rank must call report).
     Ray Train copies the checkpoint into the run's storage during report, so the staging copy
-    is removed afterwards - except in local mode (num_workers=0, no Ray), where it is the copy."""
+    is removed afterwards - except in local mode (num_workers=0, no Ray), where it is the copy.
+    Search trials (save=False) report metrics only: their weights are never used."""
     d = os.path.join(staging, f"step_{step:07d}")
     checkpoint = None
-    if rank == 0:
+    if rank == 0 and save:
         save_trainable(model, tokenizer, d)
         trainable = ({k: v for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
                      if hasattr(model, "peft_config") else model.state_dict())

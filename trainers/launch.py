@@ -33,7 +33,7 @@ class TrainOutcome:
     faults: list = field(default_factory=list)  # worker failures survived, with the time each cost
 
 
-def _recipe(task_type: str):
+def recipe(task_type: str):
     if task_type not in RECIPES:
         raise ValueError(f"no trainer for task type {task_type!r} yet (have: {sorted(RECIPES)})")
     module, fn = RECIPES[task_type].split(":")
@@ -42,17 +42,20 @@ def _recipe(task_type: str):
     return getattr(importlib.import_module(module), fn)
 
 
+def scaling_config(cfg: TrainConfig) -> ScalingConfig:
+    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                         resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+                         placement_strategy="STRICT_PACK" if cfg.num_workers <= 8 else "PACK",
+                         accelerator_type=cfg.accelerator_type, label_selector=cfg.label_selector or None)
+
+
 def fit(cfg: TrainConfig, out_dir: Path) -> TrainOutcome:
     """Runs (or, after a crash with the same run_name and run_dir, resumes) the recipe."""
     fault_log = FaultLog(Path(cfg.run_dir) / cfg.run_name)
     trainer = TorchTrainer(
-        _recipe(cfg.task_type),
+        recipe(cfg.task_type),
         train_loop_config=cfg.to_dict(),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker,
-                                                           **({"GPU": 1} if cfg.use_gpu else {})},
-                                     placement_strategy="STRICT_PACK" if cfg.num_workers <= 8 else "PACK",
-                                     accelerator_type=cfg.accelerator_type, label_selector=cfg.label_selector or None),
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=cfg.run_name, storage_path=cfg.run_dir,
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="dev_loss",

@@ -43,3 +43,17 @@ def param_count_from_config(config) -> int:
     tied = getattr(config, "tie_word_embeddings", False)
     per_layer = 4 * h * h + 3 * h * inter
     return int(layers * per_layer + vocab * h * (1 if tied else 2)) or int(math.pow(10, 9))
+
+
+def refine_lr_prior(prior_lr: float, known_lrs: list[float] | None, trust: float = 1.0, max_weight: float = 4.0) -> float:
+    """The recipe prior pulled towards the knowledge base's record: the geometric mean of the
+    LRs that won on the same family and size, weighted by how many there are (each win counts
+    `trust` prior-equivalents, at most `max_weight` in all), so one lucky job moves the prior
+    partway and a consistent record dominates it. The caller (cluster/, which owns the
+    knowledge base) does the lookup; tuning never imports cluster."""
+    good = [lr for lr in (known_lrs or []) if isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0]
+    if not good:
+        return prior_lr
+    weight = min(max_weight, trust * len(good))
+    mean_log = sum(math.log(lr) for lr in good) / len(good)
+    return float(math.exp((math.log(prior_lr) + weight * mean_log) / (1 + weight)))
