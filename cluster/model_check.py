@@ -74,6 +74,10 @@ def config_problem(config: dict) -> str | None:
     return None
 
 
+_UNKNOWN = "unknown"      # a lookup that got no answer (offline, timeout)
+UNKNOWN_TTL_S = 120.0     # retried after this long
+
+
 class ModelChecker:
     """Offer-time check with a TTL cache (validators offer the same models repeatedly). A lookup
     waits at most `wait_s` (the offer must be answered within 3 s); a slower one goes on in the
@@ -95,15 +99,16 @@ class ModelChecker:
             return None
         with self._lock:
             hit = self._cache.get(model)
-            if hit and time.monotonic() - hit[0] < self.ttl_s:
-                return hit[1]
-            future = self._inflight.get(model)
-            if future is None:
-                future = self._inflight[model] = self._pool.submit(self._lookup, model)
+            if hit and time.monotonic() - hit[0] < (self.ttl_s if hit[1] is not _UNKNOWN else UNKNOWN_TTL_S):
+                return None if hit[1] is _UNKNOWN else hit[1]
+            if model in self._inflight:
+                return None  # someone is already waiting on this lookup: don't queue behind it
+            future = self._inflight[model] = self._pool.submit(self._lookup, model)
         try:
-            return future.result(timeout=self.wait_s)
+            answer = future.result(timeout=self.wait_s)
         except FutureTimeout:
             return None  # not known yet: accept; the lookup finishes in the background
+        return None if answer is _UNKNOWN else answer
 
     def config(self, model: str) -> dict | None:
         """The config.json a lookup already brought back (never waits): sizes the capacity plan."""
@@ -112,19 +117,19 @@ class ModelChecker:
         return hit[2] if hit else None
 
     def _lookup(self, model: str) -> str | None:
-        known, config = True, None
+        config = None
         try:
             config = self.source.config(model)
             answer = config_problem(config)
         except (ModelMissing, ModelGated) as exc:
             answer = str(exc)
         except Exception as exc:  # no answer now (offline, timeout, odd reply): not a reason to decline
-            answer, known = None, False
+            answer = _UNKNOWN
             if not isinstance(exc, LookupUnavailable):
                 print(f"[model-check] lookup of {model!r} failed: {type(exc).__name__}: {exc}", flush=True)
         with self._lock:
-            if known:
-                self._cache[model] = (time.monotonic(), answer, config)
+            # "unknown" is remembered briefly too: an unreachable Hub must not cost every offer a wait
+            self._cache[model] = (time.monotonic(), answer, config)
             self._inflight.pop(model, None)
         return answer
 
