@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tuning.plots import pyplot
+
 PROGRESS_FILE = "progress.json"  # written live by the trainer's rank 0 (trainers/progress.py)
 # Files the tuning step (LR range test) may leave in the job folder; linked when present.
 LR_RANGE_TEST_GLOBS = ("lr_range*.png", "lr_range*.json", "lr_find*.png", "lr_find*.json",
@@ -81,20 +83,9 @@ def _read_json(path: Path):
         return None
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
 def plot_loss_curve(history: list[dict], path: Path) -> bool:
     """Train and dev loss by step, with the LR schedule below; False when matplotlib is missing."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None or not history:
         return False
     fig, (ax, lr_ax) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
@@ -119,7 +110,7 @@ def plot_loss_curve(history: list[dict], path: Path) -> bool:
 
 
 def plot_timings(durations: dict, path: Path) -> bool:
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None or not durations:
         return False
     fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(durations)))

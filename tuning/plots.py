@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display), or None when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -16,7 +17,7 @@ def _pyplot():
 
 
 def plot_range_test(result, path: Path) -> bool:
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None or not result.lrs:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -42,7 +43,7 @@ def plot_trials(trials: list[dict], chosen: dict, path: Path) -> bool:
     """Dev loss by step for every trial; early-stopped trials dashed, the chosen one thick."""
     if not trials:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
