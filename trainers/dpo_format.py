@@ -76,6 +76,10 @@ def tokenize_rows(rows: list[dict], dt: dict, tokenizer, max_len: int = MAX_LEN)
             examples.append(ex)
     if not examples:
         raise DatasetError(f"no trainable pairs among {len(rows)} rows (every one has an empty field)")
+    # A pair with chosen == rejected scores ln 2 whatever the weights (kept: the validator scores
+    # it too) and gives no gradient; a dataset of nothing else cannot be trained on.
+    if all(ex.chosen == ex.rejected for ex in examples):
+        raise DatasetError(f"no trainable pairs among {len(rows)} rows: chosen == rejected in every one")
     return examples, dropped
 
 

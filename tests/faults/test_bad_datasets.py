@@ -161,3 +161,22 @@ def test_bad_dataset_fails_its_job_and_leaves_others_alone(hostile, miner_env, p
     assert failed.status == FAILED and reason in failed.reason and "SECRET" not in failed.reason
     assert store.get_job(bystander.task_id) == before
     assert json.loads((settings.job_dir(bad.task_id) / "timings.json").read_text()) == {}
+
+
+@pytest.mark.parametrize("task_type,dataset_type,rows,reason", [
+    ("DpoTask", {"field_prompt": "prompt", "field_chosen": "chosen", "field_rejected": "rejected"},
+     [{"prompt": f"Is {i} even?", "chosen": "yes", "rejected": "yes"} for i in range(20)],
+     "chosen == rejected in every one"),
+    ("ChatTask", {"chat_template": "chatml", "chat_column": "conversations", "chat_role_field": "from",
+                  "chat_content_field": "value", "chat_user_reference": "human", "chat_assistant_reference": "gpt"},
+     [{"conversations": [{"from": "human", "value": f"hello {i}"}, {"from": "human", "value": "anyone?"}]}
+      for i in range(20)],
+     "no assistant turn"),
+])
+def test_rows_with_nothing_to_learn_fail_with_the_reason(tiny_models, task_type, dataset_type, rows, reason):
+    from trainers.formats import tokenize_rows
+    from trainers.instruct_format import DatasetError
+    from trainers.modeling import load_tokenizer
+
+    with pytest.raises(DatasetError, match=reason):
+        tokenize_rows(task_type, rows, dataset_type, load_tokenizer(str(tiny_models["llama"])), 512)
