@@ -37,6 +37,7 @@ from .store import FAILED, PUBLISHED, PUBLISHING, QUEUED, RUNNING, SUBMITTED, TE
 # Seconds kept back from the deadline for saving, uploading and hashing (plus a share of the budget).
 PUBLISH_RESERVE_S = 20.0
 PUBLISH_RESERVE_FRACTION = 0.05
+MIN_SEARCH_S = 60.0  # below this share of the window, no LR search (short demo/test jobs)
 
 
 def plan(job: Job, settings: Settings, model_dir: Path, train_file: Path, rows: list, run_dir: Path) -> TrainConfig:
@@ -81,12 +82,13 @@ def search_hparams(cfg: TrainConfig, job: Job, settings: Settings, job_dir: Path
     `settings.search_share` of the training window; the prior refined by the knowledge base.
     Curves and plots go to job_dir (search.json, range_test.*, search_trials.png); the chosen
     values and time spent ride in the config's `extra`, so the job record (hparams) keeps them."""
-    if settings.search_share <= 0:
-        return cfg
+    window_s = cfg.train_deadline - time.time()
+    if settings.search_share <= 0 or window_s * settings.search_share < MIN_SEARCH_S:
+        return cfg  # a few seconds of search on a few batches is noise: train at the prior
     hf_config = AutoConfig.from_pretrained(cfg.model_path)
     plan_ = SearchPlan(share=settings.search_share, job_gpus=cfg.num_workers if cfg.use_gpu else 0)
     known = _known_lrs(hf_config.model_type, cfg.extra.get("n_params", 0), job.task_type, cfg.method)
-    tuned, search = tune_hyperparameters(cfg, job_dir, window_s=cfg.train_deadline - time.time(), prior_lr=cfg.lr,
+    tuned, search = tune_hyperparameters(cfg, job_dir, window_s=window_s, prior_lr=cfg.lr,
                                          known_lrs=known, plan=plan_, hidden_size=getattr(hf_config, "hidden_size", None))
     tuned.extra = {**tuned.extra, "search": search.brief()}
     return tuned
