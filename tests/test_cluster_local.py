@@ -147,7 +147,7 @@ def test_two_node_cluster_places_training_on_the_worker_and_exports_every_metric
     offer = {"ds_size": 100000, "model": str(model), "hours_to_complete": 0.02, "task_id": task_id,
              "task_type": "InstructTextTask", "model_params_count": None}
     assert client.post("/task_offer/", offer, timeout=5).json()["accepted"] is True
-    declined = {**offer, "task_id": str(uuid.uuid4()), "task_type": "DpoTask"}
+    declined = {**offer, "task_id": str(uuid.uuid4()), "task_type": "ImageTask"}  # no image trainer
     assert client.post("/task_offer/", declined, timeout=5).json()["accepted"] is False
 
     jobs = JobSubmissionClient(dashboard)
