@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -23,7 +24,6 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 from substrateinterface import Keypair
 
 RESULTS = Path(__file__).parent / "results"
@@ -43,31 +43,107 @@ def signed_offers(n: int, validator: Keypair, miner_ss58: str) -> list[tuple[byt
     return out
 
 
-async def load(url: str, rate: float, requests: list[tuple[bytes, dict]]) -> dict:
-    latencies: list[float] = []
+def _http_request(host: str, port: int, body: bytes, headers: dict) -> bytes:
+    lines = ["POST /task_offer/ HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def _status_of_response(reader: asyncio.StreamReader) -> int:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    if length:
+        await reader.readexactly(length)
+    return int(head.split(b" ", 2)[1])
+
+
+async def _send_share(host: str, port: int, raws: list[bytes], times: list[float], conns: int) -> tuple[list, dict]:
+    """One process's share of the schedule, over a pool of keep-alive connections. Raw HTTP/1.1
+    on asyncio streams: an httpx client costs more CPU per request than the server does, and on a
+    2-core box the load generator's CPU is taken from the server under test."""
+    pool: asyncio.Queue = asyncio.Queue()
+    for _ in range(conns):
+        pool.put_nowait(await asyncio.open_connection(host, port))
+    latencies, errors = [], {}
+
+    async def one(raw: bytes, scheduled: float) -> None:
+        await asyncio.sleep(max(0.0, scheduled - time.monotonic()))
+        reader, writer = await pool.get()
+        try:
+            writer.write(raw)
+            status = await _status_of_response(reader)
+            pool.put_nowait((reader, writer))
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+            pool.put_nowait(await asyncio.open_connection(host, port))
+            return
+        if status != 200:
+            errors[str(status)] = errors.get(str(status), 0) + 1
+            return
+        latencies.append((time.monotonic() - scheduled) * 1000)
+
+    await asyncio.gather(*(one(raw, t) for raw, t in zip(raws, times)))
+    return latencies, errors
+
+
+def _process_share(args: tuple) -> tuple[list, dict]:
+    return asyncio.run(_send_share(*args))
+
+
+def load(url: str, rate: float, requests: list[tuple[bytes, dict]], processes: int = 2, conns: int = 32) -> dict:
+    """Open loop at `rate`: request i leaves at start + i/rate, whatever happened to the others;
+    latency counts from that scheduled time (queueing in the client counts against us)."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    raws = [_http_request(host, int(port), body, headers) for body, headers in requests]
+    # spawn, not fork: the parent is a Ray driver with threads of its own
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pool.map(abs, range(processes))  # the workers are up before the clock starts
+        start = time.monotonic() + 0.5  # CLOCK_MONOTONIC is system-wide: shared by the workers
+        times = [start + i / rate for i in range(len(raws))]
+        shares = [(host, int(port), raws[k::processes], times[k::processes], conns) for k in range(processes)]
+        cpu_before = cpu_by_component()
+        results = pool.map(_process_share, shares)
+    wall = time.monotonic() - start
+    cpu = {k: round((v - cpu_before.get(k, 0.0)) / max(1, len(raws)) * 1000, 3)
+           for k, v in cpu_by_component().items() if v - cpu_before.get(k, 0.0) > 0.05}
+    latencies = [x for lat, _ in results for x in lat]
     errors: dict[str, int] = {}
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(timeout=10.0, limits=limits) as client:
-        start = time.perf_counter() + 0.2
-
-        async def one(i: int, body: bytes, headers: dict) -> None:
-            scheduled = start + i / rate
-            await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
-            try:
-                resp = await client.post(url + "/task_offer/", content=body, headers=headers)
-                if resp.status_code != 200:
-                    errors[str(resp.status_code)] = errors.get(str(resp.status_code), 0) + 1
-            except httpx.HTTPError as exc:
-                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                return
-            latencies.append((time.perf_counter() - scheduled) * 1000)
-
-        await asyncio.gather(*(one(i, b, h) for i, (b, h) in enumerate(requests)))
-        wall = time.perf_counter() - start
+    for _, errs in results:
+        for k, n in errs.items():
+            errors[k] = errors.get(k, 0) + n
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
     return {"rate": rate, "sent": len(requests), "ok": len(latencies), "errors": errors,
             "achieved_rps": round(len(latencies) / wall, 1), "p50_ms": round(q[49], 2), "p90_ms": round(q[89], 2),
-            "p99_ms": round(q[98], 2), "max_ms": round(max(latencies), 2) if latencies else None}
+            "p99_ms": round(q[98], 2), "max_ms": round(max(latencies), 2) if latencies else None,
+            "cpu_ms_per_request": cpu}
+
+
+def cpu_by_component() -> dict[str, float]:
+    """CPU seconds used so far by this process's descendants (Ray's daemons and actors, HAProxy,
+    the load generator), grouped by what they are (Linux /proc). Other users of the machine are
+    left out: the numbers say where one request's CPU goes."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs: dict[int, tuple[int, str, float]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        first = cmd[0].decode(errors="replace")
+        name = first.split()[0] if first.startswith("ray::") else Path(first).name
+        if name.startswith("python") and any(b"multiprocessing" in c for c in cmd):
+            name = "load generator"
+        procs[int(entry.name)] = (int(fields[1]), name or "?", (int(fields[11]) + int(fields[12])) / tick)
+    ours, totals = {os.getpid()}, {}
+    for _ in range(6):  # walk down the process tree a few generations
+        ours |= {pid for pid, (ppid, _, _) in procs.items() if ppid in ours}
+    for pid in ours - {os.getpid()}:
+        if pid in procs:
+            _, name, cpu = procs[pid]
+            totals[name] = totals.get(name, 0.0) + cpu
+    return totals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", type=float, nargs="+", default=[50, 200, 500])
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--port", type=int, default=8190)
+    p.add_argument("--processes", type=int, default=2, help="load generator processes")
     p.add_argument("--out", default=str(RESULTS / "offer_latency"))
     args = p.parse_args(argv)
 
@@ -88,11 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     register_validator(state / "metagraph.json", validator.ss58_address, 10_000)
     ends = deploy(port=args.port, reconcile_interval_s=30.0)
     print(f"miner at {ends.api_url}", flush=True)
-    asyncio.run(load(ends.api_url, 20, signed_offers(40, validator, miner.ss58_address)))  # warm-up
+    load(ends.api_url, 20, signed_offers(40, validator, miner.ss58_address))  # warm-up
     rows = []
     for rate in args.rates:
         reqs = signed_offers(int(rate * args.seconds), validator, miner.ss58_address)
-        row = asyncio.run(load(ends.api_url, rate, reqs))
+        row = load(ends.api_url, rate, reqs, args.processes)
         print(json.dumps(row), flush=True)
         rows.append(row)
     import ray

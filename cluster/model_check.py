@@ -98,8 +98,8 @@ class ModelChecker:
         if self.source is None:
             return None
         with self._lock:
-            hit = self._cache.get(model)
-            if hit and time.monotonic() - hit[0] < (self.ttl_s if hit[1] is not _UNKNOWN else UNKNOWN_TTL_S):
+            hit = self._fresh(model)
+            if hit:
                 return None if hit[1] is _UNKNOWN else hit[1]
             if model in self._inflight:
                 return None  # someone is already waiting on this lookup: don't queue behind it
@@ -109,6 +109,20 @@ class ModelChecker:
         except FutureTimeout:
             return None  # not known yet: accept; the lookup finishes in the background
         return None if answer is _UNKNOWN else answer
+
+    def answers_now(self, model: str) -> bool:
+        """Whether problem() returns without waiting on a lookup: the API answers such offers on
+        its event loop instead of hopping to a worker thread."""
+        if self.source is None or Path(model).expanduser().is_dir():
+            return True
+        with self._lock:
+            return bool(self._fresh(model)) or model in self._inflight
+
+    def _fresh(self, model: str) -> tuple | None:
+        hit = self._cache.get(model)
+        if hit and time.monotonic() - hit[0] < (self.ttl_s if hit[1] is not _UNKNOWN else UNKNOWN_TTL_S):
+            return hit
+        return None
 
     def config(self, model: str) -> dict | None:
         """The config.json a lookup already brought back (never waits): sizes the capacity plan."""

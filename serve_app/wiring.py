@@ -24,7 +24,7 @@ def install(control: ControlPlane, auth: Authenticator) -> None:
     _Installed.control, _Installed.auth = control, auth
 
 
-def control_plane() -> ControlPlane:
+async def control_plane() -> ControlPlane:  # async: FastAPI runs a sync dependency in a thread
     if _Installed.control is None:
         raise HTTPException(503, "miner is starting")
     return _Installed.control

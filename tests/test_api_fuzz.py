@@ -100,7 +100,7 @@ def _counts(env) -> tuple[int, int]:
 def test_fuzzed_requests_never_5xx_and_rejections_store_nothing(api_env):
     env, client, seen = api_env, api_env["client"], []
 
-    @settings(max_examples=N_REQUESTS, deadline=None, database=None,
+    @settings(max_examples=N_REQUESTS, deadline=None, database=None, derandomize=True,  # same cases every CI run
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(req=requests(env["model"]), auth=st.sampled_from(AUTH))
     def one(req, auth):
@@ -123,4 +123,7 @@ def test_fuzzed_requests_never_5xx_and_rejections_store_nothing(api_env):
     statuses = {s for _, _, s in seen}
     # the generator really reached accepted, refused-auth and malformed-body paths
     assert {200, 401, 403, 422} <= statuses, statuses
-    assert env["runner"].submitted  # some generated training requests were valid and queued
+    # some generated training requests were valid and queued (usually only the first: its 1 h
+    # window holds the test's small cluster, and the next ones are refused as "busy")
+    assert any(p in ("start_training", "start_training_grpo") and s == 200 for _, p, s in seen)
+    assert _counts(env)[0] >= 1

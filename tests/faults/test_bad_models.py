@@ -76,11 +76,13 @@ def test_a_slow_lookup_does_not_hold_up_the_offer_and_serves_start_training(mine
             return super().config(model)
     control = ControlPlane(settings, store, runner=object(), models=ModelChecker(SlowHub(HUB), wait_s=0.1))
     task_id = str(uuid.uuid4())
+    assert not control.models.answers_now("org/custom-code-tiny")  # the API sends this offer off its loop
     started = time.monotonic()
     answer = control.offer(MinerTaskOffer(model="org/custom-code-tiny", hours_to_complete=2, task_id=task_id,
                                           task_type=TaskType.INSTRUCTTEXTTASK, model_params_count=10_000_000))
     assert answer.accepted and time.monotonic() - started < 0.5  # not known yet: not declined, not late
     time.sleep(1.0)
+    assert control.models.answers_now("org/custom-code-tiny")  # cached now: answered on the loop
     req = TrainRequestText(model="org/custom-code-tiny", task_id=task_id, hours_to_complete=2,
                            dataset="https://s3/x.json", dataset_type=INSTRUCT, file_format="s3")
     with pytest.raises(Refused, match="trust_remote_code"):
