@@ -59,15 +59,38 @@ class Settings:
         return self.jobs_dir / task_id
 
     def as_env(self) -> dict[str, str]:
-        """The variables a Ray Job needs to rebuild these settings on any node."""
-        keep = {k: v for k, v in os.environ.items() if k.startswith("MINER_") or k in _GOD_NAMES}
+        """The variables a Ray Job or Serve replica needs to rebuild these settings on any node.
+        Secrets travel as a path to a 0600 file in the state dir (shared storage on a cluster):
+        runtime_env variables are displayed by the Ray dashboard and `ray job list`."""
+        keep = {k: v for k, v in os.environ.items()
+                if (k.startswith("MINER_") or k in _GOD_NAMES) and k not in _SECRETS}
         keep["MINER_STATE_DIR"] = str(self.state_dir)
         keep["MINER_HUB_DIR"] = str(self.hub_dir)
+        if self.hf_token:
+            keep["MINER_HF_TOKEN_FILE"] = str(write_secret(self.state_dir / "secrets" / "hf_token", self.hf_token))
         return keep
 
 
 _GOD_NAMES = ("WALLET_NAME", "HOTKEY_NAME", "NETUID", "SUBTENSOR_NETWORK", "MIN_STAKE_THRESHOLD",
               "HUGGINGFACE_TOKEN", "HUGGINGFACE_USERNAME")
+_SECRETS = ("HUGGINGFACE_TOKEN",)
+
+
+def write_secret(path: Path, value: str) -> Path:
+    """Owner-only file, replaced atomically (a reader never sees half a token)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    os.replace(tmp, path)
+    return path
+
+
+def _secret(name: str, file_variable: str) -> str | None:
+    """A secret from its variable, else from the file a parent process handed down."""
+    path = _env(file_variable)
+    return _env(name) or (Path(path).read_text().strip() or None if path and Path(path).is_file() else None)
 
 
 def load_settings() -> Settings:
@@ -82,7 +105,7 @@ def load_settings() -> Settings:
         netuid=int(_env("NETUID", "56")),
         subtensor_network=_env("SUBTENSOR_NETWORK", "finney"),
         min_stake_threshold=float(_env("MIN_STAKE_THRESHOLD", "1000")),
-        hf_token=_env("HUGGINGFACE_TOKEN"),
+        hf_token=_secret("HUGGINGFACE_TOKEN", "MINER_HF_TOKEN_FILE"),
         hf_username=_env("HUGGINGFACE_USERNAME"),
         hub_dir=Path(_env("MINER_HUB_DIR", str(state_dir / "hub"))).expanduser().resolve(),
         max_dataset_bytes=int(_env("MINER_MAX_DATASET_BYTES", str(2 * 1024**3))),

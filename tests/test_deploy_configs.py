@@ -83,3 +83,22 @@ def test_serve_config_deploys_what_miner_serve_deploys():
         wanted = dep.ray_actor_options.resources or {}
         assert wanted and all(head_resources.get(k, 0) >= v for k, v in wanted.items())
         assert (dep.ray_actor_options.num_cpus or 0) <= head_resources["CPU"]
+
+
+def test_the_hf_token_reaches_jobs_as_a_file_never_as_a_displayed_variable(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from cluster.settings import load_settings
+
+    monkeypatch.setenv("MINER_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("HUGGINGFACE_TOKEN", "hf_secret_value")
+    env = load_settings().as_env()
+    assert not any("hf_secret_value" in v for v in env.values())  # runtime_env is shown by the dashboard
+    token_file = env["MINER_HF_TOKEN_FILE"]
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+    # a Ray Job's process rebuilds the settings from that env alone
+    monkeypatch.delenv("HUGGINGFACE_TOKEN")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert load_settings().hf_token == "hf_secret_value"

@@ -18,7 +18,7 @@ The validator runs axolotl's `chat_template` strategy (protocol doc §5.3, §7.3
 """
 from __future__ import annotations
 
-from .instruct_format import IGNORE, DatasetError, Example
+from .instruct_format import IGNORE, DatasetError, Example, tokenize_each
 
 DUMMY = "[[dummy_message]]"
 # axolotl's named templates, as the text each message renders to (chatml has no BOS or prefix)
@@ -98,15 +98,5 @@ def tokenize_chat(row: dict, dt: dict, tokenizer, max_len: int) -> Example | Non
 def tokenize_rows(rows: list[dict], dt: dict, tokenizer, max_len: int) -> tuple[list[Example], int]:
     """Tokenised examples and the number of rows dropped (too long, or nothing to learn)."""
     check_dataset_type(dt)
-    examples, dropped = [], 0
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise DatasetError(f"row {i} is a {type(row).__name__}, expected an object")
-        ex = tokenize_chat(row, dt, tokenizer, max_len)
-        if ex is None:
-            dropped += 1
-        else:
-            examples.append(ex)
-    if not examples:
-        raise DatasetError(f"no trainable rows: all {len(rows)} rows exceed {max_len} tokens or have no assistant turn")
-    return examples, dropped
+    return tokenize_each(rows, lambda i, row: tokenize_chat(row, dt, tokenizer, max_len),
+                         f"no trainable rows: all {len(rows)} rows exceed {max_len} tokens or have no assistant turn")

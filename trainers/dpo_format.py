@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .instruct_format import IGNORE, DatasetError
+from .instruct_format import IGNORE, DatasetError, tokenize_each
 
 BETA = 0.1
 MAX_PROMPT_LEN = 512
@@ -61,21 +61,16 @@ def tokenize_pair(row: dict, dt: dict, tokenizer) -> PairExample | None:
 def tokenize_rows(rows: list[dict], dt: dict, tokenizer, max_len: int = MAX_LEN) -> tuple[list[PairExample], int]:
     """Tokenised pairs and the number of rows dropped (an empty field). Long pairs are cut,
     not dropped, as TRL does (`max_len` is applied when the pair is scored)."""
-    _columns(dt)
-    examples, dropped = [], 0
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise DatasetError(f"row {i} is a {type(row).__name__}, expected an object")
-        missing = [c for c in _columns(dt) if c not in row]
+    columns = _columns(dt)
+
+    def pair(i: int, row: dict) -> PairExample | None:
+        missing = [c for c in columns if c not in row]
         if missing:
             raise DatasetError(f"row {i} lacks column(s) {missing}; it has {sorted(row)[:10]}")
-        ex = tokenize_pair(row, dt, tokenizer)
-        if ex is None:
-            dropped += 1
-        else:
-            examples.append(ex)
-    if not examples:
-        raise DatasetError(f"no trainable pairs among {len(rows)} rows (every one has an empty field)")
+        return tokenize_pair(row, dt, tokenizer)
+
+    examples, dropped = tokenize_each(rows, pair, f"no trainable pairs among {len(rows)} rows "
+                                                  "(every one has an empty field)")
     # A pair with chosen == rejected scores ln 2 whatever the weights (kept: the validator scores
     # it too) and gives no gradient; a dataset of nothing else cannot be trained on.
     if all(ex.chosen == ex.rejected for ex in examples):

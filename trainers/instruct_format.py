@@ -100,13 +100,22 @@ def tokenize_instruct(row: dict, dt: dict, tokenizer, max_len: int) -> Example |
 def tokenize_rows(rows: list[dict], dt: dict, tokenizer, max_len: int) -> tuple[list[Example], int]:
     """Tokenised examples and the number of rows dropped for length."""
     check_columns(rows, dt)
+    return tokenize_each(rows, lambda i, row: tokenize_instruct(row, dt, tokenizer, max_len),
+                         f"no trainable rows: all {len(rows)} rows exceed {max_len} tokens or are empty")
+
+
+def tokenize_each(rows: list, tokenize, nothing_left: str) -> tuple[list, int]:
+    """`tokenize(index, row)` over every row (None = dropped) -> (examples, dropped); a row that is
+    not an object, or no example left, is a DatasetError (shared by every task type)."""
     examples, dropped = [], 0
-    for row in rows:
-        ex = tokenize_instruct(row, dt, tokenizer, max_len)
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DatasetError(f"row {i} is a {type(row).__name__}, expected an object")
+        ex = tokenize(i, row)
         if ex is None:
             dropped += 1
         else:
             examples.append(ex)
     if not examples:
-        raise DatasetError(f"no trainable rows: all {len(rows)} rows exceed {max_len} tokens or are empty")
+        raise DatasetError(nothing_left)
     return examples, dropped
