@@ -102,11 +102,13 @@ def load(url: str, rate: float, requests: list[tuple[bytes, dict]], processes: i
         start = time.monotonic() + 0.5  # CLOCK_MONOTONIC is system-wide: shared by the workers
         times = [start + i / rate for i in range(len(raws))]
         shares = [(host, int(port), raws[k::processes], times[k::processes], conns) for k in range(processes)]
-        cpu_before = cpu_by_component()
+        workers = {p.pid for p in pool._pool}  # noqa: SLF001 - the pool has no public pid list
+        cpu_before = cpu_by_component(workers)
         results = pool.map(_process_share, shares)
-    wall = time.monotonic() - start
+        wall = time.monotonic() - start
+        cpu_after = cpu_by_component(workers)
     cpu = {k: round((v - cpu_before.get(k, 0.0)) / max(1, len(raws)) * 1000, 3)
-           for k, v in cpu_by_component().items() if v - cpu_before.get(k, 0.0) > 0.05}
+           for k, v in cpu_after.items() if v - cpu_before.get(k, 0.0) > 0.05}
     latencies = [x for lat, _ in results for x in lat]
     errors: dict[str, int] = {}
     for _, errs in results:
@@ -119,23 +121,23 @@ def load(url: str, rate: float, requests: list[tuple[bytes, dict]], processes: i
             "cpu_ms_per_request": cpu}
 
 
-def cpu_by_component() -> dict[str, float]:
+def cpu_by_component(load_pids: set[int] = frozenset()) -> dict[str, float]:
     """CPU seconds used so far by this process's descendants (Ray's daemons and actors, HAProxy,
-    the load generator), grouped by what they are (Linux /proc). Other users of the machine are
-    left out: the numbers say where one request's CPU goes."""
+    the load generator's `load_pids`), grouped by what they are (Linux /proc). Other users of the
+    machine are left out: the numbers say where one request's CPU goes."""
     tick = os.sysconf("SC_CLK_TCK")
     procs: dict[int, tuple[int, str, float]] = {}
     for entry in Path("/proc").glob("[0-9]*"):
         try:
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            first = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        first = cmd[0].decode(errors="replace")
-        name = first.split()[0] if first.startswith("ray::") else Path(first).name
-        if name.startswith("python") and any(b"multiprocessing" in c for c in cmd):
-            name = "load generator"
-        procs[int(entry.name)] = (int(fields[1]), name or "?", (int(fields[11]) + int(fields[12])) / tick)
+        pid = int(entry.name)
+        # a Ray worker's title names its actor, plus the method running right now: drop that
+        name = ("load generator" if pid in load_pids else first.split()[0].split(".")[0]
+                if first.startswith("ray::") else Path(first.split()[0] if first else "?").name)
+        procs[pid] = (int(fields[1]), name, (int(fields[11]) + int(fields[12])) / tick)
     ours, totals = {os.getpid()}, {}
     for _ in range(6):  # walk down the process tree a few generations
         ours |= {pid for pid, (ppid, _, _) in procs.items() if ppid in ours}
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS / "offer_latency"))
     args = p.parse_args(argv)
 
+    load_before = os.getloadavg()
     state = Path(tempfile.mkdtemp(prefix="offer-latency-"))
     validator, miner = (Keypair.create_from_mnemonic(Keypair.generate_mnemonic()) for _ in range(2))
     os.environ.update({"MINER_STATE_DIR": str(state), "MINER_METAGRAPH_FILE": str(state / "metagraph.json"),
@@ -177,27 +180,34 @@ def main(argv: list[str] | None = None) -> int:
 
     serve.shutdown()
     ray.shutdown()
-    write_results(rows, args, Path(args.out))
+    write_results(rows, args, Path(args.out), load_before)
     return 0
 
 
-def write_results(rows: list[dict], args, out: Path) -> None:
+def write_results(rows: list[dict], args, out: Path, load_before: tuple) -> None:
     meta = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.platform(),
             "cpus": os.cpu_count(), "python": platform.python_version(), "seconds_per_rate": args.seconds,
-            "load_average_before": os.getloadavg()}
+            "load_generator_processes": args.processes, "load_average_before": load_before}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = ["# Offer latency (signed /task_offer/ on the real Ray Serve deployment, loopback)", "",
              f"- command: `{meta['command']}`", f"- date: {meta['date']}",
-             f"- machine: {meta['machine']}, {meta['cpus']} CPUs, Python {meta['python']}",
-             "- open-loop load, latency from each request's scheduled send time; load generator on the same machine",
-             "- goal: p99 <= 20 ms at 200 req/s", "",
-             "| rate (req/s) | sent | ok | achieved req/s | p50 ms | p90 ms | p99 ms | max ms | errors |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"- machine: {meta['machine']}, {meta['cpus']} CPUs, Python {meta['python']}; "
+             f"load average before the run: {', '.join(f'{x:.2f}' for x in load_before)}",
+             f"- open-loop load from {args.processes} processes (raw HTTP/1.1, keep-alive), latency from each "
+             "request's scheduled send time; load generator on the same machine",
+             "- CPU ms per request: this benchmark's processes only (/proc), Serve replica / HAProxy / load "
+             "generator / the rest of Ray", "- goal: p99 <= 20 ms at 200 req/s", "",
+             "| rate (req/s) | sent | ok | achieved req/s | p50 ms | p90 ms | p99 ms | max ms | errors | CPU ms/req |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        cpu = dict(r["cpu_ms_per_request"])
+        parts = [cpu.pop(k, 0.0) for k in ("ray::ServeReplica:miner:MinerIngress", "haproxy", "load generator")]
+        parts.append(sum(cpu.values()))
         lines.append(f"| {r['rate']:.0f} | {r['sent']} | {r['ok']} | {r['achieved_rps']} | {r['p50_ms']} | "
-                     f"{r['p90_ms']} | {r['p99_ms']} | {r['max_ms']} | {r['errors'] or '-'} |")
+                     f"{r['p90_ms']} | {r['p99_ms']} | {r['max_ms']} | {r['errors'] or '-'} | "
+                     f"{' / '.join(f'{x:.2f}' for x in parts)} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -89,7 +89,8 @@ def cmd_simulate(args) -> int:
     outcomes = run_simulation(tasks, model, client, settings)
 
     table = Table(title="miner simulate")
-    for col in ("task", "type", "accepted", "status", "base loss", "submission loss", "hash ok"):
+    # the validator's metric: a loss, or for GRPO a reward (higher is better)
+    for col in ("task", "type", "accepted", "status", "base metric", "submission metric", "hash ok"):
         table.add_column(col)
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for o in outcomes:

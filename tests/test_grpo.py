@@ -105,6 +105,11 @@ def test_recipe_trains_publishes_and_reports_failing_rewards(tmp_path, base_mode
     test.write_text(json.dumps(ROWS[:6]))
     score = evaluate_grpo_path(outcome.model_dir, str(base_model), test, dt, max_new_tokens=4)
     assert score.kl > 0 and score.score == pytest.approx(score.reward - 0.5 * score.kl)
+    # what `miner simulate` and the benchmarks call: the same score, higher is better
+    from trainers.evaluate import HIGHER_IS_BETTER, evaluate_path
+    assert "GrpoTask" in HIGHER_IS_BETTER
+    assert evaluate_path(outcome.model_dir, str(base_model), test, dt, "GrpoTask") == pytest.approx(
+        evaluate_grpo_path(outcome.model_dir, str(base_model), test, dt).score)
 
 
 def test_recipe_past_its_deadline_still_leaves_a_checkpoint(tmp_path, base_model):

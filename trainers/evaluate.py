@@ -64,10 +64,19 @@ def dpo_eval_loss(model, base_model: str, rows: list[dict], dataset_type: dict, 
     return dev_loss(model, examples, tokenizer.pad_token_id, _device(model), BATCH_TOKENS, DPO)
 
 
+def grpo_reward(model, base_model: str, rows: list[dict], dataset_type: dict) -> float:
+    """Weighted reward of sampled completions minus beta x KL to the base (reward functions run
+    in the sandbox, never in this process)."""
+    from .grpo_eval import score_model
+
+    return score_model(model, base_model, rows, dataset_type).score
+
+
 # task type -> metric(model, base model path, rows, dataset_type) -> float; lower is better
-# unless the task type is in HIGHER_IS_BETTER (e.g. a reward)
-METRICS = {"InstructTextTask": instruct_loss, "ChatTask": chat_loss, "DpoTask": dpo_eval_loss}
-HIGHER_IS_BETTER: set[str] = set()
+# unless the task type is in HIGHER_IS_BETTER (a reward)
+METRICS = {"InstructTextTask": instruct_loss, "ChatTask": chat_loss, "DpoTask": dpo_eval_loss,
+           "GrpoTask": grpo_reward}
+HIGHER_IS_BETTER: set[str] = {"GrpoTask"}
 
 
 def evaluate_model(model, base_model: str | Path, rows: list[dict], dataset_type: dict,

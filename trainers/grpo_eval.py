@@ -153,18 +153,29 @@ def evaluate_grpo_path(model_path: str | Path, base_model: str, test_file: str |
     from transformers import AutoModelForCausalLM
 
     from .evaluate import load_submission
-    from .modeling import load_tokenizer
 
-    rows = grpo_rows(json.loads(Path(test_file).read_text()), dataset_type)[:max_rows]
-    tokenizer = load_tokenizer(base_model)
+    rows = json.loads(Path(test_file).read_text())
     is_base = Path(model_path).resolve() == Path(base_model).resolve()
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32) if is_base else load_submission(model_path)
-    if is_base:
-        base = None
-    elif hasattr(model, "disable_adapter"):
+    return score_model(model, base_model, rows, dataset_type, max_new_tokens, seed, limits, max_rows)
+
+
+def score_model(model, base_model: str, rows: list[dict], dataset_type: dict,
+                max_new_tokens: int = EVAL_MAX_COMPLETION, seed: int = 0,
+                limits: SandboxLimits | None = None, max_rows: int | None = None) -> GrpoScore:
+    """A loaded model's GRPO score: rewards in the sandbox, KL against the base (none when the
+    model is the base itself; an adapter's base is the adapter switched off)."""
+    from transformers import AutoModelForCausalLM
+
+    from .modeling import load_tokenizer
+
+    rows = grpo_rows(rows, dataset_type)[:max_rows]
+    if hasattr(model, "disable_adapter"):
         base = model
+    elif Path(str(getattr(model, "name_or_path", ""))).resolve() == Path(base_model).resolve():
+        base = None
     else:
         base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     sources, weights = reward_sources(dataset_type)
     with RewardSandbox(sources, limits, sample_rows=rows[:10]) as box:
-        return grpo_score(model, tokenizer, rows, box, weights, base, max_new_tokens, seed)
+        return grpo_score(model, load_tokenizer(base_model), rows, box, weights, base, max_new_tokens, seed)
