@@ -7,7 +7,8 @@ import torch
 
 from trainers.config import TrainConfig
 from tuning.priors import refine_lr_prior
-from tuning.range_test import RangeTestConfig, lr_range_test, run_range_test, suggest, sweep_lrs
+from tuning.range_test import RangeTestConfig, RangeTestResult, lr_range_test, run_range_test, suggest, sweep_lrs
+from tuning.search import inconclusive
 
 from conftest import BENCH
 
@@ -25,6 +26,21 @@ def test_suggestion_is_a_decade_below_the_minimum_of_the_smoothed_curve():
     suggestion, candidates = suggest(lrs, curve)
     assert abs(suggestion - lrs[5] / 10) < 1e-12
     assert candidates["steepest"] in lrs[2:5]
+
+
+def _result(curve: list[float], stopped_by: str) -> RangeTestResult:
+    lrs = sweep_lrs(1e-5, 1e-1, len(curve)) if len(curve) > 1 else [7e-6]
+    suggestion, candidates = suggest(lrs, curve)
+    return RangeTestResult(lrs, curve, curve, suggestion, "min_over_10", candidates, lrs[0], None, 1.0, stopped_by)
+
+
+def test_a_curve_too_short_or_cut_while_falling_does_not_place_the_lr():
+    # what a busy machine produced in a 10-minute job: one LR, then the time share was over
+    assert "1 LRs tried" in inconclusive(_result([8.6], "time"))
+    falling = [5.0, 4.8, 4.5, 4.1, 3.8, 3.2, 2.9, 2.5, 2.2]
+    assert "still falling" in inconclusive(_result(falling, "time"))
+    assert inconclusive(_result(falling, "end")) is None           # the sweep ended: the top LR is the best seen
+    assert inconclusive(_result([5.0, 4.9, 4.5, 3.5, 2.5, 2.0, 2.6, 9.0, 50.0], "time")) is None
 
 
 def test_range_test_writes_the_curve_and_suggests_below_divergence(tmp_path, small_model, demo_task):

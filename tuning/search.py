@@ -107,7 +107,11 @@ def tune_hyperparameters(cfg: TrainConfig, out_dir: Path, window_s: float, prior
             rt_cfg = replace(plan.range_test, stop_at=t0 + plan.range_test_share * budget)
             rt = _range_test(cfg, out_dir, prior, rt_cfg)
             outcome.range_test = rt.to_dict()
-            outcome.chosen, outcome.source = {"lr": rt.suggestion}, "range_test"
+            doubt = inconclusive(rt)
+            if doubt:
+                outcome.notes.append(f"range test inconclusive ({doubt}): kept the prior")
+            else:
+                outcome.chosen, outcome.source = {"lr": rt.suggestion}, "range_test"
         except Exception as exc:  # the job must train even if the search cannot
             traceback.print_exc()
             outcome.notes.append(f"range test failed: {type(exc).__name__}: {exc}")
@@ -119,6 +123,20 @@ def tune_hyperparameters(cfg: TrainConfig, out_dir: Path, window_s: float, prior
     print(f"[search] {outcome.source}: {outcome.chosen} in {outcome.seconds:.1f} s "
           f"({100 * outcome.share_used:.1f}% of {window_s:.0f} s; budget {100 * plan.share:.0f}%)", flush=True)
     return tuned, outcome
+
+
+MIN_CURVE_POINTS = 8  # fewer LRs than this do not show where the loss turns up
+
+
+def inconclusive(rt) -> str | None:
+    """Why a range-test curve cannot place the LR, else None. On a busy or slow machine the test
+    can run out of time after a handful of LRs; its minimum is then just the last LR tried, and
+    min/10 of that trained a 10-minute job at 7e-7 (1000x under the prior) in a real run."""
+    if len(rt.lrs) < MIN_CURVE_POINTS:
+        return f"{len(rt.lrs)} LRs tried, need {MIN_CURVE_POINTS}"
+    if rt.stopped_by == "time" and min(range(len(rt.smoothed)), key=rt.smoothed.__getitem__) == len(rt.lrs) - 1:
+        return "stopped by time while the loss was still falling"
+    return None
 
 
 def _range_test(cfg: TrainConfig, out_dir: Path, prior: float, rt_cfg: RangeTestConfig):
@@ -145,7 +163,7 @@ def _maybe_asha(cfg, out_dir, plan, rt, window_s, end, hidden_size, outcome) -> 
     asha = replace(plan.asha, trial_steps=steps, time_budget_s=time_left, trial_workers=plan.asha.trial_workers,
                    concurrent=max_concurrent(plan.job_gpus if cfg.use_gpu else 0, gpus_per_trial, plan.cpu_trials))
     try:
-        result = run_asha(cfg, out_dir, rt.suggestion, asha, batches_per_epoch=rt.batches_per_epoch,
+        result = run_asha(cfg, out_dir, outcome.chosen["lr"], asha, batches_per_epoch=rt.batches_per_epoch,
                           hidden_size=hidden_size)
     except Exception as exc:
         traceback.print_exc()
@@ -159,4 +177,4 @@ def _maybe_asha(cfg, out_dir, plan, rt, window_s, end, hidden_size, outcome) -> 
             outcome.chosen["lora_alpha"] = 2 * int(outcome.chosen["lora_r"])
         outcome.source = "asha"
     else:
-        outcome.notes.append("ASHA produced no scored trial: using the range test's suggestion")
+        outcome.notes.append(f"ASHA produced no scored trial: keeping the {outcome.source} LR")
