@@ -120,14 +120,14 @@ def run_brain(offers: list[Offer], nodes: int, seed: int, time_decisions: bool =
                 if DEBUG:
                     print("under", item.task_id, plan.gpus, plan.params, round(window), round(plan.min_s),
                           round((item.deadline - now) / 3600, 2), jobs[item.task_id].get("accepted_start"))
-            # the trainer stops at the window's end minus the planned save+upload (job_main's
-            # reserve); faster-than-planned jobs finish their epochs early and free the GPUs
-            margin, frac = capacity.GPU_TIMING.margin_s, capacity.GPU_TIMING.margin_fraction
-            post_pred = plan.post_s - margin
-            post_real = post_pred / capacity.POST_SAFETY * math.exp(rng.gauss(0, 0.5))
+            # As job_main: the trainer stops capacity.training_stop_s before the window's end (the
+            # reserve for save + publish); faster-than-planned jobs finish their epochs early and free
+            # the GPUs. The real save + publish is the plan's nominal × lognormal(σ 0.5).
+            publish_real = plan.publish_s * math.exp(rng.gauss(0, 0.5))
             speed = math.exp(rng.gauss(0, 0.3))
-            natural = now + ((plan.target_s - margin) / (1 + frac) - post_pred) / speed + post_real
-            end = min(natural, p.end - plan.post_s + post_real)
+            work = (plan.target_s - plan.post_s) / (1 + capacity.GPU_TIMING.margin_fraction)
+            stop = min(now + work / speed, p.end - capacity.training_stop_s(plan.post_s, p.end - now))
+            end = stop + publish_real
             sched.start(item.task_id, p.node_id, now, p.end, item.units)
             held = sum(h.gpus for h in sched.ledger.holds.values() if h.node_id == p.node_id)
             assert held <= 8, f"node {p.node_id} over-committed: {held} devices"
