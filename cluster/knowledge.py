@@ -21,6 +21,7 @@ SPEEDUP_WINDOW = 10            # latest successes used per family
 PUBLISH_SAMPLES = 5            # measured publishes before they replace the planner's upload speed
 PUBLISH_WINDOW = 50            # latest publishes used (all families: it is this site's network)
 MIN_PUBLISH_SIGMA = 0.3        # a few steady uploads must not shrink the reserve to nothing
+MIN_PUBLISH_BYTES = 256 * 1024**2  # smaller publishes measure the hub's latency, not the bandwidth
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS knowledge (
@@ -141,7 +142,6 @@ class Knowledge:
         lo, hi = SPEEDUP_BOUNDS
         return min(hi, max(lo, statistics.median(ratios)))
 
-
     def publish_timing(self, base):
         """The planner's Timing with upload speed and spread as measured here (median bytes/s and
         the spread of log speed over the latest publishes), once there are enough of them."""
@@ -154,7 +154,7 @@ class Knowledge:
 
 
 def _add_publish(bps: list[float], run: Run) -> list[float]:
-    if run.upload_bytes and run.upload_s and run.upload_s > 0:
+    if run.upload_bytes and run.upload_bytes >= MIN_PUBLISH_BYTES and run.upload_s and run.upload_s > 0:
         return (bps + [run.upload_bytes / run.upload_s])[-PUBLISH_WINDOW:]
     return bps
 
