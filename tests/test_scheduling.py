@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 
+from cluster.capacity import GPU_TIMING
 from cluster.control import ControlPlane
 from cluster.ledger import parse_shape
 from cluster.protocol import MinerTaskOffer, TaskType, TrainRequestText
@@ -159,7 +160,8 @@ def test_publish_measurements_persist_and_older_knowledge_tables_migrate(setting
 
     from cluster.knowledge import learn
 
-    old = sqlite3.connect(settings.db_path.parent.mkdir(parents=True, exist_ok=True) or settings.db_path)
+    settings.db_path.parent.mkdir(parents=True, exist_ok=True)
+    old = sqlite3.connect(settings.db_path)
     old.executescript("""CREATE TABLE knowledge (id INTEGER PRIMARY KEY AUTOINCREMENT, task_id TEXT,
         family TEXT NOT NULL, model TEXT, params INTEGER, task_type TEXT, method TEXT, gpus INTEGER,
         gpu_type TEXT, lr REAL, lora_r INTEGER, tokens_per_s REAL, predicted_tokens_per_s REAL,
@@ -176,6 +178,6 @@ def test_publish_measurements_persist_and_older_knowledge_tables_migrate(setting
     job = cp.store.get_job(a)
     for seconds in (10.0, 20.0, 40.0, 20.0, 20.0):
         learn(cp.knowledge, job, base_model, None, {}, None, upload=(int(1e9), seconds))
-    timing = plane(settings).knowledge.publish_timing(cp.admission.timing or __import__("cluster.capacity").capacity.GPU_TIMING)
+    timing = plane(settings).knowledge.publish_timing(GPU_TIMING)
     assert timing.upload_bps == 5e7           # the median of 1 GB in 10/20/40 s, read back after a restart
     assert 0.3 < timing.publish_sigma < 0.6
