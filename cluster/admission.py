@@ -129,10 +129,11 @@ class Admission:
         kinds = sorted(view.by_type().items(), key=lambda kv: -capacity.device(kv[0]).speed)
         out: list[Plan] = []
         for gpu_type, nodes in kinds:
+            base = self.timing or (capacity.CPU_TIMING if gpu_type == "CPU" else capacity.GPU_TIMING)
             out += capacity.plan_options(params, task_type, gpu_type, max(n.gpus for n in nodes),
                                          cpu_workers=self.limits.cpu_workers,
                                          cpus_per_worker=self.limits.cpus_per_worker, speedup=speedup,
-                                         timing=self.timing)
+                                         timing=self.knowledge.publish_timing(base))
         if out:
             return out, ""
         return [], (f"too big for the cluster: {params / 1e9:.1f}B parameters is over what one node's memory "

@@ -15,7 +15,7 @@ from pathlib import Path
 from .settings import Settings
 from .store import ACTIVE, JobStore
 
-JOB_BULK = ("runs", "model", "model.partial", "train_data.json")
+JOB_BULK = ("runs", "model", "model.partial", "train_data.json", "prefetch")
 
 
 @dataclass

@@ -19,7 +19,9 @@ LORA_FRACTION = 0.02    # r128 adapters on all linear layers: ~2% of the base, t
 FULL_FT_MAX_PARAMS = 9e9  # the winner's cut: full FT up to 9 B, LoRA above (§1.6)
 RUNTIME_GIB = 3.0       # CUDA context, allocator slack, NCCL buffers
 GRPO_GENERATION_SHARE = 0.3  # vLLM colocate's gpu_memory_utilization (§3.9)
-POST_SAFETY = 3.0       # save + upload kept back from the window: hub uploads vary widely
+# Kept back from a job's window for saving, uploading and hashing, at least (see training_stop_s).
+PUBLISH_RESERVE_S = 20.0
+PUBLISH_RESERVE_FRACTION = 0.05
 
 # Tokens/s per H100 ≈ C / params_B, fitted to our plain-HF measurements (§2.3):
 # full 1.24 B 48 k, 3.2 B 15.7 k (≈55 k·B); frozen-base 1.24 B 60 k, 3.2 B 25 k, 7.5 B 13.3 k (≈85 k·B).
@@ -62,7 +64,12 @@ class Timing:
     download_bps: float = 250e6           # model weights from the hub (bf16 = 2 B/param)
     load_bps: float = 1.5e9               # weights from disk into GPUs
     save_bps: float = 1.0e9
-    upload_bps: float = 100e6
+    upload_bps: float = 100e6             # the whole publish: upload, re-download and hash of the snapshot
+    # Save + publish time is lognormal around the nominal (hub throttling, retries, slow disks):
+    # the reserve kept back from the window is its upper quantile at z, i.e. exp(z·σ) × nominal.
+    # σ and upload_bps come from the knowledge base once jobs have measured them.
+    publish_sigma: float = 0.5
+    publish_z: float = 4.26               # one publish in 100,000 overruns the reserve
     tuning_share: float = 0.20            # LR search budget, as the winner's (≤20% of wall clock)
     min_train_s: float = 600.0            # below this, don't bother
     min_train_tokens: float = 5e6         # enough steps at batch 64 × 2 k to move the loss
@@ -95,6 +102,7 @@ class Plan:
     target_s: float             # what the job uses when time allows (capped later by the deadline)
     overhead_s: float           # download + load + save + upload + fixed margin
     post_s: float = 0.0         # save + upload + fixed margin: kept back from the end of the window
+    publish_s: float = 0.0      # nominal save + upload (post_s is its high quantile + margin)
 
     @property
     def strategy(self) -> str:
@@ -155,22 +163,37 @@ def durations(params: float, method: str, tps: float, timing: Timing) -> tuple[f
 
 
 def post_training_s(params: float, method: str, timing: Timing) -> float:
-    return _durations(params, method, 1.0, timing)[3]
+    """Kept back from the end of the window: save + publish at its high quantile, plus the margin."""
+    return publish_reserve_s(publish_nominal_s(params, method, timing), timing) + timing.margin_s
+
+
+def publish_nominal_s(params: float, method: str, timing: Timing) -> float:
+    produced = FROZEN_BYTES * params * (1.0 if method == "full" else LORA_FRACTION)
+    return produced / timing.save_bps + produced / timing.upload_bps
+
+
+def publish_reserve_s(nominal_s: float, timing: Timing) -> float:
+    return nominal_s * math.exp(timing.publish_z * timing.publish_sigma)
+
+
+def training_stop_s(post_s: float, budget_s: float) -> float:
+    """How long before the end of its window a job stops training to save and publish (job_main):
+    the plan's reserve, and never less than a share of the window for short CPU jobs."""
+    return max(PUBLISH_RESERVE_S + PUBLISH_RESERVE_FRACTION * budget_s, post_s)
 
 
 def _durations(params: float, method: str, tps: float, timing: Timing) -> tuple[float, float, float, float]:
     weights = FROZEN_BYTES * params
-    produced = weights if method == "full" else weights * LORA_FRACTION
-    overhead = (timing.download_fixed_s + weights / timing.download_bps + weights / timing.load_bps
-                + produced / timing.save_bps + produced / timing.upload_bps)
+    pre = timing.download_fixed_s + weights / timing.download_bps + weights / timing.load_bps
+    post = post_training_s(params, method, timing)
     min_train = max(timing.min_train_s, timing.min_train_tokens / tps)
     target_train = max(min_train, timing.rows * timing.tokens_per_row * timing.target_epochs / tps)
 
     def total(train: float) -> float:
-        return (overhead + train / (1 - timing.tuning_share)) * (1 + timing.margin_fraction) + timing.margin_s
+        # the job stops training post_s before its window ends (job_main), so the window holds it whole
+        return (pre + train / (1 - timing.tuning_share)) * (1 + timing.margin_fraction) + post
 
-    post = POST_SAFETY * (produced / timing.save_bps + produced / timing.upload_bps) + timing.margin_s
-    return total(min_train), total(target_train), overhead + timing.margin_s, post
+    return total(min_train), total(target_train), pre + post, post
 
 
 def preferred_gpus(params: float, task_type: str) -> int:
@@ -190,8 +213,9 @@ def plan_options(params: int, task_type: str, gpu_type: str, max_gpus: int, *, c
             return []
         tps = tokens_per_s(params, "lora", 1, dev, task_type) * speedup
         lo, hi, over = durations(params, "lora", tps, timing or CPU_TIMING)
+        t = timing or CPU_TIMING
         return [Plan(task_type, params, "lora", "CPU", 0, cpu_workers, cpus_per_worker, 0.0, tps, lo, hi, over,
-                     post_training_s(params, "lora", timing or CPU_TIMING))]
+                     post_training_s(params, "lora", t), publish_nominal_s(params, "lora", t))]
     method, gmin = _method_and_min_gpus(params, task_type, dev, max_gpus)
     if method is None:
         return []
@@ -201,10 +225,11 @@ def plan_options(params: int, task_type: str, gpu_type: str, max_gpus: int, *, c
     for g in counts:
         m = method  # full/LoRA fit one device (DDP over g); ZeRO-3 needs g ≥ its minimum
         tps = tokens_per_s(params, m, g, dev, task_type) * speedup
-        lo, hi, over = durations(params, m, tps, timing or GPU_TIMING)
+        t = timing or GPU_TIMING
+        lo, hi, over = durations(params, m, tps, t)
         mem = memory_per_gpu_gib(params, task_type, m, g, dev)
         plans.append(Plan(task_type, int(params), m, gpu_type, g, g, cpus_per_worker, round(mem, 1),
-                          tps, lo, hi, over, post_training_s(params, m, timing or GPU_TIMING)))
+                          tps, lo, hi, over, post_training_s(params, m, t), publish_nominal_s(params, m, t)))
     return plans
 
 

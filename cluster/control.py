@@ -59,7 +59,11 @@ class ControlPlane:
     def __init__(self, settings: Settings, store: JobStore | None = None, runner=None,
                  view: ClusterView | None = None, prefetch=None, models: ModelChecker | None = None, hub=None):
         self.settings = settings
-        # hook: prefetch(job) downloads the data/model of a job queued next while others train
+        # prefetch(job) downloads the data/model of a job queued next while others train
+        if prefetch is None and settings.prefetch_jobs > 0:
+            from .prefetch import Prefetcher
+
+            prefetch = Prefetcher(settings)
         self.prefetch = prefetch
         self.store = store or JobStore(settings.db_path)
         self.offers = OfferLog(self.store)  # offer decisions: answered from memory, written in batches
@@ -228,10 +232,10 @@ class ControlPlane:
                 log.info("cache: evicted %s", path)
         self.knowledge.reload()  # jobs record their own outcomes from their Ray Job
         self.dispatch()
-        if self.prefetch is not None:
-            for item in self.scheduler.next_jobs(time.time()):
+        if self.prefetch is not None:   # in the background: it never holds up this loop
+            for item in self.scheduler.next_jobs(time.time(), max(1, self.settings.prefetch_jobs)):
                 job = self.store.get_job(item.task_id)
-                if job is not None:
+                if job is not None and job.status == QUEUED and not job.started_at:
                     self.prefetch(job)
 
     def _reconcile_job(self, job: Job) -> None:

@@ -38,17 +38,36 @@ class _Transient(Exception):
     """A failure worth another try (the message is the reason if the tries run out)."""
 
 
+PREFETCH_DIR = "prefetch"
+
+
+def prefetched_path(dest: Path) -> Path:
+    """Where cluster/prefetch.py leaves the dataset of a job queued next (whole or absent:
+    downloads land by an atomic rename)."""
+    return dest.parent / PREFETCH_DIR / dest.name
+
+
 def download_dataset(url: str, dest: Path, max_bytes: int, timeout_s: float = 60.0,
                      limits: FetchLimits | None = None) -> list:
     """Streams `url` to `dest`, refusing anything over the cap before it is all read, and
-    returns the parsed rows. Local paths and file:// URLs are accepted for operators."""
+    returns the parsed rows. A copy prefetched while other jobs trained is used instead when
+    there is one. Local paths and file:// URLs are accepted for operators."""
     limits = limits or FetchLimits(max_bytes=max_bytes, read_timeout_s=timeout_s)
+    ready = prefetched_path(dest)
+    if ready.is_file() and ready.stat().st_size <= limits.max_bytes:
+        ready.replace(dest)
+    else:
+        fetch_file(url, dest, limits)
+    return parse_rows(dest)
+
+
+def fetch_file(url: str, dest: Path, limits: FetchLimits) -> None:
+    """The download alone (no parsing): `dest` is whole afterwards, or absent."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     if url.startswith("file://") or not url.startswith(("http://", "https://")):
         _copy_local(Path(url.removeprefix("file://")), dest, limits.max_bytes)
     else:
         _download_with_retries(url, dest, limits)
-    return parse_rows(dest)
 
 
 def _copy_local(src: Path, dest: Path, max_bytes: int) -> None:
@@ -56,7 +75,9 @@ def _copy_local(src: Path, dest: Path, max_bytes: int) -> None:
         raise InputError(f"dataset file {src} does not exist")
     if src.stat().st_size > max_bytes:
         raise InputError(f"dataset is {src.stat().st_size} bytes, over the {max_bytes}-byte cap")
-    dest.write_bytes(src.read_bytes())
+    tmp = dest.with_suffix(".part")
+    tmp.write_bytes(src.read_bytes())
+    tmp.replace(dest)
 
 
 def _download_with_retries(url: str, dest: Path, limits: FetchLimits) -> None:

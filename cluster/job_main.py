@@ -23,20 +23,17 @@ from trainers.modeling import load_tokenizer
 from tuning.priors import default_hparams, param_count_from_config
 from tuning.search import SearchPlan, tune_hyperparameters
 
-from .capacity import placement
+from .capacity import placement, training_stop_s
 from .dataset_checks import check_rows
 from .fetch import FetchLimits, InputError, download_dataset, resolve_model
 from .knowledge import Knowledge, learn
 from .metrics import TrainingMonitor, record_final_slack
 from .model_check import model_dir_problem
-from .publish import best_checkpoint, publish
+from .publish import best_checkpoint, checkpoint_bytes, publish
 from .reports import PROGRESS_FILE, PhaseTimer, write_job_report, write_timings
 from .settings import Settings, load_settings
 from .store import FAILED, PUBLISHED, PUBLISHING, QUEUED, RUNNING, SUBMITTED, TERMINAL, Job, JobStore
 
-# Seconds kept back from the deadline for saving, uploading and hashing (plus a share of the budget).
-PUBLISH_RESERVE_S = 20.0
-PUBLISH_RESERVE_FRACTION = 0.05
 MIN_SEARCH_S = 60.0  # below this share of the window, no LR search (short demo/test jobs)
 
 
@@ -57,7 +54,7 @@ def plan(job: Job, settings: Settings, model_dir: Path, train_file: Path, rows: 
     # so the next queued job starts on time, never after the deadline.
     shape, end = plan_shape(job, settings)
     budget = end - (job.started_at or job.created_at)
-    reserve = max(PUBLISH_RESERVE_S + PUBLISH_RESERVE_FRACTION * budget, float((job.plan or {}).get("post_s") or 0))
+    reserve = training_stop_s(float((job.plan or {}).get("post_s") or 0), budget)
     hp = default_hparams(n_params, job.task_type, shape.pop("method"))
     return TrainConfig(model_path=str(model_dir), train_file=str(train_file), dataset_type=job.dataset_type,
                        task_type=job.task_type, run_dir=str(run_dir), run_name=f"ft-{job.task_id}",
@@ -180,7 +177,8 @@ def run_job(task_id: str, settings: Settings) -> int:
     record_final_slack(task_id, job.deadline)
     try:
         write_job_report(job_dir, outcome.summary, timings, selected=outcome.checkpoint_metrics)
-        learn(Knowledge(store), job, model_dir, cfg, outcome.summary, None)
+        upload = (checkpoint_bytes(outcome.model_dir), timings.durations["publish_and_hash"])  # sizes later reserves
+        learn(Knowledge(store), job, model_dir, cfg, outcome.summary, None, upload)
     except Exception:  # a plotting or bookkeeping bug: the model is published either way
         traceback.print_exc()
     print(f"[job] published {repo} hash={model_hash} slack={job.deadline - time.time():.0f} s", flush=True)

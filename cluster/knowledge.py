@@ -2,20 +2,26 @@
 
 A family is `config.json`'s `model_type` (else its first architecture), never the repo name.
 Admission reads it in memory: a family that failed twice here since its last success is
-declined; measured tokens/s over the planner's prediction scales later time estimates.
+declined; measured tokens/s over the planner's prediction scales later time estimates; measured
+publish speed (bytes / seconds of upload + verification) sizes the reserve kept for publishing.
 """
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 FAILURES_TO_BLOCK = 2
 SPEEDUP_BOUNDS = (0.25, 2.0)   # one odd run must not make the planner reckless or useless
 SPEEDUP_WINDOW = 10            # latest successes used per family
+PUBLISH_SAMPLES = 5            # measured publishes before they replace the planner's upload speed
+PUBLISH_WINDOW = 50            # latest publishes used (all families: it is this site's network)
+MIN_PUBLISH_SIGMA = 0.3        # a few steady uploads must not shrink the reserve to nothing
+MIN_PUBLISH_BYTES = 256 * 1024**2  # smaller publishes measure the hub's latency, not the bandwidth
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS knowledge (
@@ -33,6 +39,8 @@ CREATE TABLE IF NOT EXISTS knowledge (
     tokens_per_s REAL,
     predicted_tokens_per_s REAL,
     peak_mem_gib REAL,
+    upload_bytes INTEGER,
+    upload_s REAL,
     outcome TEXT NOT NULL,
     reason TEXT,
     recorded_at REAL NOT NULL
@@ -58,6 +66,8 @@ class Run:
     tokens_per_s: float | None = None
     predicted_tokens_per_s: float | None = None
     peak_mem_gib: float | None = None
+    upload_bytes: int | None = None       # what was published, and how long upload + verification took
+    upload_s: float | None = None
     reason: str | None = None
     recorded_at: float = field(default_factory=time.time)
 
@@ -85,21 +95,25 @@ class Knowledge:
         self.store = store
         self._lock = threading.Lock()
         self._stats: dict[str, FamilyStats] = {}
+        self._publish_bps: list[float] = []
         if store is not None:
             with store.transaction() as c:
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     c.execute(statement)
+            store.add_columns("knowledge", {"upload_bytes": "INTEGER", "upload_s": "REAL"})  # older databases
             self.reload()
 
     def reload(self) -> None:
         if self.store is None:
             return
         stats: dict[str, FamilyStats] = {}
+        bps: list[float] = []
         for row in self.store.query("SELECT * FROM knowledge ORDER BY recorded_at, id"):
             run = Run(**{f.name: row[f.name] for f in fields(Run)})
             stats.setdefault(run.family, FamilyStats()).add(run)
+            bps = _add_publish(bps, run)
         with self._lock:
-            self._stats = stats
+            self._stats, self._publish_bps = stats, bps
 
     def record(self, run: Run) -> None:
         if self.store is not None:
@@ -109,6 +123,7 @@ class Knowledge:
                           tuple(row.values()))
         with self._lock:
             self._stats.setdefault(run.family, FamilyStats()).add(run)
+            self._publish_bps = _add_publish(self._publish_bps, run)
 
     def blocked(self, family: str | None) -> str | None:
         """Why this family is declined here, or None."""
@@ -126,6 +141,22 @@ class Knowledge:
             return 1.0
         lo, hi = SPEEDUP_BOUNDS
         return min(hi, max(lo, statistics.median(ratios)))
+
+    def publish_timing(self, base):
+        """The planner's Timing with upload speed and spread as measured here (median bytes/s and
+        the spread of log speed over the latest publishes), once there are enough of them."""
+        bps = self._publish_bps
+        if len(bps) < PUBLISH_SAMPLES:
+            return base
+        logs = [math.log(b) for b in bps]
+        return replace(base, upload_bps=statistics.median(bps),
+                       publish_sigma=max(MIN_PUBLISH_SIGMA, statistics.stdev(logs)))
+
+
+def _add_publish(bps: list[float], run: Run) -> list[float]:
+    if run.upload_bytes and run.upload_bytes >= MIN_PUBLISH_BYTES and run.upload_s and run.upload_s > 0:
+        return (bps + [run.upload_bytes / run.upload_s])[-PUBLISH_WINDOW:]
+    return bps
 
 
 def family_of(config: dict | None) -> str | None:
@@ -163,8 +194,10 @@ def local_config(model: str, cache_dir: Path | None) -> dict | None:
     return None
 
 
-def learn(knowledge: Knowledge, job, model_dir: Path | None, cfg, summary: dict | None, failure: str | None) -> None:
-    """Records a finished job (a job_main outcome): published when `failure` is None."""
+def learn(knowledge: Knowledge, job, model_dir: Path | None, cfg, summary: dict | None, failure: str | None,
+          upload: tuple[int, float] | None = None) -> None:
+    """Records a finished job (a job_main outcome): published when `failure` is None; `upload` is
+    (bytes published, seconds the upload and its verification took)."""
     config = local_config(str(model_dir), None) if model_dir else None
     family = family_of(config)
     if family is None:
@@ -175,4 +208,4 @@ def learn(knowledge: Knowledge, job, model_dir: Path | None, cfg, summary: dict 
     knowledge.record(Run(family, FAILURE if failure else SUCCESS, job.task_id, job.model, plan.get("params"),
                          job.task_type, plan.get("method"), plan.get("gpus"), plan.get("gpu_type"),
                          getattr(cfg, "lr", None), getattr(cfg, "lora_r", None), tps, plan.get("tokens_per_s"),
-                         peak, failure))
+                         peak, *(upload or (None, None)), reason=failure))

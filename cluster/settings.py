@@ -38,6 +38,8 @@ class Settings:
     watchdog_margin_s: float = 60.0                # kept on top of the upload estimate (capped at 3% of a job)
     model_lookup: str = "hub"                      # "hub": check offered HF ids' config.json; "off"
     search_share: float = 0.2          # share of a job's training window for the LR/rank search
+    prefetch_jobs: int = 2             # queued jobs whose inputs download while others train (0: off)
+    prefetch_models: bool = True       # also snapshot their HF base models into the model cache
 
     @property
     def db_path(self) -> Path:
@@ -122,6 +124,8 @@ def load_settings() -> Settings:
         watchdog_margin_s=float(_env("MINER_WATCHDOG_MARGIN_S", "60")),
         model_lookup=_env("MINER_MODEL_LOOKUP", "hub"),
         search_share=float(_env("MINER_SEARCH_SHARE", "0.2")),
+        prefetch_jobs=int(_env("MINER_PREFETCH_JOBS", "2")),
+        prefetch_models=_env("MINER_PREFETCH_MODELS", "1") in ("1", "true"),
     )
 
 

@@ -20,9 +20,10 @@ import time
 import traceback
 from pathlib import Path
 
+from .capacity import PUBLISH_RESERVE_S
 from .fetch import InputError, download_dataset, parse_rows, resolve_model
 from .hub import point_adapter_at_base
-from .job_main import PUBLISH_RESERVE_S, _fallback_outcome, plan
+from .job_main import _fallback_outcome, plan
 from .publish import best_checkpoint
 from .protocol import TaskType, parse_dataset_type, task_type_of
 from .settings import load_settings

@@ -8,6 +8,7 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MINER_PREFETCH_MODELS", "0")   # prefetch never reaches for the Hub in tests
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_TASK = REPO / "cluster" / "demo_task"

@@ -1,5 +1,6 @@
 """The cluster brain without Ray: planner and admission on tables of (model size, task type,
 hours, cluster shape, queue) with the expected decision and reason."""
+import math
 import uuid
 
 import pytest
@@ -167,3 +168,42 @@ def test_stateless_decide_keeps_the_old_entry_point(tmp_path, monkeypatch):
     assert admission.decide(I, "org/model-1B", 2.0, None, settings).accepted
     big = admission.decide(I, "org/model-70B", 2.0, None, settings)
     assert not big.accepted and "parameters is over" in big.message and "1×1×H100" in big.message
+
+
+def test_publish_reserve_is_a_high_quantile_that_grows_with_what_is_published():
+    full8 = capacity.plan_options(8 * B, "InstructTextTask", "H100", 8)[0]
+    lora70 = capacity.plan_options(70 * B, "InstructTextTask", "H100", 8)[0]
+    t = capacity.GPU_TIMING
+    # a full 8 B publishes 16 GB, a 70 B LoRA only its adapters: the reserve follows the bytes
+    assert full8.method == "full" and full8.publish_s == pytest.approx(16e9 / t.save_bps + 16e9 / t.upload_bps)
+    assert lora70.publish_s < full8.publish_s / 5
+    # the reserve is the 1-in-100,000 quantile of a lognormal publish time (σ 0.5), plus the margin
+    tail = math.exp(4.26 * 0.5)
+    assert full8.post_s == pytest.approx(full8.publish_s * tail + t.margin_s)
+    assert math.exp(4.26 * 0.5) > 8       # ~8.4× the nominal
+    # the minimum window holds the whole reserve: admission never plans a job into it
+    assert full8.min_s > full8.post_s + t.min_train_s
+    assert full8.overhead_s > full8.post_s
+    # job_main stops training at the larger of the plan's reserve and a share of the window
+    assert capacity.training_stop_s(full8.post_s, 3600) == full8.post_s
+    assert capacity.training_stop_s(10.0, 3600) == 20 + 0.05 * 3600
+
+
+def test_measured_publish_speed_sizes_the_reserve():
+    know = Knowledge()
+    adm = brain("1x8xH100", know)
+    before = ask(adm, 8 * B, hours=4).plan
+    assert ask(adm, 8 * B, hours=0.9).accepted
+    for i in range(5):   # tiny adapters measure the hub's latency, not its bandwidth: ignored
+        know.record(Run("llama", "published", upload_bytes=int(20e6), upload_s=5.0))
+    for i in range(4):   # too few measurements: the planner's defaults still hold
+        know.record(Run("llama", "published", upload_bytes=int(16e9), upload_s=16e9 / 25e6))
+    assert ask(adm, 8 * B, hours=4).plan.post_s == before.post_s
+    know.record(Run("llama", "published", upload_bytes=int(16e9), upload_s=16e9 / 20e6))
+    slow = ask(adm, 8 * B, hours=4).plan     # a 4× slower link than planned: a bigger reserve
+    assert slow.publish_s > 3 * before.publish_s and slow.post_s > before.post_s and slow.min_s > before.min_s
+    timing = know.publish_timing(capacity.GPU_TIMING)
+    assert timing.upload_bps == 25e6 and timing.publish_sigma == 0.3   # steady uploads: the σ floor
+    # a 0.9 h job whose reserve no longer fits is declined with the reason, not accepted to be missed
+    d = ask(adm, 8 * B, hours=0.9)
+    assert not d.accepted and "not enough time" in d.message

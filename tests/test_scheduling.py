@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 
+from cluster.capacity import GPU_TIMING
 from cluster.control import ControlPlane
 from cluster.ledger import parse_shape
 from cluster.protocol import MinerTaskOffer, TaskType, TrainRequestText
@@ -152,3 +153,31 @@ def test_a_short_cpu_job_that_was_admitted_is_dispatched(settings):
     assert resp.accepted, resp.message
     train(cp, task_id, hours=0.02)
     assert cp.store.get_job(task_id).started_at is not None
+
+
+def test_publish_measurements_persist_and_older_knowledge_tables_migrate(settings, tmp_path):
+    import json
+
+    from cluster.knowledge import learn
+
+    settings.db_path.parent.mkdir(parents=True, exist_ok=True)
+    old = sqlite3.connect(settings.db_path)
+    old.executescript("""CREATE TABLE knowledge (id INTEGER PRIMARY KEY AUTOINCREMENT, task_id TEXT,
+        family TEXT NOT NULL, model TEXT, params INTEGER, task_type TEXT, method TEXT, gpus INTEGER,
+        gpu_type TEXT, lr REAL, lora_r INTEGER, tokens_per_s REAL, predicted_tokens_per_s REAL,
+        peak_mem_gib REAL, outcome TEXT NOT NULL, reason TEXT, recorded_at REAL NOT NULL);
+        INSERT INTO knowledge (family, outcome, recorded_at) VALUES ('llama', 'published', 1);""")
+    old.commit()
+    old.close()
+    base_model = tmp_path / "model"
+    base_model.mkdir()
+    (base_model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    cp = plane(settings)                     # the old table gains the upload columns
+    a, _ = offer(cp, hours=1.0)
+    train(cp, a, hours=1.0)
+    job = cp.store.get_job(a)
+    for seconds in (10.0, 20.0, 40.0, 20.0, 20.0):
+        learn(cp.knowledge, job, base_model, None, {}, None, upload=(int(1e9), seconds))
+    timing = plane(settings).knowledge.publish_timing(GPU_TIMING)
+    assert timing.upload_bps == 5e7           # the median of 1 GB in 10/20/40 s, read back after a restart
+    assert 0.3 < timing.publish_sigma < 0.6
