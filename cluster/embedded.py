@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,10 @@ def deploy(host: str = "127.0.0.1", port: int = 7999, env: dict | None = None,
 
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         # A fresh local head: nothing of ours may hold the port, so leftovers of a crash go.
-        if reap_orphaned_haproxy():
+        reaped = reap_orphaned_haproxy()
+        if reaped:
+            print(f"killed Serve HAProxy left by a crashed Ray head (pids {reaped}): it held the API port",
+                  file=sys.stderr)
             time.sleep(0.5)  # the kernel releases the listening socket asynchronously
         check_port_free(host, port)
     dashboard = ensure_ray(num_cpus)
