@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--port", type=int, default=8190)
     p.add_argument("--processes", type=int, default=2, help="load generator processes")
+    p.add_argument("--reconcile-interval", type=float, default=10.0,
+                   help="the replica's reconcile loop period (production default 10 s)")
     p.add_argument("--out", default=str(RESULTS / "offer_latency"))
     args = p.parse_args(argv)
 
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.simulate import register_validator
 
     register_validator(state / "metagraph.json", validator.ss58_address, 10_000)
-    ends = deploy(port=args.port, reconcile_interval_s=30.0)
+    ends = deploy(port=args.port, reconcile_interval_s=args.reconcile_interval)
     print(f"miner at {ends.api_url}", flush=True)
     load(ends.api_url, 20, signed_offers(40, validator, miner.ss58_address))  # warm-up
     rows = []
