@@ -5,12 +5,14 @@
   (Wortsman 2022) that adds a snapshot only if the dev metric improves, so it is never worse
   than the best single snapshot;
 - `Rollback`: after `patience` evaluations worse than the best, restore the best weights and
-  lower the LR, a bounded number of times.
+  lower the LR, a bounded number of times;
+- `Selection`: the three as the training loop uses them, from the TrainConfig options.
 All work on the list of trainable parameters (`params`): a LoRA adapter or the whole model.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+import time
+from contextlib import ExitStack, contextmanager
 from typing import Callable
 
 import torch
@@ -129,3 +131,59 @@ class Rollback:
         self.bad, self.times = 0, self.times + 1
         self.lr_scale *= self.factor
         return True
+
+
+class Selection:
+    """What each save point checkpoints, from the TrainConfig options `ema`, `soup` and
+    `rollback`: the better of the raw and EMA weights, at the end the greedy soup of the kept
+    snapshots; after a run of worse evaluations, the best weights back at a lower LR."""
+
+    def __init__(self, params: list[torch.nn.Parameter], cfg):
+        self.params, self.cfg = params, cfg
+        self.ema = Ema(params) if cfg.ema else None
+        keep = cfg.soup_size if cfg.soup else 1
+        self.snapshots = Snapshots(params, keep) if cfg.soup or cfg.rollback else None
+        self.rollback = Rollback(patience=cfg.rollback_patience, max_times=cfg.max_rollbacks if cfg.rollback else 0)
+        self.reserve_s = 0.0  # the final soup's dev evaluations: kept back from the deadline
+
+    def after_step(self, planned_steps: int) -> None:
+        if self.ema is not None:
+            self.ema.update(ema_decay(planned_steps, self.cfg.ema_decay))
+
+    @contextmanager
+    def chosen(self, evaluate: Callable[[], float | None], entry: dict, step: int, final: bool):
+        """The weights to checkpoint in the model for the duration; their dev metric (and the
+        EMA's, the soup's members) in `entry`."""
+        t0 = time.time()
+        with ExitStack() as held:
+            entry["dev_loss"] = evaluate()
+            if self.ema is not None and entry["dev_loss"] is not None:
+                with self.ema.applied():
+                    entry["dev_loss_ema"] = evaluate()
+                if entry["dev_loss_ema"] < entry["dev_loss"]:
+                    held.enter_context(self.ema.applied())
+                    entry["dev_loss"], entry["weights"] = entry["dev_loss_ema"], "ema"
+            if self.snapshots is not None:
+                self.snapshots.add(entry["dev_loss"], step)
+                if self.cfg.soup:
+                    self.reserve_s = (time.time() - t0) * (self.snapshots.keep - 1)
+            if final and self.cfg.soup and len(self.snapshots.items) > 1:
+                entry["dev_loss"], entry["soup"] = self.snapshots.greedy_soup(evaluate)
+                entry["weights"] = "soup" if len(entry["soup"]) > 1 else f"step {entry['soup'][0]}"
+            yield
+
+    def maybe_roll_back(self, entry: dict) -> bool:
+        """After `rollback_patience` worse evaluations: the best weights back (EMA too); the
+        LR scale (`lr_scale`) lowered."""
+        if not self.rollback.check(entry.get("dev_loss")):
+            return False
+        _, best_step, best = self.snapshots.best
+        load(self.params, best)
+        if self.ema is not None:
+            load(self.ema.shadow, best)
+        entry["rollback_to"] = best_step
+        return True
+
+    @property
+    def lr_scale(self) -> float:
+        return self.rollback.lr_scale

@@ -16,7 +16,6 @@ import math
 import os
 import shutil
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,7 +23,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from .averaging import Ema, Rollback, Snapshots, ema_decay, load
+from .averaging import Selection
 from .batching import collate, make_batches, per_sample_loss, split_dev
 from .config import TrainConfig
 from .formats import max_length, tokenize_rows
@@ -203,10 +202,7 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
     step, epoch, micro, t0, tokens = resume_step, 0, 0, time.time(), 0
     best = {"dev_loss": None}
     save_s = 0.0  # what one dev evaluation + checkpoint costs, measured at each save
-    ema = Ema(params) if cfg.ema else None
-    snapshots = Snapshots(params, cfg.soup_size if cfg.soup else 1) if cfg.soup or cfg.rollback else None
-    rollback = Rollback(patience=cfg.rollback_patience, max_times=cfg.max_rollbacks if cfg.rollback else 0)
-    soup_s = 0.0  # the final soup's dev evaluations, kept back from the deadline
+    selection = Selection(params, cfg)  # EMA / soup / rollback, when the config asks (averaging.py)
     deadline = cfg.train_deadline
     trained.train()
     done = False
@@ -220,12 +216,11 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
             if (i + 1) % cfg.grad_accum:
                 continue
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, cfg) * rollback.lr_scale
+                group["lr"] = lr_at(step, total, cfg) * selection.lr_scale
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(ema_decay(total, cfg.ema_decay))
+            selection.after_step(total)
             step += 1
             if step - resume_step == 1:
                 t_warm = time.time()  # the first step carries torch.compile's warm-up: not a probe
@@ -246,35 +241,16 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
                       f"{entry['tokens_per_s']:.0f} tok/s", flush=True)
             if step in save_points or done:
                 t_save = time.time()
-                with ExitStack() as held:  # the better of raw / EMA / soup weights, for the checkpoint
-                    entry["dev_loss"] = steps.dev_loss(dev)
-                    if ema is not None and entry["dev_loss"] is not None:
-                        with ema.applied():
-                            entry["dev_loss_ema"] = steps.dev_loss(dev)
-                        if entry["dev_loss_ema"] < entry["dev_loss"]:
-                            held.enter_context(ema.applied())
-                            entry["dev_loss"], entry["weights"] = entry["dev_loss_ema"], "ema"
-                    dev_s = time.time() - t_save
-                    if snapshots is not None:
-                        snapshots.add(entry["dev_loss"], step)
-                        soup_s = dev_s * (snapshots.keep - 1) if cfg.soup else 0.0
-                        deadline = cfg.train_deadline - soup_s if cfg.train_deadline else 0.0
-                    if done and cfg.soup and len(snapshots.items) > 1:
-                        entry["dev_loss"], entry["soup"] = snapshots.greedy_soup(lambda: steps.dev_loss(dev))
-                        entry["weights"] = "soup" if len(entry["soup"]) > 1 else f"step {entry['soup'][0]}"
+                with selection.chosen(lambda: steps.dev_loss(dev), entry, step, final=done):
                     if best["dev_loss"] is None or (entry["dev_loss"] or 0) <= best["dev_loss"]:
                         best = {"dev_loss": entry["dev_loss"], "step": step}
                     _report(raw_model, optimizer, tokenizer, step, total, entry, rank, staging,
                             save=not cfg.extra.get("search_trial"))
-                save_s = max(save_s, time.time() - t_save - (soup_s if done else 0.0))
-                if not done and rollback.check(entry["dev_loss"]):
-                    load(params, snapshots.best[2])  # the best weights, trained on at a lower LR
-                    if ema is not None:
-                        load(ema.shadow, snapshots.best[2])
-                    entry["rollback_to"] = snapshots.best[1]
-                    if rank == 0:
-                        print(f"[train] dev metric worse {cfg.rollback_patience} times: back to step "
-                              f"{snapshots.best[1]}, LR x{rollback.lr_scale:g}", flush=True)
+                save_s = max(save_s, time.time() - t_save - (selection.reserve_s if done else 0.0))
+                deadline = cfg.train_deadline - selection.reserve_s if cfg.train_deadline else 0.0
+                if not done and selection.maybe_roll_back(entry) and rank == 0:
+                    print(f"[train] dev metric worse {cfg.rollback_patience} times: back to step "
+                          f"{entry['rollback_to']}, LR x{selection.lr_scale:g}", flush=True)
                 if cfg.train_deadline and not done and step - resume_step > PROBE_STEPS:
                     per_step = (t_save - t_warm) / max(1, step - resume_step - 1)
                     left = len([p for p in save_points if p > step])
