@@ -86,9 +86,9 @@ def test_ema_decay_choice_and_average():
 def _run(tmp_path, model, demo_task, name, **options):
     train_file = tmp_path / "train.json"
     train_file.write_text(json.dumps(demo_task["train"][:120]))
+    options = {"lr": 3e-3, "epochs": 1, "saves": 2, "batch_tokens": 2048, "lora_r": 4, "lora_alpha": 8, **options}
     cfg = TrainConfig(model_path=str(model), train_file=str(train_file), dataset_type=demo_task["dataset_type"],
-                      run_dir=str(tmp_path / "runs"), run_name=name, num_workers=0, lr=3e-3, epochs=1, saves=2,
-                      batch_tokens=2048, lora_r=4, lora_alpha=8, **options)
+                      run_dir=str(tmp_path / "runs"), run_name=name, num_workers=0, **options)
     return fit(cfg, tmp_path / name)
 
 
@@ -108,3 +108,35 @@ def test_ema_and_dora_change_what_is_trained(tmp_path, tiny_models, demo_task):
     assert not any("magnitude" in k for k in weights["plain"])
     assert any("magnitude" in k for k in weights["dora"])
     assert json.loads((dora.model_dir / "adapter_config.json").read_text())["use_dora"] is True
+
+
+def test_rollback_in_the_training_loop(tmp_path, tiny_models, demo_task, monkeypatch):
+    from trainers import instruct
+
+    # a scripted dev metric (best at the 2nd evaluation, then worse twice, NaN included) drives the loop
+    script = iter([5.0, 4.0, 4.5, float("nan"), 3.9, 3.8, 3.7, 3.6, 3.5, 3.4])
+    monkeypatch.setattr(instruct.Steps, "dev_loss", lambda self, dev: next(script))
+    out = _run(tmp_path, tiny_models["llama"], demo_task, "rb", rollback=True, rollback_patience=2, saves=6, epochs=3)
+    history = out.summary["history"]
+    evals = [h for h in history if "dev_loss" in h]
+    rolled = [h for h in history if "rollback_to" in h]
+    assert [h["step"] for h in rolled] == [evals[3]["step"]] and rolled[0]["rollback_to"] == evals[1]["step"]
+    cfg = TrainConfig(model_path="-", train_file="-", dataset_type={}, lr=3e-3)
+    total, at = out.summary["planned_steps"], rolled[0]["step"]
+    after = next(h for h in history if h["step"] == at + 1)
+    assert abs(after["lr"] - 0.5 * instruct.lr_at(at, total, cfg)) < 1e-12
+
+
+def test_selection_rolls_back_to_the_best_weights():
+    from trainers.averaging import Selection
+
+    params = _params(0.0)
+    cfg = TrainConfig(model_path="-", train_file="-", dataset_type={}, rollback=True, rollback_patience=1)
+    sel = Selection(params, cfg)
+    for step, (w, metric) in enumerate([(1.0, 2.0), (2.0, 1.0), (3.0, 1.5)]):
+        params[0].data.fill_(w)
+        entry = {}
+        with sel.chosen(lambda: metric, entry, step, final=False):
+            pass
+        rolled = sel.maybe_roll_back(entry)
+    assert rolled and entry["rollback_to"] == 1 and float(params[0]) == 2.0 and sel.lr_scale == 0.5

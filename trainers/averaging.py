@@ -11,6 +11,7 @@ All work on the list of trainable parameters (`params`): a LoRA adapter or the w
 """
 from __future__ import annotations
 
+import math
 import time
 from contextlib import ExitStack, contextmanager
 from typing import Callable
@@ -19,6 +20,11 @@ import torch
 
 # Keep snapshots in CPU memory only while they stay small next to a worker's RAM.
 MAX_SNAPSHOT_BYTES = 8 << 30
+
+
+def cost(metric: float | None) -> float:
+    """The metric for comparisons: a missing or NaN one (a diverged run) is worse than any."""
+    return math.inf if metric is None or math.isnan(metric) else metric
 
 
 def ema_decay(planned_steps: int, configured: float = 0.0) -> float:
@@ -79,7 +85,7 @@ class Snapshots:
         self.items: list[tuple[float, int, list[torch.Tensor]]] = []  # (metric, step, weights)
 
     def add(self, metric: float | None, step: int) -> None:
-        if metric is None:
+        if cost(metric) == math.inf:
             return
         self.items.append((metric, step, cpu_copy(self.params)))
         self.items.sort(key=lambda it: it[0])
@@ -99,7 +105,7 @@ class Snapshots:
         for metric, step, weights in self.items[1:]:
             trial = [(t + w) / (len(members) + 1) for t, w in zip(total, weights)]
             load(self.params, trial)
-            m = evaluate()
+            m = cost(evaluate())
             if m < best_metric:
                 best_metric, members = m, members + [step]
                 total = [t + w for t, w in zip(total, weights)]
@@ -121,10 +127,11 @@ class Rollback:
     def check(self, metric: float | None) -> bool:
         if metric is None:
             return False
-        if self.best is None or metric < self.best:
+        metric = cost(metric)
+        if metric < math.inf and (self.best is None or metric < self.best):
             self.best, self.bad = metric, 0
             return False
-        if metric > self.best * (1 + self.tolerance):
+        if self.best is not None and metric > self.best * (1 + self.tolerance):
             self.bad += 1
         if self.bad < self.patience or self.times >= self.max_times:
             return False
@@ -160,7 +167,7 @@ class Selection:
             if self.ema is not None and entry["dev_loss"] is not None:
                 with self.ema.applied():
                     entry["dev_loss_ema"] = evaluate()
-                if entry["dev_loss_ema"] < entry["dev_loss"]:
+                if cost(entry["dev_loss_ema"]) < cost(entry["dev_loss"]):
                     held.enter_context(self.ema.applied())
                     entry["dev_loss"], entry["weights"] = entry["dev_loss_ema"], "ema"
             if self.snapshots is not None:
