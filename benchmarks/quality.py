@@ -51,7 +51,8 @@ def configs(task_type: str, n_params: int) -> dict[str, dict]:
     from tuning.priors import default_hparams
 
     dpo = task_type == "DpoTask"
-    ours = {**default_hparams(n_params, task_type), "saves": SAVES}
+    # the planner's hyperparameters with every technique off (the planner now turns rsLoRA on for small SFT jobs)
+    ours = {**default_hparams(n_params, task_type), "lora_rslora": False, "saves": SAVES}
     out = {
         "a_reference": {"method": "lora", "lora_r": 8, "lora_alpha": 16, "lr": 2e-4, "max_seq_len": 512,
                         "max_steps": 10, "warmup_fraction": 1.0, "saves": 1},
@@ -136,11 +137,14 @@ def run_one(task_dir: Path, model: Path, name: str, hp: dict, seed: int, budget_
 
 
 def summarise(runs: list[dict], bases: dict) -> dict:
-    """Per task and config: mean and spread over seeds; per config: mean ratio to b, c and ours."""
+    """Per task and config: mean and spread over seeds (and mean optimizer steps); per config:
+    mean ratio to b, c and ours."""
     cells: dict = {}
     for r in runs:
-        cells.setdefault(r["task"], {}).setdefault(r["config"], []).append(r["test"])
-    table = {t: {c: {"mean": statistics.mean(v), "spread": max(v) - min(v), "n": len(v)} for c, v in cs.items()}
+        cells.setdefault(r["task"], {}).setdefault(r["config"], []).append(r)
+    table = {t: {c: {"mean": statistics.mean(x["test"] for x in v), "n": len(v),
+                     "spread": max(x["test"] for x in v) - min(x["test"] for x in v),
+                     "steps": statistics.mean(x["steps"] for x in v)} for c, v in cs.items()}
              for t, cs in cells.items()}
     ratios: dict = {}
     for t, cs in table.items():
@@ -185,6 +189,10 @@ def markdown(summary: dict, meta: dict) -> str:
         r = summary["mean_ratio"].get(c, {})
         lines.append(f"| {c} | " + " | ".join(cells) + " | " +
                      " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in ("b_trl", "c_strong", "ours")) + " |")
+    lines += ["", "Mean optimizer steps reached in the budget:", "",
+              "| config | " + " | ".join(table) + " |", "|" + "---|" * (len(table) + 1)]
+    for c in names or []:
+        lines.append(f"| {c} | " + " | ".join(f"{table[t][c]['steps']:.0f}" if c in table[t] else "-" for t in table) + " |")
     lines += ["", "Verdict per technique vs `ours` (gain beyond the larger seed spread):", ""]
     for name, v in summary["verdicts"].items():
         lines.append(f"- {name}: " + ", ".join(f"{t} {x}" for t, x in v.items()))
@@ -201,7 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="*", help="only these configs (default: all)")
     parser.add_argument("--jsonl", default=str(RESULTS / "raw" / "quality_runs.jsonl"))
     parser.add_argument("--out", default=str(RESULTS / "quality"))
+    parser.add_argument("--report-only", action="store_true",
+                        help="retabulate --jsonl with the base metrics and meta of the existing --out.json")
     args = parser.parse_args(argv)
+    if args.report_only:
+        old = json.loads(Path(args.out + ".json").read_text())
+        runs = [json.loads(line) for line in Path(args.jsonl).read_text().splitlines()]
+        return write(runs, old["base"], {**old["meta"], "seeds": sorted({r["seed"] for r in runs})}, args.out)
     from transformers import AutoConfig
 
     from tuning.priors import param_count_from_config
@@ -231,8 +245,6 @@ def main(argv: list[str] | None = None) -> int:
                     with jsonl.open("a") as f:
                         f.write(json.dumps(r) + "\n")
                     runs.append(r)
-    summary = summarise([r for r in runs if r["task"] in args.tasks], bases)
-    summary["verdicts"] = verdicts(summary["table"])
     meta = {"command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} nice -n 10 python -m "
                        f"benchmarks.quality --budget-s {args.budget_s:g} --seeds {' '.join(map(str, args.seeds))}"
                        f" --rows {args.rows}",
@@ -240,9 +252,17 @@ def main(argv: list[str] | None = None) -> int:
                        f"{platform.python_version()}",
             "date": started, "seeds": args.seeds, "budget_s": args.budget_s, "rows": args.rows,
             "total_s": round(time.time() - t0), "model": str(model)}
-    Path(args.out + ".json").write_text(json.dumps({"meta": meta, **summary, "runs": runs}, indent=1))
-    Path(args.out + ".md").write_text(markdown(summary, meta))
-    print(Path(args.out + ".md").read_text())
+    return write([r for r in runs if r["task"] in args.tasks], bases, meta, args.out)
+
+
+def write(runs: list[dict], bases: dict, meta: dict, out: str) -> int:
+    summary = summarise(runs, bases)
+    summary["verdicts"] = verdicts(summary["table"])
+    Path(out + ".json").write_text(json.dumps({"meta": meta, **summary, "runs": runs}, indent=1))
+    md = Path(out + ".md")
+    findings = md.read_text().partition("\n## Findings")[2] if md.exists() else ""  # hand-written: kept
+    md.write_text(markdown(summary, meta) + ("\n## Findings" + findings if findings else ""))
+    print(Path(out + ".md").read_text())
     return 0
 
 
