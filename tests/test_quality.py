@@ -60,7 +60,7 @@ def test_greedy_soup_never_worse_than_the_best_snapshot():
         params[0].data.fill_(w)
         snaps2.add(evaluate(), step)
     metric, members = snaps2.greedy_soup(evaluate)
-    assert members == [0] and abs(float(params[0]) - 0.8) < 1e-6 and abs(metric - 0.2) < 1e-6
+    assert members == [0] and abs(float(params[0].detach()) - 0.8) < 1e-6 and abs(metric - 0.2) < 1e-6
 
 
 def test_rollback_restores_the_best_and_lowers_the_lr_a_bounded_number_of_times():
@@ -139,4 +139,4 @@ def test_selection_rolls_back_to_the_best_weights():
         with sel.chosen(lambda: metric, entry, step, final=False):
             pass
         rolled = sel.maybe_roll_back(entry)
-    assert rolled and entry["rollback_to"] == 1 and float(params[0]) == 2.0 and sel.lr_scale == 0.5
+    assert rolled and entry["rollback_to"] == 1 and float(params[0].detach()) == 2.0 and sel.lr_scale == 0.5
