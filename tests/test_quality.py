@@ -79,8 +79,8 @@ def test_ema_decay_choice_and_average():
         params[0].data.add_(1.0)
         ema.update(0.8)
     with ema.applied():
-        averaged = float(params[0])
-    assert float(params[0]) == 50.0 and 44.0 < averaged < 47.0  # lags the raw weight by ~decay/(1-decay)
+        averaged = float(params[0].detach())
+    assert float(params[0].detach()) == 50.0 and 44.0 < averaged < 47.0  # lags the raw weight by ~decay/(1-decay)
 
 
 def _run(tmp_path, model, demo_task, name, **options):
