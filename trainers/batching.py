@@ -9,15 +9,11 @@ from .instruct_format import IGNORE, Example
 
 
 def split_dev(examples: list[Example], fraction: float, max_dev: int, seed: int) -> tuple[list[Example], list[Example]]:
-    """A held-out dev split for checkpoint selection; identical on every worker (fixed seed)."""
-    if fraction <= 0 or len(examples) < 20:
-        return examples, []
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_dev = max(1, min(max_dev, int(len(examples) * fraction)))
-    dev = [examples[i] for i in order[:n_dev]]
-    train = [examples[i] for i in order[n_dev:]]
-    return train, dev
+    """A held-out dev split for checkpoint selection; identical on every worker (fixed seed):
+    stratified by length, near-duplicates on one side (dev_split.py)."""
+    from .dev_split import split_dev as stratified
+
+    return stratified(examples, fraction, max_dev, seed)
 
 
 def make_batches(examples: list[Example], batch_tokens: int, max_batch: int, seed: int) -> list[list[Example]]:

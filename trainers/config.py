@@ -20,6 +20,9 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_targets: str | list[str] = "all-linear"
+    lora_rslora: bool = False          # scale alpha/sqrt(r) instead of alpha/r (rsLoRA)
+    lora_dora: bool = False            # weight-decomposed LoRA (DoRA): slower per step
+    lora_mlp_r: int = 0                # rank of the MLP projections (0: lora_r); alpha keeps alpha/r
     # optimisation
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -36,6 +39,15 @@ class TrainConfig:
     max_dev_rows: int = 256
     train_deadline: float = 0.0        # unix time at which training must stop (0: no deadline)
     saves: int = 4                     # evaluate dev loss and checkpoint this many times
+    max_steps: int = 0                 # cap on optimizer steps (0: none), e.g. a reference miner's 10
+    # weight averaging and validation-driven adjustments (averaging.py; benchmarks/results/quality.md)
+    ema: bool = False                  # evaluate an EMA of the weights beside the raw ones at each save
+    ema_decay: float = 0.0             # 0: from the planned steps (averaging.ema_decay)
+    soup: bool = False                 # greedy soup of the saved snapshots at the end
+    soup_size: int = 4                 # snapshots kept for the soup (best by dev metric)
+    rollback: bool = False             # dev metric worse for `rollback_patience` saves: restore best, LR x0.5
+    rollback_patience: int = 2
+    max_rollbacks: int = 2
     seed: int = 42
     # resources
     num_workers: int = 1

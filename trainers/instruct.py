@@ -23,6 +23,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from .averaging import Selection
 from .batching import collate, make_batches, per_sample_loss, split_dev
 from .config import TrainConfig
 from .formats import max_length, tokenize_rows
@@ -172,6 +173,7 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
 
     batches_per_epoch = len(steps.batches(shard, cfg.seed))
     total = max(1, int(cfg.epochs * batches_per_epoch / cfg.grad_accum))
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
     if rank == 0:
         print(f"[train] rows={len(rows)} dropped_for_length={dropped} train={len(train)} dev={len(dev)} "
               f"max_len={max_len} workers={world} planned_steps={total}", flush=True)
@@ -200,6 +202,8 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
     step, epoch, micro, t0, tokens = resume_step, 0, 0, time.time(), 0
     best = {"dev_loss": None}
     save_s = 0.0  # what one dev evaluation + checkpoint costs, measured at each save
+    selection = Selection(params, cfg)  # EMA / soup / rollback, when the config asks (averaging.py)
+    deadline = cfg.train_deadline
     trained.train()
     done = False
     while not done:
@@ -212,41 +216,46 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
             if (i + 1) % cfg.grad_accum:
                 continue
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, cfg)
+                group["lr"] = lr_at(step, total, cfg) * selection.lr_scale
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            selection.after_step(total)
             step += 1
             if step - resume_step == 1:
                 t_warm = time.time()  # the first step carries torch.compile's warm-up: not a probe
             if step - resume_step == PROBE_STEPS + 1 and cfg.train_deadline:
                 per_step = (time.time() - t_warm) / PROBE_STEPS
                 total, save_points = _cap(step, total, save_points, steps_that_fit(
-                    time.time(), cfg.train_deadline, per_step, len([p for p in save_points if p > step]), save_s),
+                    time.time(), deadline, per_step, len([p for p in save_points if p > step]), save_s),
                     cfg.saves, per_step, rank)
             entry = {"step": step, "epoch": epoch, "loss": loss,
                      "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 2),
                      "tokens_per_s": round(tokens * world / max(1e-6, time.time() - t0), 1)}
             history.append(entry)
             # stop early enough for the final dev evaluation and checkpoint to end by the deadline
-            out_of_time = bool(cfg.train_deadline) and time.time() + save_s >= cfg.train_deadline
+            out_of_time = bool(deadline) and time.time() + save_s >= deadline
             done = _any_rank(step >= total or out_of_time, device)
             if rank == 0 and (step % 10 == 0 or done):
                 print(f"[train] step {step}/{total} loss {entry['loss']:.4f} lr {entry['lr']:.2e} "
                       f"{entry['tokens_per_s']:.0f} tok/s", flush=True)
             if step in save_points or done:
                 t_save = time.time()
-                entry["dev_loss"] = steps.dev_loss(dev)
-                if best["dev_loss"] is None or (entry["dev_loss"] or 0) <= best["dev_loss"]:
-                    best = {"dev_loss": entry["dev_loss"], "step": step}
-                _report(raw_model, optimizer, tokenizer, step, total, entry, rank, staging,
-                        save=not cfg.extra.get("search_trial"))
-                save_s = max(save_s, time.time() - t_save)
+                with selection.chosen(lambda: steps.dev_loss(dev), entry, step, final=done):
+                    if best["dev_loss"] is None or (entry["dev_loss"] or 0) <= best["dev_loss"]:
+                        best = {"dev_loss": entry["dev_loss"], "step": step}
+                    _report(raw_model, optimizer, tokenizer, step, total, entry, rank, staging,
+                            save=not cfg.extra.get("search_trial"))
+                save_s = max(save_s, time.time() - t_save - (selection.reserve_s if done else 0.0))
+                deadline = cfg.train_deadline - selection.reserve_s if cfg.train_deadline else 0.0
+                if not done and selection.maybe_roll_back(entry) and rank == 0:
+                    print(f"[train] dev metric worse {cfg.rollback_patience} times: back to step "
+                          f"{entry['rollback_to']}, LR x{selection.lr_scale:g}", flush=True)
                 if cfg.train_deadline and not done and step - resume_step > PROBE_STEPS:
                     per_step = (t_save - t_warm) / max(1, step - resume_step - 1)
                     left = len([p for p in save_points if p > step])
                     total, save_points = _cap(step, total, save_points, steps_that_fit(
-                        time.time(), cfg.train_deadline, per_step, left, save_s), cfg.saves, per_step, rank)
+                        time.time(), deadline, per_step, left, save_s), cfg.saves, per_step, rank)
             progress.update(entry, total, final=done)
             if done:
                 break

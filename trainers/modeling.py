@@ -28,8 +28,12 @@ def wrap_for_training(model, cfg: TrainConfig):
         raise ValueError(f"unknown method {cfg.method!r}")
     from peft import LoraConfig, get_peft_model
 
+    # per-module rank: peft matches these keys as regexes on the module names' tails
+    mlp = {r"mlp\..*": cfg.lora_mlp_r} if cfg.lora_mlp_r and cfg.lora_mlp_r != cfg.lora_r else {}
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
+                      target_modules=cfg.lora_targets, task_type="CAUSAL_LM",
+                      use_rslora=cfg.lora_rslora, use_dora=cfg.lora_dora, rank_pattern=mlp,
+                      alpha_pattern={k: cfg.lora_alpha * r / cfg.lora_r for k, r in mlp.items()})
     return get_peft_model(model, lora)
 
 

@@ -19,9 +19,17 @@ def lr_prior(n_params: int, method: str = "lora") -> float:
 TASK_LR_SCALE = {"DpoTask": 0.3}
 
 
+# rsLoRA (alpha/sqrt(r)) lowered the Instruct and Chat test loss beyond seed noise at rank 16 on
+# pico-llama (benchmarks/results/quality.md); it is a 4x hotter adapter there, 8x at rank 64, so it
+# stays off where it was not measured (larger ranks, DPO, where it was within noise / worse once).
+RSLORA_MAX_PARAMS = 50_000_000
+RSLORA_TASKS = {"InstructTextTask", "ChatTask"}
+
+
 def default_hparams(n_params: int, task_type: str, method: str = "lora") -> dict:
     rank = 16 if n_params < 50_000_000 else 64 if n_params < 13e9 else 128
     return {
+        "lora_rslora": n_params < RSLORA_MAX_PARAMS and task_type in RSLORA_TASKS,
         "method": method,
         "lr": lr_prior(n_params, method) * TASK_LR_SCALE.get(task_type, 1.0),
         "lora_r": rank,
