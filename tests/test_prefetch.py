@@ -13,24 +13,9 @@ from cluster.fetch import InputError, download_dataset, prefetched_path
 from cluster.ledger import parse_shape
 from cluster.prefetch import DATASET_FILE, Prefetcher
 from cluster.protocol import MinerTaskOffer, TaskType, TrainRequestText
-from cluster.settings import load_settings
 from cluster.simulate import DatasetServer
 from cluster.store import QUEUED
-
-
-class RayDown:
-    def submit(self, job, settings):
-        raise ConnectionError("ray is down")
-
-    def status(self, submission_id):
-        return None, ""
-
-
-@pytest.fixture()
-def settings(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINER_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.delenv("MINER_CLUSTER", raising=False)
-    return load_settings()
+from test_scheduling import RayDown, settings  # noqa: F401 - the runner without Ray, the settings fixture
 
 
 def queue_job(cp, url, hours, model):
