@@ -116,7 +116,8 @@ def test_rollback_in_the_training_loop(tmp_path, tiny_models, demo_task, monkeyp
     # a scripted dev metric (best at the 2nd evaluation, then worse twice, NaN included) drives the loop
     script = iter([5.0, 4.0, 4.5, float("nan"), 3.9, 3.8, 3.7, 3.6, 3.5, 3.4])
     monkeypatch.setattr(instruct.Steps, "dev_loss", lambda self, dev: next(script))
-    out = _run(tmp_path, tiny_models["llama"], demo_task, "rb", rollback=True, rollback_patience=2, saves=6, epochs=3)
+    out = _run(tmp_path, tiny_models["llama"], demo_task, "rb", rollback=True, rollback_patience=2, saves=6, epochs=3,
+               keep_base=False)  # the script scores the save points only
     history = out.summary["history"]
     evals = [h for h in history if "dev_loss" in h]
     rolled = [h for h in history if "rollback_to" in h]
@@ -140,3 +141,23 @@ def test_selection_rolls_back_to_the_best_weights():
             pass
         rolled = sel.maybe_roll_back(entry)
     assert rolled and entry["rollback_to"] == 1 and float(params[0].detach()) == 2.0 and sel.lr_scale == 0.5
+
+
+def test_the_last_checkpoint_is_never_worse_than_the_starting_weights():
+    from trainers.averaging import Selection
+
+    params = _params(0.0)
+    evaluate = lambda: float(params[0].detach().abs())  # noqa: E731 - the start (0.0) is the optimum here
+    sel = Selection(params, TrainConfig(model_path="-", train_file="-", dataset_type={}))
+    sel.remember_base(evaluate())
+    params[0].data.fill_(0.25)                                  # training only added noise
+    entry = {}
+    with sel.chosen(evaluate, entry, step=5, final=True):
+        assert float(params[0].detach()) == 0.0                 # what gets checkpointed: the start
+    assert entry["weights"] == "base" and entry["dev_loss"] == 0.0
+    assert float(params[0].detach()) == 0.25                    # and the trained weights are back after
+    sel.remember_base(0.5)                                      # a start that the trained weights beat
+    entry = {}
+    with sel.chosen(evaluate, entry, step=6, final=True):
+        assert float(params[0].detach()) == 0.25
+    assert "weights" not in entry and entry["dev_loss"] == 0.25

@@ -53,21 +53,26 @@ class Ema:
         d = min(decay, (1 + self.updates) / (10 + self.updates))
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
 
-    @contextmanager
     def applied(self):
         """The EMA weights in the model for the duration (to evaluate or save them)."""
-        raw = [p.detach().clone() for p in self.params]
-        load(self.params, self.shadow)
-        try:
-            yield
-        finally:
-            load(self.params, raw)
+        return swapped(self.params, self.shadow)
 
 
 @torch.no_grad()
 def load(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> None:
     for p, v in zip(params, values):
         p.copy_(v.to(p.device, p.dtype))
+
+
+@contextmanager
+def swapped(params: list[torch.nn.Parameter], values: list[torch.Tensor]):
+    """`values` in `params` for the duration; the weights they replaced back afterwards."""
+    raw = [p.detach().clone() for p in params]
+    load(params, values)
+    try:
+        yield
+    finally:
+        load(params, raw)
 
 
 def cpu_copy(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
@@ -152,6 +157,15 @@ class Selection:
         self.snapshots = Snapshots(params, keep) if cfg.soup or cfg.rollback else None
         self.rollback = Rollback(patience=cfg.rollback_patience, max_times=cfg.max_rollbacks if cfg.rollback else 0)
         self.reserve_s = 0.0  # the final soup's dev evaluations: kept back from the deadline
+        self.base: tuple[float, list[torch.Tensor]] | None = None
+
+    def remember_base(self, metric: float | None) -> None:
+        """The starting weights and their dev metric: the last checkpoint is never worse than
+        them. A run that only fits noise (DPO on labels a small model cannot learn: the loss
+        drifts above ln 2) then publishes what the base model does instead of something worse."""
+        size = sum(p.numel() * p.element_size() for p in self.params)
+        if metric is not None and size <= MAX_SNAPSHOT_BYTES:
+            self.base = (cost(metric), cpu_copy(self.params))
 
     def after_step(self, planned_steps: int) -> None:
         if self.ema is not None:
@@ -177,6 +191,9 @@ class Selection:
             if final and self.cfg.soup and len(self.snapshots.items) > 1:
                 entry["dev_loss"], entry["soup"] = self.snapshots.greedy_soup(evaluate)
                 entry["weights"] = "soup" if len(entry["soup"]) > 1 else f"step {entry['soup'][0]}"
+            if final and self.base is not None and cost(entry["dev_loss"]) > self.base[0]:
+                held.enter_context(swapped(self.params, self.base[1]))
+                entry["dev_loss"], entry["weights"] = self.base[0], "base"
             yield
 
     def maybe_roll_back(self, entry: dict) -> bool:

@@ -203,6 +203,8 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
     best = {"dev_loss": None}
     save_s = 0.0  # what one dev evaluation + checkpoint costs, measured at each save
     selection = Selection(params, cfg)  # EMA / soup / rollback, when the config asks (averaging.py)
+    if cfg.keep_base and resume_step == 0 and not cfg.extra.get("search_trial"):
+        selection.remember_base(steps.dev_loss(dev))  # the bar the last checkpoint must clear
     deadline = cfg.train_deadline
     trained.train()
     done = False
