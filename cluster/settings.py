@@ -91,8 +91,10 @@ def write_secret(path: Path, value: str) -> Path:
 
 def _secret(name: str, file_variable: str) -> str | None:
     """A secret from its variable, else from the file a parent process handed down."""
-    path = _env(file_variable)
-    return _env(name) or (Path(path).read_text().strip() or None if path and Path(path).is_file() else None)
+    value, path = _env(name), _env(file_variable)
+    if value or not path or not Path(path).is_file():
+        return value
+    return Path(path).read_text().strip() or None
 
 
 def load_settings() -> Settings:
