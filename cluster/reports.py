@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuning.plots import pyplot
+from tuning.plots import pyplot, save_figure
 
 PROGRESS_FILE = "progress.json"  # written live by the trainer's rank 0 (trainers/progress.py)
 # Files the tuning step (LR range test) may leave in the job folder; linked when present.
@@ -103,10 +103,7 @@ def plot_loss_curve(history: list[dict], path: Path) -> bool:
     lr_ax.set_xlabel("optimizer step")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     lr_ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def plot_timings(durations: dict, path: Path) -> bool:
@@ -121,7 +118,4 @@ def plot_timings(durations: dict, path: Path) -> bool:
     ax.set_xlabel("seconds")
     ax.set_title("job phases")
     ax.margins(x=0.2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)

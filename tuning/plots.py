@@ -16,6 +16,16 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path) -> bool:
+    """Lays out, writes and closes a figure (pyplot keeps every open figure alive otherwise)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def plot_range_test(result, path: Path) -> bool:
     plt = pyplot()
     if plt is None or not result.lrs:
@@ -33,10 +43,7 @@ def plot_range_test(result, path: Path) -> bool:
     ax.set_ylabel("training loss (validator metric)")
     ax.set_title("LR range test")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def plot_trials(trials: list[dict], chosen: dict, path: Path) -> bool:
@@ -59,7 +66,4 @@ def plot_trials(trials: list[dict], chosen: dict, path: Path) -> bool:
     ax.set_ylabel("dev loss (validator metric)")
     ax.set_title("ASHA trials (dashed: stopped early)")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
