@@ -125,12 +125,14 @@ def cpu_by_component(load_pids: set[int] = frozenset()) -> dict[str, float]:
     """CPU seconds used so far by this process's descendants (Ray's daemons and actors, HAProxy,
     the load generator's `load_pids`), grouped by what they are (Linux /proc). Other users of the
     machine are left out: the numbers say where one request's CPU goes."""
+    from cluster.embedded import proc_stat
+
     tick = os.sysconf("SC_CLK_TCK")
     procs: dict[int, tuple[int, str, float]] = {}
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             first = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = proc_stat(entry.name)
         except OSError:
             continue
         pid = int(entry.name)

