@@ -31,7 +31,8 @@ def test_suggestion_is_a_decade_below_the_minimum_of_the_smoothed_curve():
 def _result(curve: list[float], stopped_by: str) -> RangeTestResult:
     lrs = sweep_lrs(1e-5, 1e-1, len(curve)) if len(curve) > 1 else [7e-6]
     suggestion, candidates = suggest(lrs, curve)
-    return RangeTestResult(lrs, curve, curve, suggestion, "min_over_10", candidates, lrs[0], None, 1.0, stopped_by)
+    lr_at_min = lrs[curve.index(min(curve))]
+    return RangeTestResult(lrs, curve, curve, suggestion, "min_over_10", candidates, lr_at_min, None, 1.0, stopped_by)
 
 
 def test_a_curve_too_short_or_cut_while_falling_does_not_place_the_lr():

@@ -134,7 +134,7 @@ def inconclusive(rt) -> str | None:
     min/10 of that trained a 10-minute job at 7e-7 (1000x under the prior) in a real run."""
     if len(rt.lrs) < MIN_CURVE_POINTS:
         return f"{len(rt.lrs)} LRs tried, need {MIN_CURVE_POINTS}"
-    if rt.stopped_by == "time" and min(range(len(rt.smoothed)), key=rt.smoothed.__getitem__) == len(rt.lrs) - 1:
+    if rt.stopped_by == "time" and rt.lr_at_min == rt.lrs[-1]:
         return "stopped by time while the loss was still falling"
     return None
 
