@@ -240,6 +240,8 @@ def _method_and_min_gpus(params: float, task_type: str, dev: Device, max_gpus: i
         return "full", 1
     if memory_per_gpu_gib(params, task_type, "lora", 1, dev) <= dev.mem_gib:
         return "lora", 1
+    if task_type == "GrpoTask":
+        return None, 0  # its trainer (TRL's GRPOTrainer in trainers/grpo.py) is not wired to ZeRO-3
     g = 2
     while g <= max_gpus:
         if memory_per_gpu_gib(params, task_type, "lora_zero3", g, dev) <= dev.mem_gib:

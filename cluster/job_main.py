@@ -70,7 +70,8 @@ def plan_shape(job: Job, settings: Settings) -> tuple[dict, float]:
              "use_gpu": settings.use_gpu and (gpus > 0 or not plan),
              "cpus_per_worker": float(plan.get("cpus_per_worker") or 1.0),
              "accelerator_type": where["accelerator_type"], "label_selector": where["label_selector"],
-             "method": "full" if plan.get("method") == "full" else "lora"}
+             "method": "full" if plan.get("method") == "full" else "lora",
+             "zero_stage": 3 if plan.get("method") == "lora_zero3" else 0}  # trainers/engines.py
     return shape, min(job.deadline, float(plan.get("planned_end") or job.deadline))
 
 

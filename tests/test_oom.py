@@ -54,6 +54,15 @@ def test_a_single_example_that_does_not_fit_is_cut_then_gives_up():
         OomLadder(None, log=lambda *_: None).run([Example([1] * 10, [1] * 10)], always_oom)
 
 
+def test_with_several_workers_an_oom_propagates_instead_of_splitting_one_rank():
+    # a split batch on one rank = more passes than its peers: their collectives would desync
+    model, step, calls = _model_and_step({1})
+    ladder = OomLadder(instruct.cut_example, log=lambda *_: None, solo=False)
+    with pytest.raises(torch.OutOfMemoryError):
+        ladder.run([Example([1] * n, [1] * n) for n in (3, 5)], step)
+    assert calls == [2] and ladder.max_examples is None
+
+
 def test_the_training_loop_survives_an_oom(tmp_path, monkeypatch, tiny_models, demo_task, capsys):
     calls = []
 

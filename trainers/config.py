@@ -23,6 +23,8 @@ class TrainConfig:
     lora_rslora: bool = False          # scale alpha/sqrt(r) instead of alpha/r (rsLoRA)
     lora_dora: bool = False            # weight-decomposed LoRA (DoRA): slower per step
     lora_mlp_r: int = 0                # rank of the MLP projections (0: lora_r); alpha keeps alpha/r
+    zero_stage: int = 0                # 3: DeepSpeed ZeRO-3 over the workers (engines.py): weights, grads and
+                                       # optimizer state sharded, for models whose training state outgrows a GPU
     # optimisation
     lr: float = 2e-4
     weight_decay: float = 0.0

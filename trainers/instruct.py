@@ -26,9 +26,10 @@ import torch.distributed as dist
 from .averaging import Selection
 from .batching import collate, make_batches, per_sample_loss, split_dev
 from .config import TrainConfig
+from .engines import make_engine, zero3_loading, zero3_supported
 from .formats import max_length, tokenize_rows
 from .instruct_format import Example
-from .modeling import load_base_model, load_tokenizer, save_trainable, wrap_for_training
+from .modeling import load_base_model, load_tokenizer, wrap_for_training
 from .oom import OomLadder
 from .packing import fast_path
 from .progress import ProgressFile
@@ -148,9 +149,11 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
         # OMP_NUM_THREADS wins when set (shared CPUs: spinning extra threads under load is slow).
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // max(1, world)))
     torch.manual_seed(cfg.seed)
+    cfg = zero3_supported(cfg, recipe, log=print if rank == 0 else lambda *_: None)
 
     tokenizer = load_tokenizer(cfg.model_path)
-    base = load_base_model(cfg.model_path, device)
+    with zero3_loading(cfg, device):  # ZeRO-3: each rank holds 1/world of every weight from here on
+        base = load_base_model(cfg.model_path, device)
     max_len = max_length(cfg.task_type, base.config, cfg.max_seq_len)
     with open(cfg.train_file) as f:
         rows = json.load(f)
@@ -164,12 +167,11 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
     model.to(device)
     raw_model = model
     steps = Steps(recipe, model, cfg, device, tokenizer.pad_token_id, max((len(ex) for ex in shard), default=1))
-    trained = steps.module  # what the forward pass runs: the model, or the fast path's loss module
-    if world > 1:
-        trained = ray.train.torch.prepare_model(trained, move_to_device=False)
     params = [p for p in raw_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
+    # what the forward pass runs (the model or the fast path's loss module; DDP or ZeRO-3 over
+    # the workers) and what turns its gradients into steps
+    engine = make_engine(cfg, steps.module, raw_model, params, device, world)
+    trained = engine.module
 
     batches_per_epoch = len(steps.batches(shard, cfg.seed))
     total = max(1, int(cfg.epochs * batches_per_epoch / cfg.grad_accum))
@@ -183,17 +185,19 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
     if ckpt:  # restarted after a failure: continue from the last reported weights
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, "train_state.pt"), map_location=device, weights_only=False)
-        raw_model.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        resume_step, total = state["step"], state["total"]
+        if engine.resume(state):
+            resume_step, total = state["step"], state["total"]
+        elif rank == 0:
+            print(f"[train] restarted: {type(engine).__name__} keeps no optimizer state, starting over "
+                  f"from the base weights (step {state['step']} checkpoint stays a candidate)", flush=True)
 
     def micro_step(piece: list, weight: float) -> float:
         """Forward and backward of `weight` x the piece's mean loss; returns that mean loss."""
         loss = steps.mean_loss(trained, piece)
-        (loss * weight / cfg.grad_accum).backward()
+        engine.backward(loss * weight / cfg.grad_accum)
         return loss.item()
 
-    ladder = OomLadder(recipe.cut, log=print if rank == 0 else lambda *_: None)
+    ladder = OomLadder(recipe.cut, log=print if rank == 0 else lambda *_: None, solo=world == 1)
     history: list[dict] = []
     progress = ProgressFile(cfg.progress_file if rank == 0 else "", world_size=world, device=device.type,
                             train_deadline=cfg.train_deadline)
@@ -217,11 +221,7 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
             tokens += sum(len(ex) for ex in batch)
             if (i + 1) % cfg.grad_accum:
                 continue
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, cfg) * selection.lr_scale
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            engine.step(lr_at(step, total, cfg) * selection.lr_scale)
             selection.after_step(total)
             step += 1
             if step - resume_step == 1:
@@ -232,7 +232,7 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
                     time.time(), deadline, per_step, len([p for p in save_points if p > step]), save_s),
                     cfg.saves, per_step, rank)
             entry = {"step": step, "epoch": epoch, "loss": loss,
-                     "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 2),
+                     "lr": engine.lr, "elapsed_s": round(time.time() - t0, 2),
                      "tokens_per_s": round(tokens * world / max(1e-6, time.time() - t0), 1)}
             history.append(entry)
             # stop early enough for the final dev evaluation and checkpoint to end by the deadline
@@ -246,7 +246,7 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
                 with selection.chosen(lambda: steps.dev_loss(dev), entry, step, final=done):
                     if best["dev_loss"] is None or (entry["dev_loss"] or 0) <= best["dev_loss"]:
                         best = {"dev_loss": entry["dev_loss"], "step": step}
-                    _report(raw_model, optimizer, tokenizer, step, total, entry, rank, staging,
+                    _report(engine, tokenizer, step, total, entry, rank, staging,
                             save=not cfg.extra.get("search_trial"))
                 save_s = max(save_s, time.time() - t_save - (selection.reserve_s if done else 0.0))
                 deadline = cfg.train_deadline - selection.reserve_s if cfg.train_deadline else 0.0
@@ -278,20 +278,18 @@ def _cap(step: int, total: int, save_points: set, fits: int, saves: int, per_ste
     return total, save_points
 
 
-def _report(model, optimizer, tokenizer, step: int, total: int, metrics: dict, rank: int, staging: str,
+def _report(engine, tokenizer, step: int, total: int, metrics: dict, rank: int, staging: str,
             save: bool = True) -> None:
-    """Reports metrics with a checkpoint (rank 0 writes it; every rank must call report).
+    """Reports metrics with a checkpoint (rank 0 writes it; every rank must call report and,
+    under ZeRO-3, take part in gathering the weights).
     Ray Train copies the checkpoint into the run's storage during report, so the staging copy
     is removed afterwards - except in local mode (num_workers=0, no Ray), where it is the copy.
     Search trials (save=False) report metrics only: their weights are never used."""
     d = os.path.join(staging, f"step_{step:07d}")
     checkpoint = None
+    if save:
+        engine.save(tokenizer, d, {"step": step, "total": total}, write=rank == 0)
     if rank == 0 and save:
-        save_trainable(model, tokenizer, d)
-        trainable = ({k: v for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
-                     if hasattr(model, "peft_config") else model.state_dict())
-        torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "step": step, "total": total},
-                   os.path.join(d, "train_state.pt"))
         with open(os.path.join(d, "metrics.json"), "w") as f:  # lets the watchdog pick the best one
             json.dump(metrics, f)
         checkpoint = ray.train.Checkpoint.from_directory(d)

@@ -4,6 +4,9 @@ First the micro-batch is halved (the halves run one after the other, each loss w
 share, so the gradient is the same); the smaller size is remembered for the rest of the run.
 When a single example still does not fit, its sequence length is halved (the example is cut,
 and the cut length remembered); only below `min_len` does the error propagate.
+With several workers it always propagates (`solo=False`): a rank that splits its batch runs
+more forward/backward passes than the others, so their collectives (DDP's all-reduce, ZeRO-3's
+gathers) would stop matching and the group would hang instead of failing.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ def _free() -> None:
 
 
 class OomLadder:
-    def __init__(self, cut: Callable | None, min_len: int = 64, log: Callable = print):
+    def __init__(self, cut: Callable | None, min_len: int = 64, log: Callable = print, solo: bool = True):
+        self.solo = solo
         self.cut = cut               # (example, length) -> the example cut to `length` tokens; None: never cut
         self.min_len = min_len
         self.max_examples: int | None = None
@@ -42,6 +46,8 @@ class OomLadder:
         try:
             return step(piece, weight) * weight
         except torch.OutOfMemoryError:
+            if not self.solo:
+                raise
             _free()
         if len(piece) > 1:
             half = len(piece) // 2

@@ -208,7 +208,7 @@ def plan_memory(hf_model, device: torch.device, want_tokens: int, longest: int) 
     kv = getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or d // heads
     layer_bytes = (6 * d + 2 * kv * head_dim + 4 * ff) * 2 * 1.15
-    to_come = sum(3 * p.numel() * p.element_size() for p in hf_model.parameters() if p.requires_grad)
+    to_come = sum(_state_bytes(p) for p in hf_model.parameters() if p.requires_grad)
     head_chunk = 8192 * c.vocab_size * 2 * 3  # bf16 logits, grad and fp32 temporaries of one CE chunk
     free, _ = torch.cuda.mem_get_info(device)
     budget = 0.9 * free - to_come - head_chunk
@@ -220,6 +220,18 @@ def plan_memory(hf_model, device: torch.device, want_tokens: int, longest: int) 
         raise MemoryError(f"an example of {longest} tokens does not fit in GPU memory even with "
                           f"gradient checkpointing ({ckpt} tokens); use LoRA or more GPUs")
     return MemoryPlan(max(longest, min(want_tokens, ckpt)), True, f"{plain} tokens without recompute")
+
+
+def _state_bytes(p: torch.nn.Parameter) -> float:
+    """GPU bytes a trainable parameter still needs once training starts: its gradient and two
+    AdamW states in its dtype; a ZeRO-3 shard (DeepSpeed marks it with ds_numel; its bf16 share
+    is already allocated) needs this rank's share of an fp32 master copy, two fp32 Adam states
+    and a bf16 gradient partition (the fp32 gradients exist one sub-group at a time)."""
+    if hasattr(p, "ds_numel"):
+        import torch.distributed as dist
+
+        return 14 * p.ds_numel / (dist.get_world_size() if dist.is_initialized() else 1)
+    return 3 * p.numel() * p.element_size()
 
 
 def supports_packing(hf_model) -> bool:

@@ -1,0 +1,207 @@
+"""How a micro-batch's gradients become optimizer steps, and how a checkpoint is written.
+
+Two engines behind one small interface (`module`, `backward`, `step`, `save`):
+- `PlainEngine`: AdamW on one device, or DDP over the workers (Ray Train's prepare_model).
+- `Zero3Engine`: DeepSpeed ZeRO-3 over the workers: parameters, gradients and optimizer state
+  are sharded, so a model whose training state does not fit one device trains across the
+  placement group (the planner's `lora_zero3` shape, or a full fine-tune too large for one GPU).
+  The model is built already sharded (transformers' zero.Init path while `zero3_loading` is
+  open) and saved consolidated: rank 0 writes an ordinary HF model or PEFT adapter that reloads
+  without DeepSpeed, the way the validator loads it. ZeRO-3 checkpoints carry no optimizer
+  state: a restarted worker group starts again from the base weights (the published fallback is
+  the last consolidated checkpoint).
+
+`make_engine(cfg, module, model, params, device, world)` is the entry point; `zero3_loading(cfg,
+device)` wraps loading the base model.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import replace
+
+import torch
+
+from .config import TrainConfig
+from .modeling import save_trainable
+
+# ZeRO-3 knobs: buckets sized for 7-70B models (DeepSpeed's own defaults are for ~1B); small
+# parameters (norms, biases) stay whole on every rank instead of being gathered per layer.
+BUCKET = 50_000_000
+PERSIST_THRESHOLD = 100_000
+LIVE = 300_000_000
+
+
+def zero3(cfg: TrainConfig) -> bool:
+    if cfg.zero_stage not in (0, 3):
+        raise ValueError(f"zero_stage must be 0 (no sharding) or 3 (ZeRO-3), not {cfg.zero_stage}")
+    return cfg.zero_stage == 3
+
+
+def zero3_supported(cfg: TrainConfig, recipe, log=print) -> TrainConfig:
+    """The config a ZeRO-3 run can honour. The weight-averaging options and the keep-base guard
+    copy parameters, which are shards here: they are switched off (and said so) rather than
+    silently operating on empty tensors; regional torch.compile is off (ZeRO-3's gather hooks
+    break its graphs). A full fine-tune whose recipe precomputes from the base (DPO's
+    reference log-probs) needs the whole model before sharding: such a job must use LoRA."""
+    if not zero3(cfg):
+        return cfg
+    if recipe.prepare is not None and cfg.method == "full":
+        raise ValueError(f"{cfg.task_type} full fine-tuning under ZeRO-3 is not supported: use method='lora'")
+    off = [name for name in ("ema", "soup", "rollback", "keep_base") if getattr(cfg, name)]
+    if off:
+        log(f"[train] ZeRO-3: {', '.join(off)} off (they copy whole parameters; these are shards)")
+    return replace(cfg, **{name: False for name in off}, extra={**cfg.extra, "compile": False})
+
+
+def ds_config(cfg: TrainConfig, device: torch.device) -> dict:
+    """The DeepSpeed config of a ZeRO-3 run. Our loop forms batches (token-budgeted), sets the
+    LR and decides when to step; DeepSpeed shards, clips and casts. Its batch-size fields are
+    bookkeeping only, and accumulation happens in ZeRO-3's gradient partitions between steps."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.max_grad_norm,
+        "bf16": {"enabled": device.type == "cuda"},
+        "zero_optimization": {
+            "stage": 3,
+            "overlap_comm": device.type == "cuda",
+            "contiguous_gradients": True,
+            "reduce_bucket_size": BUCKET,
+            "stage3_prefetch_bucket_size": BUCKET,
+            "stage3_param_persistence_threshold": PERSIST_THRESHOLD,
+            # at most this many gathered parameters live at once, and fp32 gradients are
+            # materialised for the optimizer this many parameters at a time (default 1e9 each:
+            # 2 + 4 GB of headroom a near-full GPU does not have)
+            "stage3_max_live_parameters": LIVE,
+            "stage3_max_reuse_distance": LIVE,
+            "sub_group_size": LIVE,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
+        "zero_allow_untested_optimizer": True,  # torch's fused AdamW: no DeepSpeed op to compile
+        "steps_per_print": 1 << 30,
+    }
+
+
+@contextlib.contextmanager
+def zero3_loading(cfg: TrainConfig, device: torch.device):
+    """While open, transformers builds models already partitioned over the workers (each rank
+    keeps 1/world of every weight), so the full model never sits on one device."""
+    if not zero3(cfg):
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    if device.type == "cpu":  # tests: plain gloo; DeepSpeed would JIT-compile a C++ shm op per run
+        import deepspeed
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    keep = HfDeepSpeedConfig(ds_config(cfg, device))  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        del keep
+
+
+def make_engine(cfg: TrainConfig, module, model, params: list, device: torch.device, world: int):
+    """`module` is what the forward pass runs (the model or the fast path's loss module that
+    holds it), `model` the HF/PEFT model that is saved, `params` the trainable parameters."""
+    if zero3(cfg):
+        return Zero3Engine(cfg, module, model, params, device)
+    return PlainEngine(cfg, module, model, params, device, world)
+
+
+def adamw(cfg: TrainConfig, params: list, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+
+
+class PlainEngine:
+    def __init__(self, cfg: TrainConfig, module, model, params: list, device, world: int):
+        import ray.train.torch
+
+        self.cfg, self.model, self.params = cfg, model, params
+        self.module = ray.train.torch.prepare_model(module, move_to_device=False) if world > 1 else module
+        self.optimizer = adamw(cfg, params, device)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def save(self, tokenizer, out_dir: str, state: dict, write: bool) -> None:
+        """Publishable weights plus what a restart resumes from (trainable weights, optimizer)."""
+        if not write:
+            return
+        save_trainable(self.model, tokenizer, out_dir)
+        trainable = ({k: v for k, v in self.model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
+                     if hasattr(self.model, "peft_config") else self.model.state_dict())
+        torch.save({**state, "model": trainable, "optimizer": self.optimizer.state_dict()},
+                   os.path.join(out_dir, "train_state.pt"))
+
+    def resume(self, state: dict) -> bool:
+        self.model.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        return True
+
+
+class Zero3Engine:
+    def __init__(self, cfg: TrainConfig, module, model, params: list, device):
+        import deepspeed
+
+        self.model = model
+        if getattr(module, "model", None) is model:
+            # the fast path's loss module reads the output head's weight directly (fused CE):
+            # ZeRO-3 must gather it when the loss module runs, not only inside lm_head.forward
+            head = _hf(model).get_output_embeddings().weight
+            deepspeed.zero.register_external_parameter(module, head)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=adamw(cfg, params, device), config=ds_config(cfg, device))
+        self.module = self.engine
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # reduce-scatters into this rank's gradient partition
+
+    def step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()  # clips over all partitions, steps, zeroes the gradients
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def save(self, tokenizer, out_dir: str, state: dict, write: bool) -> None:
+        """Every rank gathers (collective); rank 0 writes a model that loads without DeepSpeed."""
+        peft = hasattr(self.model, "peft_config")
+        # one layer at a time onto rank 0's CPU; a LoRA run gathers only its adapter
+        full = self.engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=peft)
+        if not write:
+            return
+        prefix = "model." if self.engine.module is not self.model else ""
+        weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        # PEFT keeps the adapter's keys of this dict; an HF model writes it as sharded safetensors
+        self.model.save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        torch.save(state, os.path.join(out_dir, "train_state.pt"))
+
+    def resume(self, state: dict) -> bool:
+        """No optimizer shards are checkpointed: a restarted group trains again from the base
+        weights on a fresh schedule (capped by the deadline as ever). The checkpoints reported
+        before the failure stay candidates for the published model."""
+        return False
+
+
+def _hf(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
