@@ -24,7 +24,7 @@ demo: $(BIN)/.installed
 		--miner-url http://127.0.0.1:7997
 
 test: $(BIN)/.installed
-	RAY_AUTH_MODE=disabled OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
+	RAY_AUTH_MODE=disabled OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q --durations=12 tests
 
 clean:
 	rm -rf $(VENV) .miner-demo
