@@ -24,9 +24,11 @@ import torch
 import torch.distributed as dist
 
 from .averaging import Selection
+from .dev_pass import DevPass
 from .batching import collate, make_batches, per_sample_loss, split_dev
 from .config import TrainConfig
 from .formats import max_length, tokenize_rows
+from .layerwise import probe_ranks
 from .instruct_format import Example
 from .modeling import load_base_model, load_tokenizer, save_trainable, wrap_for_training
 from .oom import OomLadder
@@ -160,7 +162,9 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
     if recipe.prepare:
         base.to(device)
         recipe.prepare(base, cfg, shard + dev, tokenizer.pad_token_id, device)
-    model = wrap_for_training(base, cfg)
+    ranks, probed = probe_ranks(base, recipe, cfg, shard, tokenizer.pad_token_id, device) \
+        if cfg.method == "lora" and cfg.lora_layer_rank else (None, {})
+    model = wrap_for_training(base, cfg, ranks)
     model.to(device)
     raw_model = model
     steps = Steps(recipe, model, cfg, device, tokenizer.pad_token_id, max((len(ex) for ex in shard), default=1))
@@ -203,6 +207,7 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
     best = {"dev_loss": None}
     save_s = 0.0  # what one dev evaluation + checkpoint costs, measured at each save
     selection = Selection(params, cfg)  # EMA / soup / rollback, when the config asks (averaging.py)
+    dev_pass, per_step = DevPass(cfg, dev, steps.batches), 0.0  # the final pass over dev (dev_pass.py)
     if cfg.keep_base and resume_step == 0 and not cfg.extra.get("search_trial"):
         selection.remember_base(steps.dev_loss(dev))  # the bar the last checkpoint must clear
     deadline = cfg.train_deadline
@@ -228,6 +233,7 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
                 t_warm = time.time()  # the first step carries torch.compile's warm-up: not a probe
             if step - resume_step == PROBE_STEPS + 1 and cfg.train_deadline:
                 per_step = (time.time() - t_warm) / PROBE_STEPS
+                deadline = cfg.train_deadline - dev_pass.reserve_s(per_step, save_s)
                 total, save_points = _cap(step, total, save_points, steps_that_fit(
                     time.time(), deadline, per_step, len([p for p in save_points if p > step]), save_s),
                     cfg.saves, per_step, rank)
@@ -248,8 +254,11 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
                         best = {"dev_loss": entry["dev_loss"], "step": step}
                     _report(raw_model, optimizer, tokenizer, step, total, entry, rank, staging,
                             save=not cfg.extra.get("search_trial"))
+                    if done:
+                        dev_pass.keep(params, entry)
                 save_s = max(save_s, time.time() - t_save - (selection.reserve_s if done else 0.0))
-                deadline = cfg.train_deadline - selection.reserve_s if cfg.train_deadline else 0.0
+                deadline = (cfg.train_deadline - selection.reserve_s - dev_pass.reserve_s(per_step, save_s)
+                            if cfg.train_deadline else 0.0)
                 if not done and selection.maybe_roll_back(entry) and rank == 0:
                     print(f"[train] dev metric worse {cfg.rollback_patience} times: back to step "
                           f"{entry['rollback_to']}, LR x{selection.lr_scale:g}", flush=True)
@@ -262,9 +271,17 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
             if done:
                 break
         epoch += 1
+    if dev_pass.start is not None:
+        entry = dev_pass.run(lambda b, w: ladder.run(b, micro_step), optimizer, params,
+                             cfg.dev_pass_lr_ratio * cfg.lr * selection.lr_scale)
+        step += entry["dev_pass_steps"]
+        entry.update(step=step, dev_loss=steps.dev_loss(dev), elapsed_s=round(time.time() - t0, 2))
+        history.append(entry)
+        _report(raw_model, optimizer, tokenizer, step, total, entry, rank, staging)
     return {"history": history, "steps": step, "planned_steps": total, "best": best,
             "dropped_for_length": dropped, "train_rows": len(train), "dev_rows": len(dev),
-            "max_len": max_len, "tokens": tokens * world, "train_seconds": round(time.time() - t0, 2)}
+            "max_len": max_len, "tokens": tokens * world, "train_seconds": round(time.time() - t0, 2),
+            "layer_rank_probe": probed}
 
 
 def _cap(step: int, total: int, save_points: set, fits: int, saves: int, per_step: float, rank: int):
