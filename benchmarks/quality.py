@@ -44,7 +44,13 @@ TECHNIQUES = {
     "d_rslora": {"lora_rslora": True},
     "d_dora": {"lora_dora": True},
     "d_mlp_rank": {"lora_mlp_r": 32},  # MLP rank 2x the attention rank (16)
+    "d_layer_rank": {"lora_layer_rank": "probe"},  # per-layer rank from a gradient-norm probe (SFT only)
+    "d_dev_pass": {"dev_pass": True},
 }
+# a method rather than an option of LoRA: full FT of the last 2 of pico-llama's 4 layers at the full-FT LR prior
+LAST_LAYERS = {"method": "last_layers", "last_layers": 2}
+# what the default pipeline turns on beyond the planner's hyperparameters (e_kept)
+KEPT = ("d_dev_pass", "d_layer_rank")
 
 
 def configs(task_type: str, n_params: int) -> dict[str, dict]:
@@ -52,7 +58,9 @@ def configs(task_type: str, n_params: int) -> dict[str, dict]:
 
     dpo = task_type == "DpoTask"
     # the planner's hyperparameters with every technique off (the planner now turns rsLoRA on for small SFT jobs)
-    ours = {**default_hparams(n_params, task_type), "lora_rslora": False, "saves": SAVES}
+    planner = {**default_hparams(n_params, task_type), "saves": SAVES}
+    ours = {**planner, "lora_rslora": False}
+    techniques = {k: v for k, v in TECHNIQUES.items() if not (dpo and "lora_layer_rank" in v)}
     out = {
         "a_reference": {"method": "lora", "lora_r": 8, "lora_alpha": 16, "lr": 2e-4, "max_seq_len": 512,
                         "max_steps": 10, "warmup_fraction": 1.0, "saves": 1},
@@ -62,8 +70,12 @@ def configs(task_type: str, n_params: int) -> dict[str, dict]:
                      "min_lr_ratio": 0.25, "epochs": 3.0, "saves": SAVES},
         "ours": ours,
     }
-    out.update({name: {**ours, **extra} for name, extra in TECHNIQUES.items()})
-    out["e_all"] = {**ours, **{k: v for extra in TECHNIQUES.values() for k, v in extra.items()}}
+    out.update({name: {**ours, **extra} for name, extra in techniques.items()})
+    out["d_last_layers"] = {**ours, **LAST_LAYERS, "lr": default_hparams(n_params, task_type, "full")["lr"]}
+    # e_all: every LoRA technique switched on; e_kept: the planner's defaults (rsLoRA where measured)
+    # plus the techniques the default pipeline keeps
+    out["e_all"] = {**ours, **{k: v for extra in techniques.values() for k, v in extra.items()}}
+    out["e_kept"] = {**planner, **{k: v for name in KEPT if name in techniques for k, v in techniques[name].items()}}
     return out
 
 
@@ -160,7 +172,7 @@ def verdicts(table: dict) -> dict:
     """A technique helps on a task when its mean is below ours by more than the larger of the
     two seed spreads (max - min); hurts when above by that much; else within noise."""
     out = {}
-    for name in list(TECHNIQUES) + ["e_all"]:
+    for name in list(TECHNIQUES) + ["d_last_layers", "e_all", "e_kept"]:
         out[name] = {}
         for t, cs in table.items():
             if name in cs and "ours" in cs:
