@@ -46,6 +46,7 @@ TECHNIQUES = {
     "d_mlp_rank": {"lora_mlp_r": 32},  # MLP rank 2x the attention rank (16)
     "d_layer_rank": {"lora_layer_rank": "probe"},  # per-layer rank from a gradient-norm probe (SFT only)
     "d_dev_pass": {"dev_pass": True},
+    "d_eval_share": {"eval_share": 0.05},  # fewer dev evaluations when they would eat > 5% of the window
 }
 # a method rather than an option of LoRA: full FT of the last 2 of pico-llama's 4 layers at the full-FT LR prior
 LAST_LAYERS = {"method": "last_layers", "last_layers": 2}

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from trainers.config import TrainConfig
@@ -42,12 +43,12 @@ def test_last_layers_trains_only_the_last_layers_and_the_final_norm(tmp_path, ti
         wrap_for_training(AutoModelForCausalLM.from_pretrained(model), _cfg(model, method="last_layers", last_layers=n + 1))
 
 
-def test_rank_probe_matches_a_plain_backward_and_sets_the_ranks(tiny_models, demo_task):
+def test_rank_probe_matches_a_plain_backward_and_sets_the_ranks(tmp_path, tiny_models):
     model_dir = tiny_models["llama"]
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     loss_of = lambda b: model(input_ids=b, labels=b).loss  # noqa: E731
-    with torch.no_grad():  # make the last layer's gradients stand out: its MLP output scaled up
+    with torch.no_grad():  # layers that differ clearly: the last layer's MLP output scaled up
         model.model.layers[-1].mlp.down_proj.weight.mul_(40.0)
     norms = layer_gradient_norms(model, [ids, ids], loss_of)
     assert all(p.grad is None for p in model.parameters()) and all(p.requires_grad for p in model.parameters())
@@ -63,13 +64,16 @@ def test_rank_probe_matches_a_plain_backward_and_sets_the_ranks(tiny_models, dem
     cfg = _cfg(model_dir, lora_r=4, lora_alpha=8, lora_mlp_r=8)
     pattern, _ = probe_rank_pattern(model, [ids], loss_of, cfg)
     ranks = ranks_from_norms(norms, 4)
-    assert ranks[-1] > ranks[0]
+    assert all(ranks[i] <= ranks[j] for i in range(len(norms)) for j in range(len(norms)) if norms[i] < norms[j])
+    assert len(set(ranks)) > 1  # the measured layers differ, so do their ranks
     peft_model = wrap_for_training(model, cfg, pattern)
-    layers = peft_model.base_model.model.model.layers
-    for i, layer in enumerate(layers):
-        assert layer.self_attn.q_proj.lora_A["default"].weight.shape[0] == ranks[i]
-        assert layer.mlp.up_proj.lora_A["default"].weight.shape[0] == 2 * ranks[i]
-        assert layer.self_attn.q_proj.scaling["default"] == pytest.approx(2.0)  # alpha/r kept per layer
+    peft_model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "adapter")
+    for m in (peft_model, loaded):  # as trained, and as the validator loads the saved adapter
+        for i, layer in enumerate(m.base_model.model.model.layers):
+            assert layer.self_attn.q_proj.lora_A["default"].weight.shape[0] == ranks[i]
+            assert layer.mlp.up_proj.lora_A["default"].weight.shape[0] == 2 * ranks[i]
+            assert layer.self_attn.q_proj.scaling["default"] == pytest.approx(2.0)  # alpha/r kept per layer
 
 
 def test_dev_pass_trains_the_dev_rows_at_the_low_lr_and_is_published(tmp_path, tiny_models, demo_task):
@@ -84,3 +88,12 @@ def test_dev_pass_trains_the_dev_rows_at_the_low_lr_and_is_published(tmp_path, t
     assert len(probe["ranks"]) == len(probe["grad_norms"]) and sum(probe["ranks"]) > 0
     config = json.loads((out.model_dir / "adapter_config.json").read_text())
     assert sorted(config["rank_pattern"].values()) == sorted(probe["ranks"])
+
+
+def test_saves_within_the_evaluation_share():
+    from trainers.instruct import saves_within
+
+    assert saves_within(0.1, window_s=100.0, save_s=2.0, saves=8) == 5     # 10 s of evaluations: 5 of 2 s
+    assert saves_within(0.1, window_s=100.0, save_s=50.0, saves=8) == 1    # never none: the last is the checkpoint
+    assert saves_within(0.5, window_s=100.0, save_s=1.0, saves=8) == 8     # never more than asked
+    assert saves_within(0.0, window_s=100.0, save_s=50.0, saves=8) == 8    # share 0: off

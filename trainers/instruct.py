@@ -136,6 +136,16 @@ def steps_that_fit(now: float, deadline: float, per_step: float, saves_left: int
     return int(max(0.0, deadline - now - saves_left * save_s) / max(per_step, 1e-6) * 0.9)
 
 
+def saves_within(share: float, window_s: float, save_s: float, saves: int) -> int:
+    """The dev evaluations (with their checkpoints) that fit in `share` of the training window
+    at their measured cost, between 1 and `saves` (share 0: `saves`). When the deadline binds,
+    every evaluation is optimizer steps not taken; on short runs the dev metric falls at every
+    save and only the last ones can be chosen."""
+    if share <= 0 or save_s <= 0:
+        return saves
+    return max(1, min(saves, int(share * window_s / save_s)))
+
+
 def train_loop_per_worker(config: dict) -> dict:
     """Instruct and Chat: supervised fine-tuning on the validator's rendering."""
     return run_recipe(config, SFT)
@@ -210,6 +220,8 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
     dev_pass, per_step = DevPass(cfg, dev, steps.batches), 0.0  # the final pass over dev (dev_pass.py)
     if cfg.keep_base and resume_step == 0 and not cfg.extra.get("search_trial"):
         selection.remember_base(steps.dev_loss(dev))  # the bar the last checkpoint must clear
+        save_s = time.time() - t0  # a first measure of an evaluation's cost, for the first plan
+    saves = cfg.saves
     deadline = cfg.train_deadline
     trained.train()
     done = False
@@ -234,15 +246,18 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
             if step - resume_step == PROBE_STEPS + 1 and cfg.train_deadline:
                 per_step = (time.time() - t_warm) / PROBE_STEPS
                 deadline = cfg.train_deadline - dev_pass.reserve_s(per_step, save_s)
+                saves = saves_within(cfg.eval_share, deadline - time.time(), save_s, cfg.saves)
                 total, save_points = _cap(step, total, save_points, steps_that_fit(
-                    time.time(), deadline, per_step, len([p for p in save_points if p > step]), save_s),
-                    cfg.saves, per_step, rank)
+                    time.time(), deadline, per_step, min(saves, len([p for p in save_points if p > step])), save_s),
+                    saves, per_step, rank)
             entry = {"step": step, "epoch": epoch, "loss": loss,
                      "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 2),
                      "tokens_per_s": round(tokens * world / max(1e-6, time.time() - t0), 1)}
             history.append(entry)
-            # stop early enough for the final dev evaluation and checkpoint to end by the deadline
-            out_of_time = bool(deadline) and time.time() + save_s >= deadline
+            # stop when one more step and the final dev evaluation and checkpoint would end past the
+            # deadline (the step's time: the probe's mean, before it the last step's)
+            step_s = per_step or entry["elapsed_s"] - (history[-2]["elapsed_s"] if len(history) > 1 else 0.0)
+            out_of_time = bool(deadline) and time.time() + save_s + step_s >= deadline
             done = _any_rank(step >= total or out_of_time, device)
             if rank == 0 and (step % 10 == 0 or done):
                 print(f"[train] step {step}/{total} loss {entry['loss']:.4f} lr {entry['lr']:.2e} "
@@ -266,7 +281,7 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
                     per_step = (t_save - t_warm) / max(1, step - resume_step - 1)
                     left = len([p for p in save_points if p > step])
                     total, save_points = _cap(step, total, save_points, steps_that_fit(
-                        time.time(), deadline, per_step, left, save_s), cfg.saves, per_step, rank)
+                        time.time(), deadline, per_step, left, save_s), saves, per_step, rank)
             progress.update(entry, total, final=done)
             if done:
                 break

@@ -104,9 +104,11 @@ def rank_pattern(model, ranks: list[int], mlp_rank_ratio: float = 1.0) -> dict[s
     tail = re.escape(name.rpartition(".")[2])
     pattern: dict[str, int] = {}
     for i, r in enumerate(ranks):
-        if mlp_rank_ratio != 1.0:
+        if mlp_rank_ratio == 1.0:
+            pattern[rf"{tail}\.{i}\..*"] = r
+        else:  # disjoint keys: peft saves them sorted, and the first match wins when it loads them
             pattern[rf"{tail}\.{i}\.mlp\..*"] = max(1, round(r * mlp_rank_ratio))
-        pattern[rf"{tail}\.{i}\..*"] = r
+            pattern[rf"{tail}\.{i}\.(?!mlp\.).*"] = r
     return pattern
 
 
