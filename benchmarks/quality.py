@@ -51,7 +51,7 @@ TECHNIQUES = {
 # a method rather than an option of LoRA: full FT of the last 2 of pico-llama's 4 layers at the full-FT LR prior
 LAST_LAYERS = {"method": "last_layers", "last_layers": 2}
 # what the default pipeline turns on beyond the planner's hyperparameters (e_kept)
-KEPT = ("d_dev_pass", "d_layer_rank")
+KEPT = ("d_dev_pass", "d_layer_rank", "d_eval_share")
 
 
 def configs(task_type: str, n_params: int) -> dict[str, dict]:
