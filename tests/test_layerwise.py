@@ -45,7 +45,8 @@ def test_last_layers_trains_only_the_last_layers_and_the_final_norm(tmp_path, ti
 
 def test_rank_probe_matches_a_plain_backward_and_sets_the_ranks(tmp_path, tiny_models):
     model_dir = tiny_models["llama"]
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(0)  # the fixture's weights are random per session: these are the same every time
+    model = AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(model_dir).config)
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     loss_of = lambda b: model(input_ids=b, labels=b).loss  # noqa: E731
     with torch.no_grad():  # layers that differ clearly: the last layer's MLP output scaled up
