@@ -224,7 +224,7 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
     saves = cfg.saves
     deadline = cfg.train_deadline
     trained.train()
-    done = False
+    done, t_prev = False, time.time()
     while not done:
         for i, batch in enumerate(steps.batches(shard, cfg.seed + epoch)):
             micro += 1
@@ -256,7 +256,7 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
             history.append(entry)
             # stop when one more step and the final dev evaluation and checkpoint would end past the
             # deadline (the step's time: the probe's mean, before it the last step's)
-            step_s = per_step or entry["elapsed_s"] - (history[-2]["elapsed_s"] if len(history) > 1 else 0.0)
+            step_s = per_step or time.time() - t_prev
             out_of_time = bool(deadline) and time.time() + save_s + step_s >= deadline
             done = _any_rank(step >= total or out_of_time, device)
             if rank == 0 and (step % 10 == 0 or done):
@@ -283,6 +283,7 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
                     total, save_points = _cap(step, total, save_points, steps_that_fit(
                         time.time(), deadline, per_step, left, save_s), saves, per_step, rank)
             progress.update(entry, total, final=done)
+            t_prev = time.time()
             if done:
                 break
         epoch += 1
