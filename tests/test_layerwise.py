@@ -11,6 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from trainers.config import TrainConfig
+from trainers.dev_pass import DevPass
 from trainers.layerwise import layer_gradient_norms, probe_rank_pattern, ranks_from_norms
 from trainers.launch import fit
 from trainers.modeling import wrap_for_training
@@ -85,6 +86,11 @@ def test_dev_pass_trains_the_dev_rows_at_the_low_lr_and_is_published(tmp_path, t
     assert final["weights"] == "dev pass" and final["dev_pass_steps"] >= 1 and final["lr"] == pytest.approx(0.25 * 3e-3)
     assert final["dev_loss_before_pass"] == before["dev_loss"] and final["dev_loss"] < before["dev_loss"]
     assert out.checkpoint_metrics["step"] == final["step"] == before["step"] + final["dev_pass_steps"]
+    late = DevPass(TrainConfig(model_path="-", train_file="-", dataset_type={}, dev_pass=True), [1, 2, 3],
+                   lambda rows, seed: [rows[:2], rows[2:]])
+    assert late.reserve_s(per_step=1.0, save_s=2.0) == pytest.approx(2 * 1.2 + 2.0)
+    assert late.fits(now=100.0, deadline=105.0, per_step=1.0, save_s=2.0) and late.fits(100.0, 0.0, 1.0, 2.0)
+    assert not late.fits(now=100.0, deadline=104.0, per_step=1.0, save_s=2.0)  # skipped: it would end late
     probe = out.summary["layer_rank_probe"]
     assert len(probe["ranks"]) == len(probe["grad_norms"]) and sum(probe["ranks"]) > 0
     config = json.loads((out.model_dir / "adapter_config.json").read_text())

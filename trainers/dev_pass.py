@@ -36,6 +36,11 @@ class DevPass:
             return 0.0
         return math.ceil(len(self.batches) / self.cfg.grad_accum) * per_step * MARGIN + save_s
 
+    def fits(self, now: float, deadline: float, per_step: float, save_s: float) -> bool:
+        """Whether the pass and its checkpoint end by `deadline` (0: none); a pass that would
+        not is skipped: the chosen weights are already checkpointed."""
+        return not deadline or now + self.reserve_s(per_step, save_s) <= deadline
+
     def keep(self, params: list[torch.nn.Parameter], entry: dict) -> None:
         """Called with the final checkpoint's weights in the model: the pass starts from them."""
         if self.enabled and entry.get("weights") != "base":

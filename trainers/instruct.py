@@ -272,7 +272,7 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
                     if done:
                         dev_pass.keep(params, entry)
                 save_s = max(save_s, time.time() - t_save - (selection.reserve_s if done else 0.0))
-                deadline = (cfg.train_deadline - selection.reserve_s - dev_pass.reserve_s(per_step, save_s)
+                deadline = (cfg.train_deadline - selection.reserve_s - dev_pass.reserve_s(per_step or step_s, save_s)
                             if cfg.train_deadline else 0.0)
                 if not done and selection.maybe_roll_back(entry) and rank == 0:
                     print(f"[train] dev metric worse {cfg.rollback_patience} times: back to step "
@@ -287,7 +287,7 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
             if done:
                 break
         epoch += 1
-    if dev_pass.start is not None:
+    if dev_pass.start is not None and dev_pass.fits(time.time(), cfg.train_deadline, per_step or step_s, save_s):
         entry = dev_pass.run(lambda b, w: ladder.run(b, micro_step), optimizer, params,
                              cfg.dev_pass_lr_ratio * cfg.lr * selection.lr_scale)
         step += entry["dev_pass_steps"]
