@@ -176,7 +176,9 @@ def verdicts(table: dict) -> dict:
     for name in list(TECHNIQUES) + ["d_last_layers", "e_all", "e_kept"]:
         out[name] = {}
         for t, cs in table.items():
-            if name in cs and "ours" in cs:
+            if name in cs and "ours" in cs and min(cs[name]["n"], cs["ours"]["n"]) < 2:
+                out[name][t] = "one seed only"
+            elif name in cs and "ours" in cs:
                 diff = cs[name]["mean"] - cs["ours"]["mean"]
                 noise = max(cs[name]["spread"], cs["ours"]["spread"])
                 out[name][t] = "helps" if diff < -noise else "hurts" if diff > noise else "noise"
@@ -189,6 +191,7 @@ def markdown(summary: dict, meta: dict) -> str:
              f"- Command: `{meta['command']}`", f"- Machine: {meta['machine']}", f"- Date: {meta['date']}",
              f"- Seeds: {meta['seeds']}; budget {meta['budget_s']} s wall-clock per run (set-up included);"
              f" {meta['rows']} training rows per task (seeded subset); total wall-clock {meta['total_s']} s.",
+             *([f"- Load: {meta['load']}"] if meta.get("load") else []),
              "- Metric: the validator's on the full test.json (Instruct/Chat: mean per-sample CE on labelled"
              " tokens; DPO: sigmoid DPO loss at beta 0.1 vs the base, ln 2 for the base). Lower is better."
              " Cells: mean over seeds (max - min).", ""]
@@ -208,6 +211,8 @@ def markdown(summary: dict, meta: dict) -> str:
         lines.append(f"| {c} | " + " | ".join(f"{table[t][c]['steps']:.0f}" if c in table[t] else "-" for t in table) + " |")
     lines += ["", "Verdict per technique vs `ours` (gain beyond the larger seed spread):", ""]
     for name, v in summary["verdicts"].items():
+        if not v:
+            continue
         lines.append(f"- {name}: " + ", ".join(f"{t} {x}" for t, x in v.items()))
     return "\n".join(lines) + "\n"
 
