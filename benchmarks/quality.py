@@ -50,7 +50,8 @@ TECHNIQUES = {
 }
 # a method rather than an option of LoRA: full FT of the last 2 of pico-llama's 4 layers at the full-FT LR prior
 LAST_LAYERS = {"method": "last_layers", "last_layers": 2}
-# what the default pipeline turns on beyond the planner's hyperparameters (e_kept)
+# e_kept: the planner's hyperparameters with the candidates for the default pipeline (as run on 2026-11-25;
+# the planner now turns on dev_pass and eval_share for Instruct/Chat, not the layer-rank probe)
 KEPT = ("d_dev_pass", "d_layer_rank", "d_eval_share")
 
 
@@ -60,7 +61,7 @@ def configs(task_type: str, n_params: int) -> dict[str, dict]:
     dpo = task_type == "DpoTask"
     # the planner's hyperparameters with every technique off (the planner now turns rsLoRA on for small SFT jobs)
     planner = {**default_hparams(n_params, task_type), "saves": SAVES}
-    ours = {**planner, "lora_rslora": False}
+    ours = {**planner, "lora_rslora": False, "dev_pass": False, "eval_share": 0.0}
     techniques = {k: v for k, v in TECHNIQUES.items() if not (dpo and "lora_layer_rank" in v)}
     out = {
         "a_reference": {"method": "lora", "lora_r": 8, "lora_alpha": 16, "lr": 2e-4, "max_seq_len": 512,
