@@ -50,8 +50,7 @@ TECHNIQUES = {
 }
 # a method rather than an option of LoRA: full FT of the last 2 of pico-llama's 4 layers at the full-FT LR prior
 LAST_LAYERS = {"method": "last_layers", "last_layers": 2}
-# e_kept: the planner's hyperparameters with the candidates for the default pipeline (as run on 2026-11-25;
-# the planner now turns on dev_pass and eval_share for Instruct/Chat, not the layer-rank probe)
+# e_kept: the planner's hyperparameters plus these candidates (none is on by default yet: results/quality.md)
 KEPT = ("d_dev_pass", "d_layer_rank", "d_eval_share")
 
 

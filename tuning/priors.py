@@ -26,19 +26,9 @@ RSLORA_MAX_PARAMS = 50_000_000
 RSLORA_TASKS = {"InstructTextTask", "ChatTask"}
 
 
-# The final low-LR pass over the dev rows and the evaluation share (fewer dev evaluations when they would
-# take more than 5% of the window) lowered the Chat test loss beyond seed noise on pico-llama at 25 s
-# (benchmarks/results/quality.md, 2 seeds); Instruct was within its (load-driven) noise, DPO too: SFT only.
-SFT_TASKS = {"InstructTextTask", "ChatTask"}
-EVAL_SHARE = 0.05
-
-
 def default_hparams(n_params: int, task_type: str, method: str = "lora") -> dict:
     rank = 16 if n_params < 50_000_000 else 64 if n_params < 13e9 else 128
-    sft = task_type in SFT_TASKS
     return {
-        "dev_pass": sft,
-        "eval_share": EVAL_SHARE if sft else 0.0,
         "lora_rslora": n_params < RSLORA_MAX_PARAMS and task_type in RSLORA_TASKS,
         "method": method,
         "lr": lr_prior(n_params, method) * TASK_LR_SCALE.get(task_type, 1.0),
