@@ -9,7 +9,8 @@ and for DPO the base's reference log-probs computed, once per task: see TestSet)
   b_trl        TRL defaults: full FT, SFT lr 2e-5 / DPO 1e-6, 1 epoch, decay to 0, no warm-up;
   c_strong     a strong fixed recipe for a small model: full FT, lr 1e-4 (DPO 1.35e-5), cosine to 0.25x;
   ours         the job planner's hyperparameters (tuning.priors.default_hparams), no technique;
-  d_*          ours + one technique (TrainConfig fields); e_all: ours + every technique.
+  d_*          ours + one technique (TrainConfig fields); d_last_layers: full FT of the last 2 layers;
+  e_all        ours + every technique; e_kept: the planner's hyperparameters + the KEPT candidates.
 All share the dev split (trainers.dev_split), micro-batch size and the number of dev evaluations.
 Training rows are a seeded subset (--rows) of train.json: no config gets through more in the budget.
 Results are appended to --jsonl as they come (a rerun skips what is there), then tabulated.
