@@ -9,7 +9,8 @@ and for DPO the base's reference log-probs computed, once per task: see TestSet)
   b_trl        TRL defaults: full FT, SFT lr 2e-5 / DPO 1e-6, 1 epoch, decay to 0, no warm-up;
   c_strong     a strong fixed recipe for a small model: full FT, lr 1e-4 (DPO 1.35e-5), cosine to 0.25x;
   ours         the job planner's hyperparameters (tuning.priors.default_hparams), no technique;
-  d_*          ours + one technique (TrainConfig fields); e_all: ours + every technique.
+  d_*          ours + one technique (TrainConfig fields); d_last_layers: full FT of the last 2 layers;
+  e_all        ours + every technique; e_kept: the planner's hyperparameters + the KEPT candidates.
 All share the dev split (trainers.dev_split), micro-batch size and the number of dev evaluations.
 Training rows are a seeded subset (--rows) of train.json: no config gets through more in the budget.
 Results are appended to --jsonl as they come (a rerun skips what is there), then tabulated.
@@ -44,7 +45,14 @@ TECHNIQUES = {
     "d_rslora": {"lora_rslora": True},
     "d_dora": {"lora_dora": True},
     "d_mlp_rank": {"lora_mlp_r": 32},  # MLP rank 2x the attention rank (16)
+    "d_layer_rank": {"lora_layer_rank": "probe"},  # per-layer rank from a gradient-norm probe (SFT only)
+    "d_dev_pass": {"dev_pass": True},
+    "d_eval_share": {"eval_share": 0.05},  # fewer dev evaluations when they would eat > 5% of the window
 }
+# a method rather than an option of LoRA: full FT of the last 2 of pico-llama's 4 layers at the full-FT LR prior
+LAST_LAYERS = {"method": "last_layers", "last_layers": 2}
+# e_kept: the planner's hyperparameters plus these candidates (none is on by default yet: results/quality.md)
+KEPT = ("d_dev_pass", "d_layer_rank", "d_eval_share")
 
 
 def configs(task_type: str, n_params: int) -> dict[str, dict]:
@@ -52,7 +60,9 @@ def configs(task_type: str, n_params: int) -> dict[str, dict]:
 
     dpo = task_type == "DpoTask"
     # the planner's hyperparameters with every technique off (the planner now turns rsLoRA on for small SFT jobs)
-    ours = {**default_hparams(n_params, task_type), "lora_rslora": False, "saves": SAVES}
+    planner = {**default_hparams(n_params, task_type), "saves": SAVES}
+    ours = {**planner, "lora_rslora": False, "dev_pass": False, "eval_share": 0.0}
+    techniques = {k: v for k, v in TECHNIQUES.items() if not (dpo and "lora_layer_rank" in v)}
     out = {
         "a_reference": {"method": "lora", "lora_r": 8, "lora_alpha": 16, "lr": 2e-4, "max_seq_len": 512,
                         "max_steps": 10, "warmup_fraction": 1.0, "saves": 1},
@@ -62,8 +72,12 @@ def configs(task_type: str, n_params: int) -> dict[str, dict]:
                      "min_lr_ratio": 0.25, "epochs": 3.0, "saves": SAVES},
         "ours": ours,
     }
-    out.update({name: {**ours, **extra} for name, extra in TECHNIQUES.items()})
-    out["e_all"] = {**ours, **{k: v for extra in TECHNIQUES.values() for k, v in extra.items()}}
+    out.update({name: {**ours, **extra} for name, extra in techniques.items()})
+    out["d_last_layers"] = {**ours, **LAST_LAYERS, "lr": default_hparams(n_params, task_type, "full")["lr"]}
+    # e_all: every LoRA technique switched on; e_kept: the planner's defaults (rsLoRA where measured)
+    # plus the techniques the default pipeline keeps
+    out["e_all"] = {**ours, **{k: v for extra in techniques.values() for k, v in extra.items()}}
+    out["e_kept"] = {**planner, **{k: v for name in KEPT if name in techniques for k, v in techniques[name].items()}}
     return out
 
 
@@ -160,10 +174,12 @@ def verdicts(table: dict) -> dict:
     """A technique helps on a task when its mean is below ours by more than the larger of the
     two seed spreads (max - min); hurts when above by that much; else within noise."""
     out = {}
-    for name in list(TECHNIQUES) + ["e_all"]:
+    for name in list(TECHNIQUES) + ["d_last_layers", "e_all", "e_kept"]:
         out[name] = {}
         for t, cs in table.items():
-            if name in cs and "ours" in cs:
+            if name in cs and "ours" in cs and min(cs[name]["n"], cs["ours"]["n"]) < 2:
+                out[name][t] = "one seed only"
+            elif name in cs and "ours" in cs:
                 diff = cs[name]["mean"] - cs["ours"]["mean"]
                 noise = max(cs[name]["spread"], cs["ours"]["spread"])
                 out[name][t] = "helps" if diff < -noise else "hurts" if diff > noise else "noise"
@@ -176,6 +192,7 @@ def markdown(summary: dict, meta: dict) -> str:
              f"- Command: `{meta['command']}`", f"- Machine: {meta['machine']}", f"- Date: {meta['date']}",
              f"- Seeds: {meta['seeds']}; budget {meta['budget_s']} s wall-clock per run (set-up included);"
              f" {meta['rows']} training rows per task (seeded subset); total wall-clock {meta['total_s']} s.",
+             *([f"- Load: {meta['load']}"] if meta.get("load") else []),
              "- Metric: the validator's on the full test.json (Instruct/Chat: mean per-sample CE on labelled"
              " tokens; DPO: sigmoid DPO loss at beta 0.1 vs the base, ln 2 for the base). Lower is better."
              " Cells: mean over seeds (max - min).", ""]
@@ -195,6 +212,8 @@ def markdown(summary: dict, meta: dict) -> str:
         lines.append(f"| {c} | " + " | ".join(f"{table[t][c]['steps']:.0f}" if c in table[t] else "-" for t in table) + " |")
     lines += ["", "Verdict per technique vs `ours` (gain beyond the larger seed spread):", ""]
     for name, v in summary["verdicts"].items():
+        if not v:
+            continue
         lines.append(f"- {name}: " + ", ".join(f"{t} {x}" for t, x in v.items()))
     return "\n".join(lines) + "\n"
 

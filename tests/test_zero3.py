@@ -23,11 +23,12 @@ def _cfg(model: Path, tmp_path: Path, **kw) -> TrainConfig:
 
 
 def test_zero3_switches_off_what_needs_whole_parameters(tmp_path, tiny_models):
-    cfg = _cfg(tiny_models["llama"], tmp_path, zero_stage=3, ema=True, soup=True, keep_base=True)
+    cfg = _cfg(tiny_models["llama"], tmp_path, zero_stage=3, ema=True, soup=True, keep_base=True, dev_pass=True,
+               lora_layer_rank="probe")
     said = []
     z = zero3_supported(cfg, SFT, log=said.append)
-    assert (z.ema, z.soup, z.rollback, z.keep_base) == (False, False, False, False)
-    assert z.extra["compile"] is False and "ema, soup, keep_base" in said[0]
+    assert (z.ema, z.soup, z.rollback, z.keep_base, z.dev_pass, z.lora_layer_rank) == (False,) * 5 + ("",)
+    assert z.extra["compile"] is False and "ema, soup, keep_base, dev_pass, lora_layer_rank" in said[0]
     assert zero3_supported(replace(cfg, zero_stage=0), SFT).keep_base is True  # untouched without ZeRO-3
     with pytest.raises(ValueError, match="use method='lora'"):
         zero3_supported(replace(cfg, task_type="DpoTask", method="full"), DPO)

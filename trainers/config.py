@@ -15,7 +15,8 @@ class TrainConfig:
     run_dir: str = "/tmp/miner-runs"   # Ray Train storage_path (shared storage on multi-node)
     run_name: str = "ft"               # stable per job: a rerun resumes
     # method
-    method: str = "lora"               # "lora" | "full"
+    method: str = "lora"               # "lora" | "full" | "last_layers" (full FT of the last `last_layers`)
+    last_layers: int = 2               # decoder layers trained by method="last_layers" (+ the final norm)
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -23,6 +24,8 @@ class TrainConfig:
     lora_rslora: bool = False          # scale alpha/sqrt(r) instead of alpha/r (rsLoRA)
     lora_dora: bool = False            # weight-decomposed LoRA (DoRA): slower per step
     lora_mlp_r: int = 0                # rank of the MLP projections (0: lora_r); alpha keeps alpha/r
+    lora_layer_rank: str = ""          # "probe": rank per layer from its gradient norm (layerwise.py), mean lora_r
+    probe_batches: int = 4             # micro-batches the rank probe measures
     zero_stage: int = 0                # 3: DeepSpeed ZeRO-3 over the workers (engines.py): weights, grads and
                                        # optimizer state sharded, for models whose training state outgrows a GPU
     # optimisation
@@ -41,6 +44,7 @@ class TrainConfig:
     max_dev_rows: int = 256
     train_deadline: float = 0.0        # unix time at which training must stop (0: no deadline)
     saves: int = 4                     # evaluate dev loss and checkpoint this many times
+    eval_share: float = 0.0            # > 0: fewer saves when they would take more of the window than this
     max_steps: int = 0                 # cap on optimizer steps (0: none), e.g. a reference miner's 10
     keep_base: bool = True             # the starting weights are a candidate: never publish worse on dev
     # weight averaging and validation-driven adjustments (averaging.py; benchmarks/results/quality.md)
@@ -51,6 +55,8 @@ class TrainConfig:
     rollback: bool = False             # dev metric worse for `rollback_patience` saves: restore best, LR x0.5
     rollback_patience: int = 2
     max_rollbacks: int = 2
+    dev_pass: bool = False             # at the end, one epoch over the dev rows at lr x dev_pass_lr_ratio
+    dev_pass_lr_ratio: float = 0.25
     seed: int = 42
     # resources
     num_workers: int = 1

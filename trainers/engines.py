@@ -39,8 +39,8 @@ def zero3(cfg: TrainConfig) -> bool:
 
 
 def zero3_supported(cfg: TrainConfig, recipe, log=print) -> TrainConfig:
-    """The config a ZeRO-3 run can honour. The weight-averaging options and the keep-base guard
-    copy parameters, which are shards here: they are switched off (and said so) rather than
+    """The config a ZeRO-3 run can honour. The weight-averaging options, the keep-base guard, the
+    dev pass and the per-layer rank probe copy or measure parameters, which are shards here: they are switched off (and said so) rather than
     silently operating on empty tensors; regional torch.compile is off (ZeRO-3's gather hooks
     break its graphs). A full fine-tune whose recipe precomputes from the base (DPO's
     reference log-probs) needs the whole model before sharding: such a job must use LoRA."""
@@ -48,10 +48,11 @@ def zero3_supported(cfg: TrainConfig, recipe, log=print) -> TrainConfig:
         return cfg
     if recipe.prepare is not None and cfg.method == "full":
         raise ValueError(f"{cfg.task_type} full fine-tuning under ZeRO-3 is not supported: use method='lora'")
-    off = [name for name in ("ema", "soup", "rollback", "keep_base") if getattr(cfg, name)]
+    off = [name for name in ("ema", "soup", "rollback", "keep_base", "dev_pass", "lora_layer_rank")
+           if getattr(cfg, name)]
     if off:
-        log(f"[train] ZeRO-3: {', '.join(off)} off (they copy whole parameters; these are shards)")
-    return replace(cfg, **{name: False for name in off}, extra={**cfg.extra, "compile": False})
+        log(f"[train] ZeRO-3: {', '.join(off)} off (they copy or measure whole parameters; these are shards)")
+    return replace(cfg, **{name: type(getattr(cfg, name))() for name in off}, extra={**cfg.extra, "compile": False})
 
 
 def ds_config(cfg: TrainConfig, device: torch.device) -> dict:

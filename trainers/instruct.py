@@ -26,9 +26,11 @@ import torch.distributed as dist
 from .averaging import Selection
 from .batching import collate, make_batches, per_sample_loss, split_dev
 from .config import TrainConfig
+from .dev_pass import DevPass
 from .engines import make_engine, zero3_loading, zero3_supported
 from .formats import max_length, tokenize_rows
 from .instruct_format import Example
+from .layerwise import probe_ranks
 from .modeling import load_base_model, load_tokenizer, wrap_for_training
 from .oom import OomLadder
 from .packing import fast_path
@@ -135,6 +137,16 @@ def steps_that_fit(now: float, deadline: float, per_step: float, saves_left: int
     return int(max(0.0, deadline - now - saves_left * save_s) / max(per_step, 1e-6) * 0.9)
 
 
+def saves_within(share: float, window_s: float, save_s: float, saves: int) -> int:
+    """The dev evaluations (with their checkpoints) that fit in `share` of the training window
+    at their measured cost, between 1 and `saves` (share 0: `saves`). When the deadline binds,
+    every evaluation is optimizer steps not taken; on short runs the dev metric falls at every
+    save and only the last ones can be chosen."""
+    if share <= 0 or save_s <= 0:
+        return saves
+    return max(1, min(saves, int(share * window_s / save_s)))
+
+
 def train_loop_per_worker(config: dict) -> dict:
     """Instruct and Chat: supervised fine-tuning on the validator's rendering."""
     return run_recipe(config, SFT)
@@ -163,7 +175,9 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
     if recipe.prepare:
         base.to(device)
         recipe.prepare(base, cfg, shard + dev, tokenizer.pad_token_id, device)
-    model = wrap_for_training(base, cfg)
+    ranks, probed = probe_ranks(base, recipe, cfg, shard, tokenizer.pad_token_id, device) \
+        if cfg.method == "lora" and cfg.lora_layer_rank else (None, {})
+    model = wrap_for_training(base, cfg, ranks)
     model.to(device)
     raw_model = model
     steps = Steps(recipe, model, cfg, device, tokenizer.pad_token_id, max((len(ex) for ex in shard), default=1))
@@ -207,11 +221,14 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
     best = {"dev_loss": None}
     save_s = 0.0  # what one dev evaluation + checkpoint costs, measured at each save
     selection = Selection(params, cfg)  # EMA / soup / rollback, when the config asks (averaging.py)
+    dev_pass, per_step = DevPass(cfg, dev, steps.batches), 0.0  # the final pass over dev (dev_pass.py)
     if cfg.keep_base and resume_step == 0 and not cfg.extra.get("search_trial"):
         selection.remember_base(steps.dev_loss(dev))  # the bar the last checkpoint must clear
+        save_s = time.time() - t0  # a first measure of an evaluation's cost, for the first plan
+    saves = cfg.saves
     deadline = cfg.train_deadline
     trained.train()
-    done = False
+    done, t_prev = False, time.time()
     while not done:
         for i, batch in enumerate(steps.batches(shard, cfg.seed + epoch)):
             micro += 1
@@ -228,15 +245,19 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
                 t_warm = time.time()  # the first step carries torch.compile's warm-up: not a probe
             if step - resume_step == PROBE_STEPS + 1 and cfg.train_deadline:
                 per_step = (time.time() - t_warm) / PROBE_STEPS
+                deadline = cfg.train_deadline - dev_pass.reserve_s(per_step, save_s)
+                saves = saves_within(cfg.eval_share, deadline - time.time(), save_s, cfg.saves)
                 total, save_points = _cap(step, total, save_points, steps_that_fit(
-                    time.time(), deadline, per_step, len([p for p in save_points if p > step]), save_s),
-                    cfg.saves, per_step, rank)
+                    time.time(), deadline, per_step, min(saves, len([p for p in save_points if p > step])), save_s),
+                    saves, per_step, rank)
             entry = {"step": step, "epoch": epoch, "loss": loss,
                      "lr": engine.lr, "elapsed_s": round(time.time() - t0, 2),
                      "tokens_per_s": round(tokens * world / max(1e-6, time.time() - t0), 1)}
             history.append(entry)
-            # stop early enough for the final dev evaluation and checkpoint to end by the deadline
-            out_of_time = bool(deadline) and time.time() + save_s >= deadline
+            # stop when one more step and the final dev evaluation and checkpoint would end past the
+            # deadline (the step's time: the probe's mean, before it the last step's)
+            step_s = per_step or time.time() - t_prev
+            out_of_time = bool(deadline) and time.time() + save_s + step_s >= deadline
             done = _any_rank(step >= total or out_of_time, device)
             if rank == 0 and (step % 10 == 0 or done):
                 print(f"[train] step {step}/{total} loss {entry['loss']:.4f} lr {entry['lr']:.2e} "
@@ -248,8 +269,11 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
                         best = {"dev_loss": entry["dev_loss"], "step": step}
                     _report(engine, tokenizer, step, total, entry, rank, staging,
                             save=not cfg.extra.get("search_trial"))
+                    if done:
+                        dev_pass.keep(params, entry)
                 save_s = max(save_s, time.time() - t_save - (selection.reserve_s if done else 0.0))
-                deadline = cfg.train_deadline - selection.reserve_s if cfg.train_deadline else 0.0
+                deadline = (cfg.train_deadline - selection.reserve_s - dev_pass.reserve_s(per_step or step_s, save_s)
+                            if cfg.train_deadline else 0.0)
                 if not done and selection.maybe_roll_back(entry) and rank == 0:
                     print(f"[train] dev metric worse {cfg.rollback_patience} times: back to step "
                           f"{entry['rollback_to']}, LR x{selection.lr_scale:g}", flush=True)
@@ -257,14 +281,23 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
                     per_step = (t_save - t_warm) / max(1, step - resume_step - 1)
                     left = len([p for p in save_points if p > step])
                     total, save_points = _cap(step, total, save_points, steps_that_fit(
-                        time.time(), deadline, per_step, left, save_s), cfg.saves, per_step, rank)
+                        time.time(), deadline, per_step, left, save_s), saves, per_step, rank)
             progress.update(entry, total, final=done)
+            t_prev = time.time()
             if done:
                 break
         epoch += 1
+    if dev_pass.start is not None and dev_pass.fits(time.time(), cfg.train_deadline, per_step or step_s, save_s):
+        entry = dev_pass.run(lambda b, w: ladder.run(b, micro_step), engine, params,
+                             cfg.dev_pass_lr_ratio * cfg.lr * selection.lr_scale)
+        step += entry["dev_pass_steps"]
+        entry.update(step=step, dev_loss=steps.dev_loss(dev), elapsed_s=round(time.time() - t0, 2))
+        history.append(entry)
+        _report(engine, tokenizer, step, total, entry, rank, staging)
     return {"history": history, "steps": step, "planned_steps": total, "best": best,
             "dropped_for_length": dropped, "train_rows": len(train), "dev_rows": len(dev),
-            "max_len": max_len, "tokens": tokens * world, "train_seconds": round(time.time() - t0, 2)}
+            "max_len": max_len, "tokens": tokens * world, "train_seconds": round(time.time() - t0, 2),
+            "layer_rank_probe": probed}
 
 
 def _cap(step: int, total: int, save_points: set, fits: int, saves: int, per_step: float, rank: int):

@@ -21,19 +21,27 @@ def load_base_model(model_path: str, device: torch.device):
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
 
 
-def wrap_for_training(model, cfg: TrainConfig):
+def wrap_for_training(model, cfg: TrainConfig, ranks: dict[str, int] | None = None):
+    """The model with its trainable part: all of it, its last layers, or a LoRA adapter.
+    `ranks`: a per-layer peft rank_pattern (layerwise.probe_rank_pattern) instead of the
+    per-module one from `lora_mlp_r`."""
     if cfg.method == "full":
         return model
+    if cfg.method == "last_layers":
+        from .layerwise import freeze_all_but_last
+
+        return freeze_all_but_last(model, cfg.last_layers)
     if cfg.method != "lora":
         raise ValueError(f"unknown method {cfg.method!r}")
     from peft import LoraConfig, get_peft_model
 
     # per-module rank: peft matches these keys as regexes on the module names' tails
     mlp = {r"mlp\..*": cfg.lora_mlp_r} if cfg.lora_mlp_r and cfg.lora_mlp_r != cfg.lora_r else {}
+    pattern = ranks or mlp
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_targets, task_type="CAUSAL_LM",
-                      use_rslora=cfg.lora_rslora, use_dora=cfg.lora_dora, rank_pattern=mlp,
-                      alpha_pattern={k: cfg.lora_alpha * r / cfg.lora_r for k, r in mlp.items()})
+                      use_rslora=cfg.lora_rslora, use_dora=cfg.lora_dora, rank_pattern=pattern,
+                      alpha_pattern={k: cfg.lora_alpha * r / cfg.lora_r for k, r in pattern.items()})
     return get_peft_model(model, lora)
 
 
