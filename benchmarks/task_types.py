@@ -57,7 +57,10 @@ def run_task(task_dir: Path, model: Path, budget_s: float, work: Path, overrides
     s = outcome.summary
     return {"task": task_dir.name, "task_type": task_type, "method": cfg.method, "lr": cfg.lr,
             "steps": s.get("steps"), "train_rows": s.get("train_rows"), "train_s": round(train_s, 1),
-            "selected_dev": outcome.checkpoint_metrics.get("dev_loss"), "base": base, "trained": tuned,
+            "selected_dev": outcome.checkpoint_metrics.get("dev_loss"), "dev_rows": s.get("dev_rows"),
+            "weights": outcome.checkpoint_metrics.get("weights", "trained"),
+            "dev_gain": outcome.checkpoint_metrics.get("dev_gain"), "dev_gain_se": outcome.checkpoint_metrics.get("dev_gain_se"),
+            "base": base, "trained": tuned,
             "beats_base": better}
 
 
@@ -71,7 +74,7 @@ def markdown(results: list[dict], args, started: str) -> str:
         f" Python {platform.python_version()}",
         f"- Date: {started}",
         f"- Base model: `{args.model}`; hyperparameters from `tuning.priors.default_hparams` (the job planner's);"
-        " training in Ray Train local mode (the job's loop), deadline = start + budget; dev split 64 rows.",
+        " training in Ray Train local mode (the job's loop), deadline = start + budget; dev split 64 rows (256 for DPO).",
         "- Metric: the validator's (Instruct/Chat: mean per-sample loss on labelled tokens; DPO: sigmoid DPO loss"
         " at beta 0.1 against the base, ln 2 = 0.6931 for the base itself). Lower is better.",
         "",
