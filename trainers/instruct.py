@@ -262,6 +262,8 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
                     left = len([p for p in save_points if p > step])
                     total, save_points = _cap(step, total, save_points, steps_that_fit(
                         time.time(), deadline, per_step, left, save_s), cfg.saves, per_step, rank)
+                    # no step and final save fit any more: the checkpoint just reported is the last
+                    done = _any_rank(step >= total, device)
             progress.update(entry, total, final=done)
             if done:
                 break
