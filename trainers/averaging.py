@@ -59,7 +59,9 @@ def clearly_better(candidate: float | None, base: float | None, k: float) -> boo
     """Whether `candidate` beats `base` (lower is better) by more than k standard errors of the
     paired difference on the same dev samples. A few-hundred-row dev metric of a small gain is
     noise-dominated (DPO near ln 2 especially): picking the lower mean alone publishes noise.
-    Without per-sample values (or k = 0) it is the plain comparison."""
+    k = 2 (TrainConfig.base_margin_se): about 2% one-sided per look, and the candidate is the best
+    looking of several (raw / EMA / soup, each save point), whose gain is optimistic by about one
+    SE. Without per-sample values (or k = 0) it is the plain comparison."""
     if cost(candidate) == math.inf:
         return False
     paired = paired_difference(candidate, base) if k > 0 else None
