@@ -33,7 +33,7 @@ def bench_tasks(root: Path) -> list[Path]:
     return tasks
 
 
-def run_task(task_dir: Path, model: Path, budget_s: float, work: Path, overrides: dict) -> dict:
+def run_task(task_dir: Path, model: Path, budget_s: float, work: Path, overrides: dict, dev_rows: int = 64) -> dict:
     from transformers import AutoConfig
 
     from trainers.config import TrainConfig
@@ -46,7 +46,7 @@ def run_task(task_dir: Path, model: Path, budget_s: float, work: Path, overrides
     hp = {**default_hparams(param_count_from_config(AutoConfig.from_pretrained(model)), task_type), **overrides}
     cfg = TrainConfig(model_path=str(model), train_file=str(task_dir / "train.json"), dataset_type=dt,
                       task_type=task_type, run_dir=str(work / "runs"), run_name=task_dir.name, num_workers=0,
-                      train_deadline=time.time() + budget_s, max_dev_rows=64, **hp)
+                      train_deadline=time.time() + budget_s, max_dev_rows=dev_rows, **hp)
     started = time.time()
     outcome = fit(cfg, work / task_dir.name)
     train_s = time.time() - started
@@ -57,7 +57,10 @@ def run_task(task_dir: Path, model: Path, budget_s: float, work: Path, overrides
     s = outcome.summary
     return {"task": task_dir.name, "task_type": task_type, "method": cfg.method, "lr": cfg.lr,
             "steps": s.get("steps"), "train_rows": s.get("train_rows"), "train_s": round(train_s, 1),
-            "selected_dev": outcome.checkpoint_metrics.get("dev_loss"), "base": base, "trained": tuned,
+            "selected_dev": outcome.checkpoint_metrics.get("dev_loss"), "dev_rows": s.get("dev_rows"),
+            "weights": outcome.checkpoint_metrics.get("weights", "trained"),
+            "dev_gain": outcome.checkpoint_metrics.get("dev_gain"), "dev_gain_se": outcome.checkpoint_metrics.get("dev_gain_se"),
+            "base": base, "trained": tuned,
             "beats_base": better}
 
 
@@ -71,16 +74,18 @@ def markdown(results: list[dict], args, started: str) -> str:
         f" Python {platform.python_version()}",
         f"- Date: {started}",
         f"- Base model: `{args.model}`; hyperparameters from `tuning.priors.default_hparams` (the job planner's);"
-        " training in Ray Train local mode (the job's loop), deadline = start + budget; dev split 64 rows.",
+        " training in Ray Train local mode (the job's loop), deadline = start + budget;"
+        f" dev split {args.dev_rows} rows ({4 * args.dev_rows} for DPO: Recipe.dev_scale).",
         "- Metric: the validator's (Instruct/Chat: mean per-sample loss on labelled tokens; DPO: sigmoid DPO loss"
         " at beta 0.1 against the base, ln 2 = 0.6931 for the base itself). Lower is better.",
         "",
-        "| task | type | method | LR | steps | train s | base | trained | beats base |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | type | method | LR | steps | train s | dev rows | published | dev gain (SE) | base | trained | beats base |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        gain = f"{r['dev_gain']:+.4f} ({r['dev_gain_se']:.4f})" if r.get("dev_gain") is not None else "-"
         lines.append(f"| {r['task']} | {r['task_type']} | {r['method']} | {r['lr']:.2g} | {r['steps']} | {r['train_s']}"
-                     f" | {r['base']:.4f} | {r['trained']:.4f} | {'yes' if r['beats_base'] else 'NO'} |")
+                     f" | {r['dev_rows']} | {r['weights']} | {gain} | {r['base']:.4f} | {r['trained']:.4f} | {'yes' if r['beats_base'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -90,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=str(BENCH / "models" / "pico-llama"))
     parser.add_argument("--tasks", nargs="*", help="task folder names (default: every supported bench task)")
     parser.add_argument("--out", help="write the Markdown table here")
+    parser.add_argument("--dev-rows", type=int, default=64, help="max dev rows (DPO: x4), 256 in a job")
     parser.add_argument("--lr-scale", type=float, default=1.0, help="multiply the planner's LR (ablations)")
     args = parser.parse_args(argv)
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 task_type = json.loads((task_dir / "task.json").read_text())["task_type"]
                 n = param_count_from_config(AutoConfig.from_pretrained(args.model))
                 lr = default_hparams(n, task_type)["lr"] * args.lr_scale
-            r = run_task(task_dir, Path(args.model), args.budget_s, Path(work), {"lr": lr} if lr else {})
+            r = run_task(task_dir, Path(args.model), args.budget_s, Path(work), {"lr": lr} if lr else {}, args.dev_rows)
             print(json.dumps(r), flush=True)
             results.append(r)
     table = markdown(results, args, started)

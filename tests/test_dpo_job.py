@@ -23,11 +23,16 @@ DPO_DT = {"field_prompt": "prompt", "field_system": None, "field_chosen": "chose
           "prompt_format": "{prompt}", "chosen_format": "{chosen}", "rejected_format": "{rejected}"}
 
 
+# What every pair rejects: one preference a few steps of DPO learn for sure. The miner publishes
+# trained weights only when dev shows a gain beyond noise (averaging.clearly_better); a preference
+# as subtle as another row's answer is not learnt beyond noise in a loaded 2-core CI's minute.
+REJECTED = "I do not know, sorry."
+
+
 def _pairs(rows):
-    """Preference pairs from the demo task: the right answer over another row's answer."""
-    return [{"prompt": f"{r['instruct']} {r['input']}".strip(), "chosen": r["output"],
-             "rejected": rows[(i + 7) % len(rows)]["output"]} for i, r in enumerate(rows)
-            if r["output"] != rows[(i + 7) % len(rows)]["output"]]
+    """Preference pairs from the demo task: the right answer over a non-answer."""
+    return [{"prompt": f"{r['instruct']} {r['input']}".strip(), "chosen": r["output"], "rejected": REJECTED}
+            for r in rows if r["output"] != REJECTED]
 
 
 def test_dpo_job_through_the_control_plane(tmp_path, monkeypatch, base_model, demo_task):

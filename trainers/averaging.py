@@ -6,7 +6,9 @@
   than the best single snapshot;
 - `Rollback`: after `patience` evaluations worse than the best, restore the best weights and
   lower the LR, a bounded number of times;
-- `Selection`: the three as the training loop uses them, from the TrainConfig options.
+- `Selection`: the three as the training loop uses them, from the TrainConfig options, and the
+  base guard: a checkpoint holds the trained weights only when they beat the starting ones on
+  dev by more than `base_margin_se` standard errors of the paired difference (`clearly_better`).
 All work on the list of trainable parameters (`params`): a LoRA adapter or the whole model.
 """
 from __future__ import annotations
@@ -25,6 +27,48 @@ MAX_SNAPSHOT_BYTES = 8 << 30
 def cost(metric: float | None) -> float:
     """The metric for comparisons: a missing or NaN one (a diverged run) is worse than any."""
     return math.inf if metric is None or math.isnan(metric) else metric
+
+
+class DevMetric(float):
+    """A dev metric (the mean over samples) that keeps how it was made: `groups` holds one
+    (sum of per-sample metrics, samples) per sample, or per micro-batch where only batch means
+    are computed (the packed SFT path). Compares and serialises as the float it is."""
+
+    def __new__(cls, groups: list[tuple[float, int]]):
+        n = sum(c for _, c in groups)
+        value = super().__new__(cls, sum(s for s, _ in groups) / n if n else math.nan)
+        value.groups = [(float(s), int(c)) for s, c in groups]
+        return value
+
+
+def paired_difference(candidate: float, base: float) -> tuple[float, float] | None:
+    """(mean, standard error) of candidate - base over the same dev samples, or None where the
+    two were not measured on the same groups (or on fewer than 2). Groups are clusters: the SE
+    is the cluster-robust one, which is the textbook s/sqrt(n) when every group is one sample."""
+    a, b = getattr(candidate, "groups", None), getattr(base, "groups", None)
+    if not a or not b or len(a) != len(b) or len(a) < 2 or any(ca != cb for (_, ca), (_, cb) in zip(a, b)):
+        return None
+    n = sum(c for _, c in a)
+    diffs = [((sa - sb) / c, c) for (sa, c), (sb, _) in zip(a, b)]  # per-group mean difference
+    mean = sum(d * c for d, c in diffs) / n
+    var = len(diffs) / (len(diffs) - 1) * sum((c * (d - mean)) ** 2 for d, c in diffs) / n ** 2
+    return mean, math.sqrt(var)
+
+
+def clearly_better(candidate: float | None, base: float | None, k: float) -> bool:
+    """Whether `candidate` beats `base` (lower is better) by more than k standard errors of the
+    paired difference on the same dev samples. A few-hundred-row dev metric of a small gain is
+    noise-dominated (DPO near ln 2 especially): picking the lower mean alone publishes noise.
+    k = 2 (TrainConfig.base_margin_se): about 2% one-sided per look, and the candidate is the best
+    looking of several (raw / EMA / soup, each save point), whose gain is optimistic by about one
+    SE. Without per-sample values (or k = 0) it is the plain comparison."""
+    if cost(candidate) == math.inf:
+        return False
+    paired = paired_difference(candidate, base) if k > 0 else None
+    if paired is None:
+        return cost(candidate) < cost(base)
+    mean, se = paired
+    return mean + k * se < 0
 
 
 def ema_decay(planned_steps: int, configured: float = 0.0) -> float:
@@ -160,12 +204,14 @@ class Selection:
         self.base: tuple[float, list[torch.Tensor]] | None = None
 
     def remember_base(self, metric: float | None) -> None:
-        """The starting weights and their dev metric: the last checkpoint is never worse than
-        them. A run that only fits noise (DPO on labels a small model cannot learn: the loss
-        drifts above ln 2) then publishes what the base model does instead of something worse."""
+        """The starting weights and their dev metric (a DevMetric for the paired test): every
+        checkpoint holds them unless the trained weights are `clearly_better`. A run that only
+        fits noise (DPO on labels a small model cannot learn: the loss drifts above ln 2) then
+        publishes what the base model does instead of something worse - also when killed early,
+        and the best-by-dev choice among checkpoints cannot pick a noise-lucky one."""
         size = sum(p.numel() * p.element_size() for p in self.params)
-        if metric is not None and size <= MAX_SNAPSHOT_BYTES:
-            self.base = (cost(metric), cpu_copy(self.params))
+        if metric is not None and not math.isnan(metric) and size <= MAX_SNAPSHOT_BYTES:
+            self.base = (metric, cpu_copy(self.params))
 
     def after_step(self, planned_steps: int) -> None:
         if self.ema is not None:
@@ -191,15 +237,28 @@ class Selection:
             if final and self.cfg.soup and len(self.snapshots.items) > 1:
                 entry["dev_loss"], entry["soup"] = self.snapshots.greedy_soup(evaluate)
                 entry["weights"] = "soup" if len(entry["soup"]) > 1 else f"step {entry['soup'][0]}"
-            if final and self.base is not None and cost(entry["dev_loss"]) > self.base[0]:
-                held.enter_context(swapped(self.params, self.base[1]))
-                entry["dev_loss"], entry["weights"] = self.base[0], "base"
+            if self.base is not None:
+                self._guard(entry, held)
+            for key in ("dev_loss", "dev_loss_ema", "dev_loss_trained"):  # plain floats to report
+                if entry.get(key) is not None:
+                    entry[key] = float(entry[key])
             yield
+
+    def _guard(self, entry: dict, held: ExitStack) -> None:
+        """The base weights in the checkpoint unless the chosen ones are clearly better on dev;
+        the paired gain and its standard error in `entry` (dev_gain, dev_gain_se)."""
+        paired = paired_difference(entry["dev_loss"], self.base[0])
+        if paired is not None:
+            entry["dev_gain"], entry["dev_gain_se"] = -paired[0], paired[1]
+        if not clearly_better(entry["dev_loss"], self.base[0], self.cfg.base_margin_se):
+            held.enter_context(swapped(self.params, self.base[1]))
+            entry["dev_loss_trained"] = entry["dev_loss"]
+            entry["dev_loss"], entry["weights"] = self.base[0], "base"
 
     def maybe_roll_back(self, entry: dict) -> bool:
         """After `rollback_patience` worse evaluations: the best weights back (EMA too); the
         LR scale (`lr_scale`) lowered."""
-        if not self.rollback.check(entry.get("dev_loss")):
+        if not self.rollback.check(entry.get("dev_loss_trained", entry.get("dev_loss"))):
             return False
         _, best_step, best = self.snapshots.best
         load(self.params, best)

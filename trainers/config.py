@@ -47,6 +47,7 @@ class TrainConfig:
     eval_share: float = 0.0            # > 0: fewer saves when they would take more of the window than this
     max_steps: int = 0                 # cap on optimizer steps (0: none), e.g. a reference miner's 10
     keep_base: bool = True             # the starting weights are a candidate: never publish worse on dev
+    base_margin_se: float = 2.0        # ...and are replaced only when beaten by > this many paired SEs (averaging)
     # weight averaging and validation-driven adjustments (averaging.py; benchmarks/results/quality.md)
     ema: bool = False                  # evaluate an EMA of the weights beside the raw ones at each save
     ema_decay: float = 0.0             # 0: from the planned steps (averaging.ema_decay)

@@ -23,7 +23,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from .averaging import Selection
+from .averaging import DevMetric, Selection
 from .batching import collate, make_batches, per_sample_loss, split_dev
 from .config import TrainConfig
 from .dev_pass import DevPass
@@ -43,12 +43,15 @@ PROBE_STEPS = 5
 class Recipe:
     # (model, batch, pad_id, device) -> tensor [len(batch)]: the validator's metric per sample
     per_sample: Callable
-    # (base_model, cfg, examples, pad_id, device) -> None: before the trainable part is attached
+    # (base_model, cfg, train shard, dev, pad_id, device) -> the shard to train on: before the
+    # trainable part is attached
     prepare: Callable | None = None
     # (example, length) -> the example cut to `length` tokens, for the OOM ladder (None: cannot cut)
     cut: Callable | None = None
     # the per-token cross-entropy of SFT: packing.fast_path computes it packed and fused
     fast: bool = False
+    # x the dev split's fraction and row cap (a noisier per-sample metric needs more rows)
+    dev_scale: float = 1.0
 
 
 def sft_per_sample(model, batch, pad_id: int, device) -> torch.Tensor:
@@ -92,7 +95,7 @@ def dev_loss(model, dev, pad_id: int, device, batch_tokens: int, recipe: Recipe 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             losses.extend(recipe.per_sample(model, batch, pad_id, device).tolist())
     model.train()
-    return sum(losses) / len(losses)
+    return DevMetric([(loss, 1) for loss in losses])
 
 
 class Steps:
@@ -125,10 +128,10 @@ class Steps:
             return dev_loss(self.module, dev, self.pad_id, self.device, self.cfg.batch_tokens, self.recipe)
         if not dev:
             return None
-        self.module.eval()
-        total = sum(float(self.mean_loss(self.module, b)) * len(b) for b in self.batches(dev, seed=0))
+        self.module.eval()  # per micro-batch means (packed: no per-sample values without a cost)
+        groups = [(float(self.mean_loss(self.module, b)) * len(b), len(b)) for b in self.batches(dev, seed=0)]
         self.module.train()
-        return total / len(dev)
+        return DevMetric(groups)
 
 
 def steps_that_fit(now: float, deadline: float, per_step: float, saves_left: int, save_s: float) -> int:
@@ -170,11 +173,12 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
     with open(cfg.train_file) as f:
         rows = json.load(f)
     examples, dropped = tokenize_rows(cfg.task_type, rows, cfg.dataset_type, tokenizer, max_len)
-    train, dev = split_dev(examples, cfg.dev_fraction, cfg.max_dev_rows, cfg.seed)
+    train, dev = split_dev(examples, cfg.dev_fraction * recipe.dev_scale, int(cfg.max_dev_rows * recipe.dev_scale),
+                           cfg.seed)
     shard = train[rank::world]
     if recipe.prepare:
         base.to(device)
-        recipe.prepare(base, cfg, shard + dev, tokenizer.pad_token_id, device)
+        shard = recipe.prepare(base, cfg, shard, dev, tokenizer.pad_token_id, device)
     ranks, probed = probe_ranks(base, recipe, cfg, shard, tokenizer.pad_token_id, device) \
         if cfg.method == "lora" and cfg.lora_layer_rank else (None, {})
     model = wrap_for_training(base, cfg, ranks)
@@ -282,6 +286,8 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
                     left = len([p for p in save_points if p > step])
                     total, save_points = _cap(step, total, save_points, steps_that_fit(
                         time.time(), deadline, per_step, left, save_s), saves, per_step, rank)
+                    # no step and final save fit any more: the checkpoint just reported is the last
+                    done = _any_rank(step >= total, device)
             progress.update(entry, total, final=done)
             t_prev = time.time()
             if done:
