@@ -119,13 +119,35 @@ def adamw(cfg: TrainConfig, params: list, device: torch.device) -> torch.optim.O
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
 
 
-class PlainEngine:
+class PlainState:
+    """What a plain (unsharded) run checkpoints: publishable weights, plus the trainable weights
+    and optimizer state a restart resumes from. Also GRPO's (TRL steps its optimizer there)."""
+
+    def __init__(self, model, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def save(self, tokenizer, out_dir: str, state: dict, write: bool) -> None:
+        if not write:
+            return
+        save_trainable(self.model, tokenizer, out_dir)
+        trainable = ({k: v for k, v in self.model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
+                     if hasattr(self.model, "peft_config") else self.model.state_dict())
+        torch.save({**state, "model": trainable, "optimizer": self.optimizer.state_dict()},
+                   os.path.join(out_dir, "train_state.pt"))
+
+    def resume(self, state: dict) -> bool:
+        self.model.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        return True
+
+
+class PlainEngine(PlainState):
     def __init__(self, cfg: TrainConfig, module, model, params: list, device, world: int):
         import ray.train.torch
 
-        self.cfg, self.model, self.params = cfg, model, params
+        super().__init__(model, adamw(cfg, params, device))
+        self.cfg, self.params = cfg, params
         self.module = ray.train.torch.prepare_model(module, move_to_device=False) if world > 1 else module
-        self.optimizer = adamw(cfg, params, device)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -140,21 +162,6 @@ class PlainEngine:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
-
-    def save(self, tokenizer, out_dir: str, state: dict, write: bool) -> None:
-        """Publishable weights plus what a restart resumes from (trainable weights, optimizer)."""
-        if not write:
-            return
-        save_trainable(self.model, tokenizer, out_dir)
-        trainable = ({k: v for k, v in self.model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
-                     if hasattr(self.model, "peft_config") else self.model.state_dict())
-        torch.save({**state, "model": trainable, "optimizer": self.optimizer.state_dict()},
-                   os.path.join(out_dir, "train_state.pt"))
-
-    def resume(self, state: dict) -> bool:
-        self.model.load_state_dict(state["model"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        return True
 
 
 class Zero3Engine:

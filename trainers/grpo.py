@@ -22,6 +22,7 @@ import torch
 from transformers import TrainerCallback
 
 from .config import TrainConfig
+from .engines import PlainState
 from .grpo_eval import BETA_GRPO, NUM_GENERATIONS, grpo_rows, grpo_score, reward_kwargs, reward_sources
 from .instruct import PROBE_STEPS, _report, lr_at
 from .modeling import load_base_model, load_tokenizer, wrap_for_training
@@ -156,6 +157,7 @@ def train_loop_per_worker(config: dict) -> dict:
     model = wrap_for_training(base, cfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    checkpoints = PlainState(model, optimizer)  # what each save writes and a restart resumes from
     # One optimizer step = prompts_per_step prompts x num_generations completions per worker.
     batch = g["prompts_per_step"] * g["num_generations"]
     steps_per_epoch = max(1, len(train) // (g["prompts_per_step"] * world * cfg.grad_accum))
@@ -164,8 +166,7 @@ def train_loop_per_worker(config: dict) -> dict:
     if ckpt:  # restarted after a failure: continue from the last reported weights and step
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, "train_state.pt"), map_location=device, weights_only=False)
-        model.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
+        checkpoints.resume(state)
         plan = Plan(state["total"], cfg.saves, resume_step=state["step"])
     # Instruct's warm-up + cosine over the live plan; the warm-up ends by the probe at the latest,
     # because a GRPO step is slow and the first plan (from epochs) is rarely the one that runs.
@@ -185,7 +186,7 @@ def train_loop_per_worker(config: dict) -> dict:
         return {"dev_score": s.score, "dev_loss": -s.score, "dev_reward": s.reward, "dev_kl": s.kl}
 
     callback = DeadlineAndCheckpoints(
-        cfg, plan, evaluate, lambda step, total, m: _report(model, optimizer, tokenizer, step, total, m, rank, staging),
+        cfg, plan, evaluate, lambda step, total, m: _report(checkpoints, tokenizer, step, total, m, rank, staging),
         rank)
     args = GRPOConfig(
         output_dir=staging, beta=g["beta"], num_generations=g["num_generations"],

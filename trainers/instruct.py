@@ -319,8 +319,8 @@ def _cap(step: int, total: int, save_points: set, fits: int, saves: int, per_ste
 
 def _report(engine, tokenizer, step: int, total: int, metrics: dict, rank: int, staging: str,
             save: bool = True) -> None:
-    """Reports metrics with a checkpoint (rank 0 writes it; every rank must call report and,
-    under ZeRO-3, take part in gathering the weights).
+    """Reports metrics with a checkpoint that `engine.save` writes (engines.py: rank 0 writes it;
+    every rank must call report and, under ZeRO-3, take part in gathering the weights).
     Ray Train copies the checkpoint into the run's storage during report, so the staging copy
     is removed afterwards - except in local mode (num_workers=0, no Ray), where it is the copy.
     Search trials (save=False) report metrics only: their weights are never used."""
