@@ -82,3 +82,20 @@ class RecordingRunner:
 
     def status(self, submission_id):
         return "PENDING", ""
+
+
+@pytest.fixture()
+def short_fit():
+    """fit() in local mode on 120 demo rows, one epoch, a small LoRA: the options under test vary."""
+    from trainers.config import TrainConfig
+    from trainers.launch import fit
+
+    def run(tmp_path, model, demo_task, name, **options):
+        train_file = tmp_path / "train.json"
+        train_file.write_text(json.dumps(demo_task["train"][:120]))
+        options = {"lr": 3e-3, "epochs": 1, "saves": 2, "batch_tokens": 2048, "lora_r": 4, "lora_alpha": 8, **options}
+        cfg = TrainConfig(model_path=str(model), train_file=str(train_file), dataset_type=demo_task["dataset_type"],
+                          run_dir=str(tmp_path / "runs"), run_name=name, num_workers=0, **options)
+        return fit(cfg, tmp_path / name)
+
+    return run

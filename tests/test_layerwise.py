@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM
 from trainers.config import TrainConfig
 from trainers.dev_pass import DevPass
 from trainers.layerwise import layer_gradient_norms, probe_rank_pattern, ranks_from_norms
-from trainers.launch import fit
 from trainers.modeling import wrap_for_training
 
 
@@ -21,19 +20,11 @@ def _cfg(model, train_file="-", **kw) -> TrainConfig:
     return TrainConfig(model_path=str(model), train_file=str(train_file), dataset_type={}, **kw)
 
 
-def _fit(tmp_path, model, demo_task, name, **options):
-    train_file = tmp_path / "train.json"
-    train_file.write_text(json.dumps(demo_task["train"][:120]))
-    options = {"lr": 3e-3, "epochs": 1, "saves": 1, "batch_tokens": 2048, "lora_r": 4, "lora_alpha": 8, **options}
-    cfg = TrainConfig(model_path=str(model), train_file=str(train_file), dataset_type=demo_task["dataset_type"],
-                      run_dir=str(tmp_path / "runs"), run_name=name, num_workers=0, **options)
-    return fit(cfg, tmp_path / name)
-
-
-def test_last_layers_trains_only_the_last_layers_and_the_final_norm(tmp_path, tiny_models, demo_task):
+def test_last_layers_trains_only_the_last_layers_and_the_final_norm(short_fit, tmp_path, tiny_models, demo_task):
     model = tiny_models["llama"]
     base = load_file(str(model / "model.safetensors"))
-    out = _fit(tmp_path, model, demo_task, "last1", method="last_layers", last_layers=1, dev_fraction=0.0)
+    out = short_fit(tmp_path, model, demo_task, "last1", saves=1, method="last_layers", last_layers=1,
+                    dev_fraction=0.0)
     trained = load_file(str(out.model_dir / "model.safetensors"))
     n = AutoModelForCausalLM.from_pretrained(model).config.num_hidden_layers
     changed = {k for k in base if not torch.equal(base[k], trained[k])}
@@ -78,8 +69,8 @@ def test_rank_probe_matches_a_plain_backward_and_sets_the_ranks(tmp_path, tiny_m
             assert layer.self_attn.q_proj.scaling["default"] == pytest.approx(2.0)  # alpha/r kept per layer
 
 
-def test_dev_pass_trains_the_dev_rows_at_the_low_lr_and_is_published(tmp_path, tiny_models, demo_task):
-    out = _fit(tmp_path, tiny_models["llama"], demo_task, "pass", dev_pass=True, dev_pass_lr_ratio=0.25,
+def test_dev_pass_trains_the_dev_rows_at_the_low_lr_and_is_published(short_fit, tmp_path, tiny_models, demo_task):
+    out = short_fit(tmp_path, tiny_models["llama"], demo_task, "pass", saves=1, dev_pass=True, dev_pass_lr_ratio=0.25,
                dev_fraction=0.2, lora_layer_rank="probe", probe_batches=2, keep_base=False)
     history = out.summary["history"]
     final, before = history[-1], history[-2]

@@ -11,7 +11,6 @@ from trainers.averaging import Ema, Rollback, Snapshots, ema_decay
 from trainers.config import TrainConfig
 from trainers.dev_split import split_dev
 from trainers.instruct_format import Example
-from trainers.launch import fit
 
 
 def _example(tokens: list[int]) -> Example:
@@ -83,22 +82,13 @@ def test_ema_decay_choice_and_average():
     assert float(params[0].detach()) == 50.0 and 44.0 < averaged < 47.0  # lags the raw weight by ~decay/(1-decay)
 
 
-def _run(tmp_path, model, demo_task, name, **options):
-    train_file = tmp_path / "train.json"
-    train_file.write_text(json.dumps(demo_task["train"][:120]))
-    options = {"lr": 3e-3, "epochs": 1, "saves": 2, "batch_tokens": 2048, "lora_r": 4, "lora_alpha": 8, **options}
-    cfg = TrainConfig(model_path=str(model), train_file=str(train_file), dataset_type=demo_task["dataset_type"],
-                      run_dir=str(tmp_path / "runs"), run_name=name, num_workers=0, **options)
-    return fit(cfg, tmp_path / name)
-
-
-def test_ema_and_dora_change_what_is_trained(tmp_path, tiny_models, demo_task):
+def test_ema_and_dora_change_what_is_trained(short_fit, tmp_path, tiny_models, demo_task):
     from safetensors.torch import load_file
 
     model = tiny_models["llama"]
-    plain = _run(tmp_path, model, demo_task, "plain")
-    ema = _run(tmp_path, model, demo_task, "ema", ema=True, soup=True)
-    dora = _run(tmp_path, model, demo_task, "dora", lora_dora=True)
+    plain = short_fit(tmp_path, model, demo_task, "plain")
+    ema = short_fit(tmp_path, model, demo_task, "ema", ema=True, soup=True)
+    dora = short_fit(tmp_path, model, demo_task, "dora", lora_dora=True)
     evals = [h for h in ema.summary["history"] if "dev_loss" in h]
     assert all("dev_loss_ema" in h for h in evals)
     final = evals[-1]  # the checkpoint holds the best of raw, EMA and soup
@@ -110,13 +100,13 @@ def test_ema_and_dora_change_what_is_trained(tmp_path, tiny_models, demo_task):
     assert json.loads((dora.model_dir / "adapter_config.json").read_text())["use_dora"] is True
 
 
-def test_rollback_in_the_training_loop(tmp_path, tiny_models, demo_task, monkeypatch):
+def test_rollback_in_the_training_loop(short_fit, tmp_path, tiny_models, demo_task, monkeypatch):
     from trainers import instruct
 
     # a scripted dev metric (best at the 2nd evaluation, then worse twice, NaN included) drives the loop
     script = iter([5.0, 4.0, 4.5, float("nan"), 3.9, 3.8, 3.7, 3.6, 3.5, 3.4])
     monkeypatch.setattr(instruct.Steps, "dev_loss", lambda self, dev: next(script))
-    out = _run(tmp_path, tiny_models["llama"], demo_task, "rb", rollback=True, rollback_patience=2, saves=6, epochs=3,
+    out = short_fit(tmp_path, tiny_models["llama"], demo_task, "rb", rollback=True, rollback_patience=2, saves=6, epochs=3,
                keep_base=False)  # the script scores the save points only
     history = out.summary["history"]
     evals = [h for h in history if "dev_loss" in h]
