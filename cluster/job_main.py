@@ -56,9 +56,11 @@ def plan(job: Job, settings: Settings, model_dir: Path, train_file: Path, rows: 
     budget = end - (job.started_at or job.created_at)
     reserve = training_stop_s(float((job.plan or {}).get("post_s") or 0), budget)
     hp = default_hparams(n_params, job.task_type, shape.pop("method"))
+    # the operator's MINER_TRAIN_OPTIONS (cluster/settings.py) over the planner's hyperparameters
     return TrainConfig(model_path=str(model_dir), train_file=str(train_file), dataset_type=job.dataset_type,
                        task_type=job.task_type, run_dir=str(run_dir), run_name=f"ft-{job.task_id}",
-                       train_deadline=end - reserve, extra={"n_params": n_params, "plan": job.plan}, **shape, **hp)
+                       train_deadline=end - reserve, extra={"n_params": n_params, "plan": job.plan},
+                       **shape, **{**hp, **settings.train_options})
 
 
 def plan_shape(job: Job, settings: Settings) -> tuple[dict, float]:

@@ -1,6 +1,7 @@
 """Miner settings from the environment: G.O.D's names where they exist, MINER_* for ours."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ class Settings:
     search_share: float = 0.2          # share of a job's training window for the LR/rank search
     prefetch_jobs: int = 2             # queued jobs whose inputs download while others train (0: off)
     prefetch_models: bool = True       # also snapshot their HF base models into the model cache
+    train_options: dict = field(default_factory=dict)  # TrainConfig fields set on every job (MINER_TRAIN_OPTIONS)
 
     @property
     def db_path(self) -> Path:
@@ -128,7 +130,45 @@ def load_settings() -> Settings:
         search_share=float(_env("MINER_SEARCH_SHARE", "0.2")),
         prefetch_jobs=int(_env("MINER_PREFETCH_JOBS", "2")),
         prefetch_models=_env("MINER_PREFETCH_MODELS", "1") in ("1", "true"),
+        train_options=parse_train_options(_env("MINER_TRAIN_OPTIONS", "")),
     )
+
+
+# What the planner and the job decide (data, deadline, placement): not an operator's option.
+_NOT_OPTIONS = {"model_path", "train_file", "dataset_type", "task_type", "run_dir", "run_name", "train_deadline",
+                "progress_file", "num_workers", "use_gpu", "cpus_per_worker", "accelerator_type", "label_selector",
+                "extra", "zero_stage"}
+
+
+def parse_train_options(text: str) -> dict:
+    """MINER_TRAIN_OPTIONS: a JSON object of trainers.config.TrainConfig fields applied over the
+    planner's choices on every job, e.g. '{"dev_pass": true, "lora_layer_rank": "probe"}'. Unknown
+    fields, fields the planner owns and values of the wrong type are refused at start-up."""
+    if not text.strip():
+        return {}
+    from trainers.config import TrainConfig
+
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"MINER_TRAIN_OPTIONS is not JSON: {e}") from None
+    if not isinstance(options, dict):
+        raise ValueError("MINER_TRAIN_OPTIONS must be a JSON object of TrainConfig fields")
+    defaults = TrainConfig(model_path="", train_file="", dataset_type={})
+    problems = []
+    for name, value in options.items():
+        if name not in TrainConfig.__dataclass_fields__ or name in _NOT_OPTIONS:
+            problems.append(f"{name!r} is not an option")
+            continue
+        want = type(getattr(defaults, name))
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool)) \
+            or (want is float and isinstance(value, int) and not isinstance(value, bool)) \
+            or (name == "lora_targets" and isinstance(value, list))
+        if not ok:
+            problems.append(f"{name!r} must be {want.__name__}, not {type(value).__name__}")
+    if problems:
+        raise ValueError("MINER_TRAIN_OPTIONS: " + "; ".join(problems))
+    return options
 
 
 def parse_labels(text: str) -> dict[str, str]:

@@ -165,3 +165,22 @@ def test_train_labels_setting():
     assert parse_labels("") == {}
     with pytest.raises(ValueError, match="key=value"):
         parse_labels("miner-role")
+
+
+def test_train_options_reach_every_jobs_config_and_bad_ones_stop_start_up(tmp_path, monkeypatch, tiny_models, demo_task):
+    from cluster.job_main import plan
+
+    monkeypatch.setenv("MINER_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("MINER_TRAIN_OPTIONS", '{"dev_pass": true, "lora_layer_rank": "probe", "lr": 1}')
+    settings = load_settings()
+    now = time.time()
+    job = Job(str(uuid.uuid4()), "InstructTextTask", "org/m", "http://x/d", demo_task["dataset_type"], "s3", "r",
+              1.0, now, now + 3600)
+    cfg = plan(job, settings, tiny_models["llama"], demo_task["path"] / "train.json", demo_task["train"][:20], tmp_path)
+    assert (cfg.dev_pass, cfg.lora_layer_rank, cfg.lr) == (True, "probe", 1)  # over the planner's choices
+    assert cfg.method == "lora" and cfg.train_deadline > now  # what the options do not name stays planned
+    for bad, reason in (('{"train_deadline": 0}', "not an option"), ('{"saves": "4"}', "must be int"),
+                        ('{"dev_pass": 1}', "must be bool"), ("[]", "JSON object")):
+        monkeypatch.setenv("MINER_TRAIN_OPTIONS", bad)
+        with pytest.raises(ValueError, match=reason):
+            load_settings()
