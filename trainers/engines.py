@@ -40,9 +40,9 @@ def zero3(cfg: TrainConfig) -> bool:
 
 def zero3_supported(cfg: TrainConfig, recipe, log=print) -> TrainConfig:
     """The config a ZeRO-3 run can honour. The weight-averaging options, the keep-base guard, the
-    dev pass and the per-layer rank probe copy or measure parameters, which are shards here: they are switched off (and said so) rather than
-    silently operating on empty tensors; regional torch.compile is off (ZeRO-3's gather hooks
-    break its graphs). A full fine-tune whose recipe precomputes from the base (DPO's
+    dev pass and the per-layer rank probe copy or measure parameters, which are shards here: they
+    are switched off (and said so) rather than silently operating on empty tensors; regional
+    torch.compile is off (ZeRO-3's gather hooks break its graphs). A full fine-tune whose recipe precomputes from the base (DPO's
     reference log-probs) needs the whole model before sharding: such a job must use LoRA."""
     if not zero3(cfg):
         return cfg
@@ -199,7 +199,7 @@ class Zero3Engine:
             return
         prefix = "model." if self.engine.module is not self.model else ""
         weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-        # PEFT keeps the adapter's keys of this dict; an HF model writes it as sharded safetensors
+        # PEFT keeps the adapter's keys of this dict; an HF model writes all of it as safetensors
         self.model.save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
         torch.save(state, os.path.join(out_dir, "train_state.pt"))
