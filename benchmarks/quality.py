@@ -1,19 +1,23 @@
 """Quality techniques at equal wall-clock: the validator metric on test.json per recipe config.
 
-For each bench task (Instruct, Chat, DPO), on one base model on CPU, every config trains with
-the job's loop (trainers.launch.fit, Ray Train local mode, one worker) until the same
-wall-clock deadline (start + --budget-s, set-up included), then the exported checkpoint is
-scored with the validator metric of trainers.evaluate on the task's full test.json (tokenised,
-and for DPO the base's reference log-probs computed, once per task: see TestSet). Configs:
+For each bench task (Instruct, Chat, DPO, GRPO), on one base model (CPU, or the GPU when there is
+one), every config trains with the job's loop (trainers.launch.fit, Ray Train local mode, one
+worker) until the same wall-clock deadline (start + --budget-s, set-up included), then the exported
+checkpoint is scored with the validator metric on the task's test.json (tokenised, and for DPO the
+base's reference log-probs computed, once per task: see TestSet; GRPO: sampled completions scored
+by the task's reward functions in the sandbox, minus beta x KL). Configs:
   a_reference  the reference miner: LoRA r8/a16, lr 2e-4, seq 512, 10 steps, warm-up over them;
-  b_trl        TRL defaults: full FT, SFT lr 2e-5 / DPO 1e-6, 1 epoch, decay to 0, no warm-up;
-  c_strong     a strong fixed recipe for a small model: full FT, lr 1e-4 (DPO 1.35e-5), cosine to 0.25x;
+  b_trl        TRL defaults: full FT, SFT lr 2e-5 / DPO and GRPO 1e-6, 1 epoch, decay to 0, no warm-up;
+  c_strong     a strong fixed recipe for a small model: full FT, lr 1e-4 (DPO 1.35e-5, GRPO 1e-5), cosine to 0.25x;
   ours         the job planner's hyperparameters (tuning.priors.default_hparams), no technique;
   d_*          ours + one technique (TrainConfig fields); d_last_layers: full FT of the last 2 layers;
   e_all        ours + every technique; e_kept: the planner's hyperparameters + the KEPT candidates.
+GRPO runs TRL's loop: only the LoRA options and the methods apply to it (the rest are SFT/DPO loop features).
 All share the dev split (trainers.dev_split), micro-batch size and the number of dev evaluations.
 Training rows are a seeded subset (--rows) of train.json: no config gets through more in the budget.
-Results are appended to --jsonl as they come (a rerun skips what is there), then tabulated.
+Results are appended to --jsonl as they come (a rerun skips what is there), then tabulated by
+benchmarks/quality_report.py. `--shard K/N` runs every N-th run from the K-th, so N processes can share
+one GPU (each its own --jsonl; tabulate them together with --report-only --jsonl a b ...).
 
     nice -n 10 python -m benchmarks.quality --budget-s 25 --seeds 1 2
 """
@@ -24,7 +28,7 @@ import json
 import os
 import platform
 import random
-import statistics
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -32,11 +36,18 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.quality_report import write
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO.parent / "shared" / "bench"
 RESULTS = REPO / "benchmarks" / "results"
-TASKS = ["instruct_wordplay", "chat_topical_dialogue", "dpo_fact_verification"]
+TASKS = ["instruct_wordplay", "instruct_pattern_induction", "chat_topical_dialogue", "dpo_fact_verification",
+         "dpo_logical_reasoning", "grpo_arithmetic"]
 SAVES = 6
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# GRPO's per-step shape, as benchmarks/grpo_task.py: 32 prompts x 2 completions of up to 16 tokens
+GRPO_EXTRA = {"prompts_per_step": 32, "max_completion_length": 16, "dev_prompts": 32, "dev_max_completion": 16}
+GRPO_TEST_TOKENS = 16
 
 TECHNIQUES = {
     "d_ema": {"ema": True},
@@ -49,26 +60,29 @@ TECHNIQUES = {
     "d_dev_pass": {"dev_pass": True},
     "d_eval_share": {"eval_share": 0.05},  # fewer dev evaluations when they would eat > 5% of the window
 }
-# a method rather than an option of LoRA: full FT of the last 2 of pico-llama's 4 layers at the full-FT LR prior
+GRPO_TECHNIQUES = ("d_rslora", "d_dora", "d_mlp_rank")  # what TRL's GRPO loop honours (the adapter's shape)
+# a method rather than an option of LoRA: full FT of the last 2 layers at the full-FT LR prior
 LAST_LAYERS = {"method": "last_layers", "last_layers": 2}
-# e_kept: the planner's hyperparameters plus these candidates (none is on by default yet: results/quality.md)
-KEPT = ("d_dev_pass", "d_layer_rank", "d_eval_share")
+# e_kept: the planner's hyperparameters, which hold what the default pipeline keeps (rsLoRA on small SFT
+# jobs, the evaluation share), plus these candidates (none at present: results/quality_gpu_*.md)
+KEPT: tuple[str, ...] = ()
 
 
 def configs(task_type: str, n_params: int) -> dict[str, dict]:
     from tuning.priors import default_hparams
 
-    dpo = task_type == "DpoTask"
+    dpo, grpo = task_type == "DpoTask", task_type == "GrpoTask"
     # the planner's hyperparameters with every technique off (the planner now turns rsLoRA on for small SFT jobs)
     planner = {**default_hparams(n_params, task_type), "saves": SAVES}
-    ours = {**planner, "lora_rslora": False, "dev_pass": False, "eval_share": 0.0}
-    techniques = {k: v for k, v in TECHNIQUES.items() if not (dpo and "lora_layer_rank" in v)}
+    ours = {**planner, "lora_rslora": False, "dev_pass": False, "eval_share": 0.0}  # every technique off
+    techniques = {k: v for k, v in TECHNIQUES.items()
+                  if not (dpo and "lora_layer_rank" in v) and (not grpo or k in GRPO_TECHNIQUES)}
     out = {
         "a_reference": {"method": "lora", "lora_r": 8, "lora_alpha": 16, "lr": 2e-4, "max_seq_len": 512,
                         "max_steps": 10, "warmup_fraction": 1.0, "saves": 1},
-        "b_trl": {"method": "full", "lr": 1e-6 if dpo else 2e-5, "epochs": 1.0, "warmup_fraction": 0.0,
+        "b_trl": {"method": "full", "lr": 1e-6 if dpo or grpo else 2e-5, "epochs": 1.0, "warmup_fraction": 0.0,
                   "min_lr_ratio": 0.0, "saves": SAVES},
-        "c_strong": {"method": "full", "lr": 1.35e-5 if dpo else 1e-4, "warmup_fraction": 0.03,
+        "c_strong": {"method": "full", "lr": 1.35e-5 if dpo else 1e-5 if grpo else 1e-4, "warmup_fraction": 0.03,
                      "min_lr_ratio": 0.25, "epochs": 3.0, "saves": SAVES},
         "ours": ours,
     }
@@ -85,33 +99,38 @@ def subset(task_dir: Path, rows: int, work: Path) -> Path:
     data = json.loads((task_dir / "train.json").read_text())
     random.Random(0).shuffle(data)
     path = work / f"{task_dir.name}-{rows}.json"
-    path.write_text(json.dumps(data[:rows]))
+    path.write_text(json.dumps(data[:rows] if rows else data))
     return path
 
 
 class TestSet:
-    """A task's test.json tokenised once (and, for DPO, with the base model's reference log-probs
-    filled once): the numbers of trainers.evaluate.evaluate_path without redoing the shared part
-    for every run."""
+    """A task's test.json prepared once: tokenised (and, for DPO, with the base model's reference
+    log-probs filled) for trainers.evaluate's numbers without redoing the shared part every run;
+    GRPO keeps the rows for trainers.grpo_eval.score_model (its reward sandbox starts per score)."""
 
-    def __init__(self, task_dir: Path, model: Path):
+    def __init__(self, task_dir: Path, model: Path, grpo_rows: int):
         from trainers.batching import make_batches
         from trainers.dpo import fill_reference
         from trainers.evaluate import BATCH_TOKENS, load_submission
         from trainers.formats import max_length, tokenize_rows
         from trainers.modeling import load_tokenizer
 
-        meta = json.loads((task_dir / "task.json").read_text())
-        self.task_type = meta["task_type"]
-        base = load_submission(model)
+        self.meta = json.loads((task_dir / "task.json").read_text())
+        self.task_type, self.model = self.meta["task_type"], model
+        self.higher_better = self.task_type == "GrpoTask"
+        rows = json.loads((task_dir / "test.json").read_text())
+        if self.higher_better:
+            self.rows = rows[:grpo_rows] if grpo_rows else rows
+            self.base = self.score_path(model)
+            return
+        base = load_submission(model).to(DEVICE)
         tokenizer = load_tokenizer(str(model))
         self.pad_id = tokenizer.pad_token_id
-        rows = json.loads((task_dir / "test.json").read_text())
-        self.examples, _ = tokenize_rows(self.task_type, rows, meta["dataset_type"], tokenizer,
+        self.examples, _ = tokenize_rows(self.task_type, rows, self.meta["dataset_type"], tokenizer,
                                          max_length(self.task_type, base.config))
         if self.task_type == "DpoTask":
             for batch in make_batches(self.examples, BATCH_TOKENS, 16, seed=0):
-                fill_reference(base, batch, self.pad_id, torch.device("cpu"))
+                fill_reference(base, batch, self.pad_id, DEVICE)
         self.base = self.score(base)
 
     def score(self, model) -> float:
@@ -120,12 +139,17 @@ class TestSet:
         from trainers.instruct import SFT, dev_loss
 
         recipe = DPO if self.task_type == "DpoTask" else SFT
-        return dev_loss(model, self.examples, self.pad_id, torch.device("cpu"), BATCH_TOKENS, recipe)
+        return float(dev_loss(model, self.examples, self.pad_id, DEVICE, BATCH_TOKENS, recipe))  # not its DevMetric
 
     def score_path(self, path: Path) -> float:
         from trainers.evaluate import load_submission
+        from trainers.grpo_eval import score_model
 
-        return self.score(load_submission(path))
+        model = load_submission(path).to(DEVICE)
+        if self.higher_better:
+            return score_model(model, str(self.model), self.rows, self.meta["dataset_type"],
+                               max_new_tokens=GRPO_TEST_TOKENS, seed=1234).score
+        return self.score(model)
 
 
 def run_one(task_dir: Path, model: Path, name: str, hp: dict, seed: int, budget_s: float, train_file: Path,
@@ -133,156 +157,121 @@ def run_one(task_dir: Path, model: Path, name: str, hp: dict, seed: int, budget_
     from trainers.config import TrainConfig
     from trainers.launch import fit
 
-    meta = json.loads((task_dir / "task.json").read_text())
+    meta = test.meta
+    # on the GPU torch.compile's warm-up would take most of a short budget, for every config alike
+    extra = {"compile": False} if DEVICE.type == "cuda" else {}
+    if meta["task_type"] == "GrpoTask":
+        extra.update(GRPO_EXTRA, **({"cpu_threads": 1} if DEVICE.type == "cpu" else {}))
     started = time.time()
     cfg = TrainConfig(model_path=str(model), train_file=str(train_file), dataset_type=meta["dataset_type"],
                       task_type=meta["task_type"], run_dir=str(work / "runs"), run_name=f"{task_dir.name}-{name}-{seed}",
-                      num_workers=0, train_deadline=started + budget_s, seed=seed, max_dev_rows=128,
-                      batch_tokens=2048, **hp)
+                      num_workers=0, use_gpu=DEVICE.type == "cuda", train_deadline=started + budget_s, seed=seed,
+                      max_dev_rows=128, batch_tokens=2048, extra=extra, **hp)
     outcome = fit(cfg, work / "out")
     wall = time.time() - started
     metric = test.score_path(outcome.model_dir)
     s = outcome.summary
-    return {"task": task_dir.name, "config": name, "seed": seed, "test": metric, "steps": s.get("steps"),
+    return {"task": task_dir.name, "config": name, "seed": seed, "test": metric, "base": test.base,
+            "higher_better": test.higher_better, "steps": s.get("steps"),
             "selected_dev": outcome.checkpoint_metrics.get("dev_loss"),
             "weights": outcome.checkpoint_metrics.get("weights", "raw"),
             "rollbacks": sum(1 for h in s.get("history", []) if "rollback_to" in h),
-            "wall_s": round(wall, 1), "hp": hp}
+            "wall_s": round(wall, 1), "t_start": round(started, 1), "t_end": round(time.time(), 1), "hp": hp}
 
 
-def summarise(runs: list[dict], bases: dict) -> dict:
-    """Per task and config: mean and spread over seeds (and mean optimizer steps); per config:
-    mean ratio to b, c and ours."""
-    cells: dict = {}
-    for r in runs:
-        cells.setdefault(r["task"], {}).setdefault(r["config"], []).append(r)
-    table = {t: {c: {"mean": statistics.mean(x["test"] for x in v), "n": len(v),
-                     "spread": max(x["test"] for x in v) - min(x["test"] for x in v),
-                     "steps": statistics.mean(x["steps"] for x in v)} for c, v in cs.items()}
-             for t, cs in cells.items()}
-    ratios: dict = {}
-    for t, cs in table.items():
-        for c, cell in cs.items():
-            for ref in ("b_trl", "c_strong", "ours"):
-                if ref in cs:
-                    ratios.setdefault(c, {}).setdefault(ref, []).append(cell["mean"] / cs[ref]["mean"])
-    mean_ratio = {c: {ref: statistics.mean(v) for ref, v in rs.items()} for c, rs in ratios.items()}
-    return {"table": table, "mean_ratio": mean_ratio, "base": bases}
-
-
-def verdicts(table: dict) -> dict:
-    """A technique helps on a task when its mean is below ours by more than the larger of the
-    two seed spreads (max - min); hurts when above by that much; else within noise."""
-    out = {}
-    for name in list(TECHNIQUES) + ["d_last_layers", "e_all", "e_kept"]:
-        out[name] = {}
-        for t, cs in table.items():
-            if name in cs and "ours" in cs and min(cs[name]["n"], cs["ours"]["n"]) < 2:
-                out[name][t] = "one seed only"
-            elif name in cs and "ours" in cs:
-                diff = cs[name]["mean"] - cs["ours"]["mean"]
-                noise = max(cs[name]["spread"], cs["ours"]["spread"])
-                out[name][t] = "helps" if diff < -noise else "hurts" if diff > noise else "noise"
-    return out
-
-
-def markdown(summary: dict, meta: dict) -> str:
-    table, names = summary["table"], None
-    lines = ["# Quality techniques at equal wall-clock (pico-llama, CPU)", "",
-             f"- Command: `{meta['command']}`", f"- Machine: {meta['machine']}", f"- Date: {meta['date']}",
-             f"- Seeds: {meta['seeds']}; budget {meta['budget_s']} s wall-clock per run (set-up included);"
-             f" {meta['rows']} training rows per task (seeded subset); total wall-clock {meta['total_s']} s.",
-             *([f"- Load: {meta['load']}"] if meta.get("load") else []),
-             "- Metric: the validator's on the full test.json (Instruct/Chat: mean per-sample CE on labelled"
-             " tokens; DPO: sigmoid DPO loss at beta 0.1 vs the base, ln 2 for the base). Lower is better."
-             " Cells: mean over seeds (max - min).", ""]
-    for t, cs in table.items():
-        names = names or list(cs)
-    header = ["config"] + list(table) + ["/ b_trl", "/ c_strong", "/ ours"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines.append("| base model | " + " | ".join(f"{summary['base'][t]:.4f}" for t in table) + " | | | |")
-    for c in names or []:
-        cells = [f"{table[t][c]['mean']:.4f} ({table[t][c]['spread']:.4f})" if c in table[t] else "-" for t in table]
-        r = summary["mean_ratio"].get(c, {})
-        lines.append(f"| {c} | " + " | ".join(cells) + " | " +
-                     " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in ("b_trl", "c_strong", "ours")) + " |")
-    lines += ["", "Mean optimizer steps reached in the budget:", "",
-              "| config | " + " | ".join(table) + " |", "|" + "---|" * (len(table) + 1)]
-    for c in names or []:
-        lines.append(f"| {c} | " + " | ".join(f"{table[t][c]['steps']:.0f}" if c in table[t] else "-" for t in table) + " |")
-    lines += ["", "Verdict per technique vs `ours` (gain beyond the larger seed spread):", ""]
-    for name, v in summary["verdicts"].items():
-        if not v:
-            continue
-        lines.append(f"- {name}: " + ", ".join(f"{t} {x}" for t, x in v.items()))
-    return "\n".join(lines) + "\n"
+def machine() -> str:
+    gpu = ""
+    if DEVICE.type == "cuda":
+        gpu = f", {torch.cuda.get_device_name()}, CUDA torch {torch.__version__}"
+        try:
+            import transformers
+            gpu += f", transformers {transformers.__version__}"
+        except ImportError:
+            pass
+    return (f"{platform.node()}: {os.cpu_count()} CPU cores{gpu or ', no GPU'}; Python {platform.python_version()}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget-s", type=float, default=25.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--rows", type=int, default=1000)
-    parser.add_argument("--model", default=str(BENCH / "models" / "pico-llama"))
+    parser.add_argument("--rows", type=int, default=1000, help="training rows per task (0: all)")
+    parser.add_argument("--grpo-test-rows", type=int, default=0, help="GRPO test prompts scored (0: all)")
+    parser.add_argument("--bench", default=str(BENCH), help="the folder holding tasks/ and models/")
+    parser.add_argument("--model", default="pico-llama", help="a folder under <bench>/models, or a path")
     parser.add_argument("--tasks", nargs="+", default=TASKS)
     parser.add_argument("--configs", nargs="*", help="only these configs (default: all)")
-    parser.add_argument("--jsonl", default=str(RESULTS / "raw" / "quality_runs.jsonl"))
+    parser.add_argument("--shard", default="0/1", help="K/N: this process runs every N-th run from the K-th")
+    parser.add_argument("--jsonl", nargs="+", default=[str(RESULTS / "raw" / "quality_runs.jsonl")],
+                        help="where runs are appended (one file); with --report-only, every file to tabulate")
     parser.add_argument("--out", default=str(RESULTS / "quality"))
-    parser.add_argument("--report-only", action="store_true",
-                        help="retabulate --jsonl with the base metrics and meta of the existing --out.json")
+    parser.add_argument("--report-only", action="store_true", help="tabulate the --jsonl files, train nothing")
+    parser.add_argument("--load", default="", help="a line on the machine's load, for the report")
+    parser.add_argument("--command", default="", help="the command that made the runs, for the report")
+    parser.add_argument("--stop-by", type=float, default=0.0,
+                        help="unix time: start no run that could not end by then (runs left are reported missing)")
     args = parser.parse_args(argv)
-    if args.report_only:
-        old = json.loads(Path(args.out + ".json").read_text())
-        runs = [json.loads(line) for line in Path(args.jsonl).read_text().splitlines()]
-        return write(runs, old["base"], {**old["meta"], "seeds": sorted({r["seed"] for r in runs})}, args.out)
+    bench = Path(args.bench)
+    model = bench / "models" / args.model if (bench / "models" / args.model).is_dir() else Path(args.model)
+    runs = [json.loads(line) for f in args.jsonl if Path(f).exists() for line in Path(f).read_text().splitlines()]
+    if not args.report_only:
+        runs += train(args, bench, model, runs)
+    failed = [r for r in runs if "error" in r]
+    runs = [r for r in runs if r["task"] in args.tasks and "error" not in r]
+    if not runs:
+        raise SystemExit("no runs to tabulate")
+    t0, t1 = min(r.get("t_start", 0) for r in runs), max(r.get("t_end", 0) for r in runs)
+    when = lambda t: datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")  # noqa: E731
+    meta = {"command": args.command or "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": runs[-1].get("machine", machine()), "device": runs[-1].get("device", DEVICE.type),
+            "model": model.name, "date": f"{when(t0)} - {when(t1)}" if t0 else "see git history",
+            "seeds": sorted({r["seed"] for r in runs}), "budget_s": args.budget_s, "rows": args.rows or "all",
+            "total_s": round(t1 - t0) if t0 else "-", "load": args.load,
+            "failed": [f"{r['task']} {r['config']} seed {r['seed']}: {r['error']}" for r in failed]}
+    techniques = list(TECHNIQUES) + ["d_last_layers", "e_all", "e_kept"]
+    return write(runs, meta, args.out, techniques, TASKS + ["a_reference", "b_trl", "c_strong", "ours"] + techniques)
+
+
+def train(args, bench: Path, model: Path, done_runs: list[dict]) -> list[dict]:
+    """This shard's runs not in the jsonl yet, each appended to it as it ends."""
     from transformers import AutoConfig
 
     from tuning.priors import param_count_from_config
 
-    started, t0 = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), time.time()
-    model = Path(args.model)
+    k, n = (int(x) for x in args.shard.split("/"))
     n_params = param_count_from_config(AutoConfig.from_pretrained(model))
-    jsonl = Path(args.jsonl)
+    jsonl = Path(args.jsonl[0])
     jsonl.parent.mkdir(parents=True, exist_ok=True)
-    runs = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
-    done = {(r["task"], r["config"], r["seed"]) for r in runs}
-    bases = {}
+    done = {(r["task"], r["config"], r["seed"]) for r in done_runs}
+    types = {t: json.loads((bench / "tasks" / t / "task.json").read_text())["task_type"] for t in args.tasks}
+    todo = [(t, c, seed, hp) for seed in args.seeds for t in args.tasks for c, hp in configs(types[t], n_params).items()
+            if not (args.configs and c not in args.configs)]
+    mine = [x for i, x in enumerate(todo) if i % n == k and x[:3] not in done]
+    new, tests, warm = [], {}, set()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for task in args.tasks:
-            task_dir = BENCH / "tasks" / task
-            task_type = json.loads((task_dir / "task.json").read_text())["task_type"]
-            test = TestSet(task_dir, model)
-            bases[task] = test.base
-            train_file = subset(task_dir, args.rows, work)
-            for seed in args.seeds:
-                for name, hp in configs(task_type, n_params).items():
-                    if (args.configs and name not in args.configs) or (task, name, seed) in done:
-                        continue
-                    r = run_one(task_dir, model, name, hp, seed, args.budget_s, train_file, work, test)
-                    print(json.dumps(r), flush=True)
-                    with jsonl.open("a") as f:
-                        f.write(json.dumps(r) + "\n")
-                    runs.append(r)
-    meta = {"command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} nice -n 10 python -m "
-                       f"benchmarks.quality --budget-s {args.budget_s:g} --seeds {' '.join(map(str, args.seeds))}"
-                       f" --rows {args.rows}",
-            "machine": f"{platform.node()}: {os.cpu_count()} CPU cores shared with other work, no GPU; Python "
-                       f"{platform.python_version()}",
-            "date": started, "seeds": args.seeds, "budget_s": args.budget_s, "rows": args.rows,
-            "total_s": round(time.time() - t0), "model": str(model)}
-    return write([r for r in runs if r["task"] in args.tasks], bases, meta, args.out)
-
-
-def write(runs: list[dict], bases: dict, meta: dict, out: str) -> int:
-    summary = summarise(runs, bases)
-    summary["verdicts"] = verdicts(summary["table"])
-    Path(out + ".json").write_text(json.dumps({"meta": meta, **summary, "runs": runs}, indent=1))
-    md = Path(out + ".md")
-    findings = md.read_text().partition("\n## Findings")[2] if md.exists() else ""  # hand-written: kept
-    md.write_text(markdown(summary, meta) + ("\n## Findings" + findings if findings else ""))
-    print(Path(out + ".md").read_text())
-    return 0
+        for i, (task, name, seed, hp) in enumerate(mine):
+            if args.stop_by and time.time() + 1.5 * args.budget_s > args.stop_by:
+                print(f"[quality {k}/{n}] --stop-by reached: {len(mine) - i} runs not started", flush=True)
+                break
+            task_dir = bench / "tasks" / task
+            try:  # one failing run is recorded with its error; the shard goes on with the others
+                if task not in tests:
+                    tests[task] = (TestSet(task_dir, model, args.grpo_test_rows), subset(task_dir, args.rows, work))
+                test, train_file = tests[task]
+                if types[task] not in warm:  # a process's first run of a task type pays imports, CUDA/kernel
+                    warm.add(types[task])    # warm-up and caches: a short run first, not recorded
+                    run_one(task_dir, model, "warm-up", configs(types[task], n_params)["ours"], seed,
+                            min(8.0, args.budget_s), train_file, work, test)
+                r = run_one(task_dir, model, name, hp, seed, args.budget_s, train_file, work, test)
+            except Exception as e:  # noqa: BLE001 - a benchmark row, reported in the table as failed
+                r = {"task": task, "config": name, "seed": seed, "error": f"{type(e).__name__}: {e}"[:500]}
+            r.update(machine=machine(), device=DEVICE.type, model=model.name)
+            print(f"[quality {k}/{n}] {i + 1}/{len(mine)} " + json.dumps(r), flush=True)
+            with jsonl.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            new.append(r)
+    return new
 
 
 if __name__ == "__main__":

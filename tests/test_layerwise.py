@@ -92,6 +92,7 @@ def test_saves_within_the_evaluation_share():
     from trainers.instruct import saves_within
 
     assert saves_within(0.1, window_s=100.0, save_s=2.0, saves=8) == 5     # 10 s of evaluations: 5 of 2 s
-    assert saves_within(0.1, window_s=100.0, save_s=50.0, saves=8) == 1    # never none: the last is the checkpoint
+    assert saves_within(0.1, window_s=100.0, save_s=50.0, saves=8) == 2    # never fewer than a mid-run and the last
+    assert saves_within(0.1, window_s=100.0, save_s=50.0, saves=1) == 1    # nor more than asked
     assert saves_within(0.5, window_s=100.0, save_s=1.0, saves=8) == 8     # never more than asked
     assert saves_within(0.0, window_s=100.0, save_s=50.0, saves=8) == 8    # share 0: off

@@ -176,7 +176,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
     staging = os.path.join(cfg.run_dir, cfg.run_name, "_staging", f"rank{rank}")
     # The KL reference for the dev score: the base itself (LoRA: adapter disabled; full: a frozen copy).
-    reference = model if hasattr(model, "disable_adapter") else load_base_model(cfg.model_path, device).eval()
+    reference = model if hasattr(model, "disable_adapter") else load_base_model(cfg.model_path, device).to(device).eval()
 
     def evaluate() -> dict:
         if not dev:

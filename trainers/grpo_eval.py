@@ -175,7 +175,7 @@ def score_model(model, base_model: str, rows: list[dict], dataset_type: dict,
     elif Path(str(getattr(model, "name_or_path", ""))).resolve() == Path(base_model).resolve():
         base = None
     else:
-        base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).to(next(model.parameters()).device)
     sources, weights = reward_sources(dataset_type)
     with RewardSandbox(sources, limits, sample_rows=rows[:10]) as box:
         return grpo_score(model, load_tokenizer(base_model), rows, box, weights, base, max_new_tokens, seed)

@@ -142,12 +142,13 @@ def steps_that_fit(now: float, deadline: float, per_step: float, saves_left: int
 
 def saves_within(share: float, window_s: float, save_s: float, saves: int) -> int:
     """The dev evaluations (with their checkpoints) that fit in `share` of the training window
-    at their measured cost, between 1 and `saves` (share 0: `saves`). When the deadline binds,
+    at their measured cost, between 2 and `saves` (share 0: `saves`). When the deadline binds,
     every evaluation is optimizer steps not taken; on short runs the dev metric falls at every
-    save and only the last ones can be chosen."""
+    save and only the last ones can be chosen. Two at least: a checkpoint half-way, so that a
+    crash late in the run resumes from it instead of the start, and the final one."""
     if share <= 0 or save_s <= 0:
         return saves
-    return max(1, min(saves, int(share * window_s / save_s)))
+    return max(min(2, saves), min(saves, int(share * window_s / save_s)))
 
 
 def train_loop_per_worker(config: dict) -> dict:
