@@ -141,7 +141,20 @@ class PlainState:
         return True
 
 
-class PlainEngine(PlainState):
+class _ScheduledLr:
+    """An engine's learning rate: the recipe's schedule sets it before every step."""
+    optimizer: torch.optim.Optimizer
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+class PlainEngine(PlainState, _ScheduledLr):
     def __init__(self, cfg: TrainConfig, module, model, params: list, device, world: int):
         import ray.train.torch
 
@@ -153,18 +166,13 @@ class PlainEngine(PlainState):
         loss.backward()
 
     def step(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self._set_lr(lr)
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
 
-
-class Zero3Engine:
+class Zero3Engine(_ScheduledLr):
     def __init__(self, cfg: TrainConfig, module, model, params: list, device):
         import deepspeed
 
@@ -182,13 +190,8 @@ class Zero3Engine:
         self.engine.backward(loss)  # reduce-scatters into this rank's gradient partition
 
     def step(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self._set_lr(lr)
         self.engine.step()  # clips over all partitions, steps, zeroes the gradients
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
 
     def save(self, tokenizer, out_dir: str, state: dict, write: bool) -> None:
         """Every rank gathers (collective); rank 0 writes a model that loads without DeepSpeed."""

@@ -199,7 +199,7 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
         print(f"[train] rows={len(rows)} dropped_for_length={dropped} train={len(train)} dev={len(dev)} "
               f"max_len={max_len} workers={world} planned_steps={total}", flush=True)
 
-    start = resume_step = 0
+    resume_step = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # restarted after a failure: continue from the last reported weights
         with ckpt.as_directory() as d:
