@@ -14,12 +14,8 @@ run.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
-import http.server
 import json
 import os
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -51,6 +47,7 @@ def main() -> None:
     from cluster.protocol import MinerTaskOffer, TaskType, TrainRequestText
     from cluster.runner import RayJobRunner
     from cluster.settings import load_settings
+    from cluster.simulate import DatasetServer
     from cluster.store import TERMINAL
 
     cp = ControlPlane(load_settings(), runner=RayJobRunner(ensure_ray()))
@@ -60,8 +57,8 @@ def main() -> None:
     train.write_text(json.dumps(json.loads((args.task / "train.json").read_text())[:ROWS]))
     report = {"cluster": cp.scheduler.view.describe(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "jobs": {}, "placement_groups": {}}
-    with serving(out) as base_url:  # the validator's presigned URL
-        url = f"{base_url}/train.json"
+    with DatasetServer() as server:
+        url = server.publish(train)  # the validator's presigned URL
         for name, declared, model, hours in jobs(args.small.resolve(), args.mid.resolve()):
             task_id = str(uuid.uuid4())
             answer = cp.offer(MinerTaskOffer(ds_size=ROWS, model=str(model), hours_to_complete=hours, task_id=task_id,
@@ -84,24 +81,6 @@ def main() -> None:
                        zero_stage=(job.hparams or {}).get("zero_stage"), num_workers=(job.hparams or {}).get("num_workers"))
     (out / "side_by_side.json").write_text(json.dumps(report, indent=1, default=str))
     print("RESULTS " + json.dumps(report, default=str), flush=True)
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@contextlib.contextmanager
-def serving(folder: Path):
-    """The folder over HTTP on loopback (cluster.simulate's server needs the chain SDK to import,
-    which this GPU host lacks)."""
-    handler = functools.partial(_Quiet, directory=str(folder))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
 
 
 def watch(cp, report: dict, list_placement_groups, terminal, limit_s: float) -> None:

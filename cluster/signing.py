@@ -16,8 +16,10 @@ import string
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from substrateinterface import Keypair
+if TYPE_CHECKING:  # imported where keys are used: hosts that only train lack the chain SDK
+    from substrateinterface import Keypair
 
 NONCE_WINDOW_NS = 120_000_000_000  # fiber: nonces are valid within +-2 minutes
 
@@ -46,6 +48,8 @@ def signed_headers(keypair: Keypair, miner_hotkey: str, body: bytes, nonce: str 
 
 
 def verify_signature(validator_hotkey: str, signature: str, message: str) -> bool:
+    from substrateinterface import Keypair  # outside the try: a missing SDK is an error, not "invalid"
+
     try:
         return bool(Keypair(ss58_address=validator_hotkey).verify(data=message, signature=signature))
     except Exception:  # malformed ss58 address or signature hex: simply not valid

@@ -15,15 +15,18 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
-from substrateinterface import Keypair
 
 from .hub import hub_from_settings
 from .model_hash import calculate_model_hash
 from .protocol import TaskType
 from .settings import Settings
 from .signing import signed_headers
+
+if TYPE_CHECKING:  # the chain SDK is imported where a key is made (validator_keypair)
+    from substrateinterface import Keypair
 
 GRACE_S = 120  # how long past the deadline we keep asking for the submission
 
@@ -124,6 +127,8 @@ class ValidatorClient:
 
 def validator_keypair(settings: Settings) -> Keypair:
     """The simulator's own validator key, kept in the state dir and registered in the metagraph."""
+    from substrateinterface import Keypair
+
     path = settings.state_dir / "simulator_validator.json"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
