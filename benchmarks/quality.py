@@ -180,15 +180,11 @@ def run_one(task_dir: Path, model: Path, name: str, hp: dict, seed: int, budget_
 
 
 def machine() -> str:
-    gpu = ""
-    if DEVICE.type == "cuda":
-        gpu = f", {torch.cuda.get_device_name()}, CUDA torch {torch.__version__}"
-        try:
-            import transformers
-            gpu += f", transformers {transformers.__version__}"
-        except ImportError:
-            pass
-    return (f"{platform.node()}: {os.cpu_count()} CPU cores{gpu or ', no GPU'}; Python {platform.python_version()}")
+    import transformers
+
+    gpu = f"{torch.cuda.get_device_name()}, CUDA " if DEVICE.type == "cuda" else "no GPU, "
+    return (f"{platform.node()}: {os.cpu_count()} CPU cores, {gpu}torch {torch.__version__}, transformers "
+            f"{transformers.__version__}; Python {platform.python_version()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load", default="", help="a line on the machine's load, for the report")
     parser.add_argument("--command", default="", help="the command that made the runs, for the report")
     parser.add_argument("--stop-by", type=float, default=0.0,
-                        help="unix time: start no run that could not end by then (runs left are reported missing)")
+                        help="unix time: start no run that could not end by then (the shard's log counts those left)")
     args = parser.parse_args(argv)
     bench = Path(args.bench)
     model = bench / "models" / args.model if (bench / "models" / args.model).is_dir() else Path(args.model)
