@@ -16,6 +16,8 @@ def load_tokenizer(model_path: str):
 
 
 def load_base_model(model_path: str, device: torch.device):
+    """The base model in `device`'s training dtype, left on the CPU: the caller moves it (after
+    wrapping it for training; under ZeRO-3 it is already partitioned and must not be moved)."""
     # bf16 weights on GPU (as evaluated); fp32 on CPU, where bf16 matmuls are slow.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
