@@ -8,8 +8,8 @@ Two engines behind one small interface (`module`, `backward`, `step`, `save`):
   The model is built already sharded (transformers' zero.Init path while `zero3_loading` is
   open) and saved consolidated: rank 0 writes an ordinary HF model or PEFT adapter that reloads
   without DeepSpeed, the way the validator loads it. ZeRO-3 checkpoints carry no optimizer
-  state: a restarted worker group starts again from the base weights (the published fallback is
-  the last consolidated checkpoint).
+  state: a restarted worker group scatters the last checkpoint's weights back into its shards and
+  goes on from that step with fresh optimizer moments.
 
 `make_engine(cfg, module, model, params, device, world)` is the entry point; `zero3_loading(cfg,
 device)` wraps loading the base model.
@@ -17,8 +17,10 @@ device)` wraps loading the base model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -135,7 +137,7 @@ class PlainState:
         torch.save({**state, "model": trainable, "optimizer": self.optimizer.state_dict()},
                    os.path.join(out_dir, "train_state.pt"))
 
-    def resume(self, state: dict) -> bool:
+    def resume(self, state: dict, ckpt_dir: str | None = None) -> bool:
         self.model.load_state_dict(state["model"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         return True
@@ -200,18 +202,54 @@ class Zero3Engine(_ScheduledLr):
         full = self.engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=peft)
         if not write:
             return
-        prefix = "model." if self.engine.module is not self.model else ""
-        weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        weights = {k[len(self._prefix):]: v for k, v in full.items() if k.startswith(self._prefix)}
         # PEFT keeps the adapter's keys of this dict; an HF model writes all of it as safetensors
         self.model.save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
-        torch.save(state, os.path.join(out_dir, "train_state.pt"))
+        # a restart reads a full model's weights from the safetensors above; an adapter's (small) ride
+        # here under the model's own parameter names, which PEFT's saved file renames
+        torch.save({**state, **({"model": weights} if peft else {})}, os.path.join(out_dir, "train_state.pt"))
 
-    def resume(self, state: dict) -> bool:
-        """No optimizer shards are checkpointed: a restarted group trains again from the base
-        weights on a fresh schedule (capped by the deadline as ever). The checkpoints reported
-        before the failure stay candidates for the published model."""
-        return False
+    @property
+    def _prefix(self) -> str:  # the HF/PEFT model's parameter names inside the module DeepSpeed wraps
+        return "model." if self.engine.module is not self.model else ""
+
+    def resume(self, state: dict, ckpt_dir: str | None = None) -> bool:
+        """The checkpoint's weights scattered into this group's shards, one parameter at a time
+        (rank 0 reads, every rank takes its partition), then copied into the optimizer's fp32
+        master weights, which are what it steps from. The optimizer's moments start fresh: they are
+        not checkpointed (that would be 12 bytes a parameter more per save). Returns False (start
+        over from the base) when the checkpoint does not hold every trainable parameter."""
+        import deepspeed
+        import torch.distributed as dist
+
+        saved = ({k: (lambda v=v: v) for k, v in state["model"].items()} if "model" in state
+                 else _safetensors(ckpt_dir) if ckpt_dir else {})
+        named = dict(self.engine.module.named_parameters())
+        wanted = {self._prefix + k for k in saved}
+        if not saved or any(p.requires_grad and n not in wanted for n, p in named.items()):
+            return False
+        lead = dist.get_rank() == 0
+        for name in sorted(saved):  # the same order on every rank: each gather is a collective
+            param = named.get(self._prefix + name)
+            if param is None:  # a frozen weight saved once under a tied twin's name
+                continue
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if lead:
+                    param.data.copy_(saved[name]())
+        self.optimizer.refresh_fp32_params()
+        return True
+
+
+def _safetensors(folder: str) -> dict:
+    """name -> reader of one tensor, over the safetensors files of a saved full model."""
+    from safetensors import safe_open
+
+    readers = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        f = safe_open(str(path), framework="pt")
+        readers.update({key: functools.partial(f.get_tensor, key) for key in f.keys()})
+    return readers
 
 
 def _hf(model):

@@ -204,11 +204,12 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
     if ckpt:  # restarted after a failure: continue from the last reported weights
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, "train_state.pt"), map_location=device, weights_only=False)
-        if engine.resume(state):
+            resumed = engine.resume(state, d)
+        if resumed:
             resume_step, total = state["step"], state["total"]
         elif rank == 0:
-            print(f"[train] restarted: {type(engine).__name__} keeps no optimizer state, starting over "
-                  f"from the base weights (step {state['step']} checkpoint stays a candidate)", flush=True)
+            print(f"[train] restarted: the step {state['step']} checkpoint lacks trainable weights, starting over "
+                  f"from the base weights (that checkpoint stays a candidate)", flush=True)
 
     def micro_step(piece: list, weight: float) -> float:
         """Forward and backward of `weight` x the piece's mean loss; returns that mean loss."""
