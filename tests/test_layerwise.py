@@ -55,7 +55,7 @@ def test_rank_probe_matches_a_plain_backward_and_sets_the_ranks(tmp_path, tiny_m
     assert ranks_from_norms([0.0, 0.0, 0.0, 100.0], 8) == [2, 2, 2, 32]   # clamped to [r/4, 4r]
     assert ranks_from_norms([float("nan"), 1.0], 8) == [8, 8]             # no measurement: uniform
     cfg = _cfg(model_dir, lora_r=4, lora_alpha=8, lora_mlp_r=8)
-    pattern, _ = probe_rank_pattern(model, [ids], loss_of, cfg)
+    pattern, _, _ = probe_rank_pattern(model, [ids], loss_of, cfg)
     ranks = ranks_from_norms(norms, 4)
     assert all(ranks[i] <= ranks[j] for i in range(len(norms)) for j in range(len(norms)) if norms[i] < norms[j])
     assert len(set(ranks)) > 1  # the measured layers differ, so do their ranks

@@ -232,7 +232,7 @@ class Zero3Engine(_ScheduledLr):
         lead = dist.get_rank() == 0
         for name in sorted(saved):  # the same order on every rank: each gather is a collective
             param = named.get(self._prefix + name)
-            if param is None:  # a frozen weight saved once under a tied twin's name
+            if param is None:  # a weight the module lists under a tied twin's name
                 continue
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 if lead:

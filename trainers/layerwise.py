@@ -112,11 +112,12 @@ def rank_pattern(model, ranks: list[int], mlp_rank_ratio: float = 1.0) -> dict[s
     return pattern
 
 
-def probe_rank_pattern(model, batches: list, loss_of: Callable, cfg) -> tuple[dict[str, int], list[float]]:
-    """(peft rank_pattern, per-layer gradient norms) for `cfg.lora_layer_rank == "probe"`."""
+def probe_rank_pattern(model, batches: list, loss_of: Callable, cfg) -> tuple[dict[str, int], list[float], list[int]]:
+    """(peft rank_pattern, per-layer gradient norms, per-layer ranks) for `cfg.lora_layer_rank == "probe"`."""
     norms = layer_gradient_norms(model, batches, loss_of, cfg.lora_targets)
+    ranks = ranks_from_norms(norms, cfg.lora_r)
     ratio = cfg.lora_mlp_r / cfg.lora_r if cfg.lora_mlp_r else 1.0
-    return rank_pattern(model, ranks_from_norms(norms, cfg.lora_r), ratio), norms
+    return rank_pattern(model, ranks, ratio), norms, ranks
 
 
 def probe_ranks(base, recipe, cfg, examples: list, pad_id: int, device) -> tuple[dict[str, int], dict]:
@@ -130,6 +131,5 @@ def probe_ranks(base, recipe, cfg, examples: list, pad_id: int, device) -> tuple
         raise ValueError("lora_layer_rank='probe' measures the SFT loss at the base weights; not for this task type")
     base.to(device)
     batches = make_batches(examples, cfg.batch_tokens, cfg.max_batch, cfg.seed)[:max(1, cfg.probe_batches)]
-    pattern, norms = probe_rank_pattern(base, batches, lambda b: recipe.per_sample(base, b, pad_id, device).mean(), cfg)
-    ranks = ranks_from_norms(norms, cfg.lora_r)
+    pattern, norms, ranks = probe_rank_pattern(base, batches, lambda b: recipe.per_sample(base, b, pad_id, device).mean(), cfg)
     return pattern, {"grad_norms": [round(n, 6) for n in norms], "ranks": ranks}
