@@ -196,9 +196,11 @@ def _durations(params: float, method: str, tps: float, timing: Timing) -> tuple[
     return total(min_train), total(target_train), pre + post, post
 
 
-def preferred_gpus(params: float, task_type: str) -> int:
-    """G.O.D's own grant (§1.1): params_B × (DPO 3, GRPO 2): ≤4 → 1, ≤12 → 2, ≤40 → 4, else 8."""
-    b = params / 1e9 * TASK_SIZE_FACTOR.get(task_type, 1.0)
+def preferred_gpus(params: float, task_type: str, use_kl: bool = False) -> int:
+    """G.O.D's own grant (gradients-protocol.md §13, validator/tournament/gpu_requirements.py):
+    params_B × (DPO 3, GRPO 2, a KL-weighted task 2, else 1): ≤4 → 1, ≤12 → 2, ≤40 → 4, else 8."""
+    factor = TASK_SIZE_FACTOR.get(task_type, 2.0 if use_kl else 1.0)
+    b = params / 1e9 * factor
     return 1 if b <= 4 else 2 if b <= 12 else 4 if b <= 40 else 8
 
 
@@ -216,7 +218,7 @@ def plan_options(params: int, task_type: str, gpu_type: str, max_gpus: int, *, c
         t = timing or CPU_TIMING
         return [Plan(task_type, params, "lora", "CPU", 0, cpu_workers, cpus_per_worker, 0.0, tps, lo, hi, over,
                      post_training_s(params, "lora", t), publish_nominal_s(params, "lora", t))]
-    method, gmin = _method_and_min_gpus(params, task_type, dev, max_gpus)
+    method, gmin = method_and_min_gpus(params, task_type, dev, max_gpus)
     if method is None:
         return []
     best = min(max_gpus, max(gmin, preferred_gpus(params, task_type)))
@@ -233,7 +235,7 @@ def plan_options(params: int, task_type: str, gpu_type: str, max_gpus: int, *, c
     return plans
 
 
-def _method_and_min_gpus(params: float, task_type: str, dev: Device, max_gpus: int) -> tuple[str | None, int]:
+def method_and_min_gpus(params: float, task_type: str, dev: Device, max_gpus: int) -> tuple[str | None, int]:
     """Full FT if it fits one device (≤9 B), else LoRA on one device, else LoRA + ZeRO-3 on the
     fewest devices (powers of two) that fit."""
     if params <= FULL_FT_MAX_PARAMS and memory_per_gpu_gib(params, task_type, "full", 1, dev) <= dev.mem_gib:

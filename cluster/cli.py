@@ -29,7 +29,11 @@ def cmd_serve(args) -> int:
 
     from .metagraph import chain_sync_available, status_line
 
-    settings = load_settings()
+    try:
+        settings = load_settings()
+    except ValueError as err:  # a malformed setting (MINER_TRAINING_COMMIT, MINER_TRAIN_OPTIONS, ...)
+        print(f"miner serve: {err}", file=sys.stderr)
+        return 2
     if settings.metagraph_file is None and not chain_sync_available():
         print("no validator allow-list: set MINER_METAGRAPH_FILE, or install the bittensor SDK "
               "(pip install bittensor) to sync NETUID from SUBTENSOR_NETWORK", file=sys.stderr)
@@ -45,6 +49,8 @@ def cmd_serve(args) -> int:
     print(f"dashboard:   {ends.dashboard_url}")
     print(f"state dir:   {settings.state_dir}")
     print(f"metagraph:   {status_line(settings)}")
+    problem = settings.training_repo_problem()
+    print(f"tournament:  {'NOT ENROLLED: ' + problem if problem else settings.training_repo + ' @ ' + settings.training_commit}")
     print("Ctrl-C stops the API (jobs on a shared cluster keep running; state is in SQLite).")
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -63,7 +69,51 @@ def _miner_running(url: str) -> bool:
         return False
 
 
+def cmd_simulate_tournament(args) -> int:
+    """Our trainer as the validator runs it, on each task: time used vs limit, base vs submission metric."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .simulate import load_task
+    from .tournament_sim import ContainerRun, default_work_dir, simulate_tournament
+
+    settings = _settings_with_metagraph()
+    tasks = [load_task(Path(t), args.minutes) for t in (args.task or [str(DEMO_TASK)])]
+    if args.model is None:
+        from .demo_model import demo_model
+
+        model = Path(demo_model(settings.state_dir, DEMO_TASK))
+    else:
+        model = Path(args.model).expanduser()
+        if not (model / "config.json").exists():
+            print(f"--model {model}: the tournament simulation needs a local model directory "
+                  f"(the validator's downloader puts one in /cache)", file=sys.stderr)
+            return 2
+    root = Path(args.work_dir) if args.work_dir else default_work_dir()
+    outcomes = []
+    for spec in tasks:
+        run = ContainerRun(work=root / spec.name, hours=spec.hours, kill_after_s=args.kill_after, gpus=args.gpus,
+                           kl_coef=args.kl_coef, sandbox=args.sandbox)
+        outcomes.append(simulate_tournament(spec, model.resolve(), run))
+    table = Table(title="miner simulate --tournament")
+    for col in ("task", "type", "exit", "time used / limit", "uploaded", "base metric", "submission metric"):
+        table.add_column(col)
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for o in outcomes:
+        table.add_row(o.task, o.task_type, "killed" if o.killed else str(o.exit_code),
+                      f"{o.seconds:.0f} / {o.limit_s:.0f} s", str(o.uploaded), fmt(o.base_metric),
+                      fmt(o.submission_metric))
+    Console(width=130).print(table)
+    for o in outcomes:
+        if o.detail:
+            print(f"{o.task}: {o.detail}")
+    print(f"runs, logs and uploaded models: {root}")
+    return 0 if all(o.succeeded for o in outcomes) else 1
+
+
 def cmd_simulate(args) -> int:
+    if args.tournament:
+        return cmd_simulate_tournament(args)
     from rich.console import Console
     from rich.table import Table
 
@@ -200,6 +250,35 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_tournament_check(args) -> int:
+    """What a validator checks before enrolling the repository, each with pass/fail; non-zero while one fails."""
+    from .registration import fix_legal_files, run_checks, validator_checkout
+
+    repo = Path(args.repo).resolve()
+    commit = args.commit or os.environ.get("MINER_TRAINING_COMMIT") or None
+    checkout, tmp = (None, None)
+    try:
+        if args.validator_repo:
+            checkout, tmp = validator_checkout(args.validator_repo)
+            if args.fix:
+                written = fix_legal_files(repo, checkout)
+                print(f"wrote {', '.join(written)} from {args.validator_repo}: commit and push them to the default branch")
+        checks = run_checks(repo, commit, checkout)
+    except ValueError as err:
+        print(f"tournament-check: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if tmp is not None:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    for c in checks:
+        print(f"{'PASS' if c.ok else 'FAIL'}  {c.name:<14} {c.detail}")
+    failed = [c.name for c in checks if not c.ok]
+    print(f"{len(checks) - len(failed)} passed, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="miner", description="Ray-distributed Gradients miner")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -212,6 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="base model: local directory or HF id (overrides task.json)")
     p.add_argument("--minutes", type=float, help="hours_to_complete, in minutes, for short runs")
     p.add_argument("--miner-url", default="http://127.0.0.1:7999")
+    p.add_argument("--tournament", action="store_true",
+                   help="run the tournament trainer as a validator does (cache layout, time limit, uploader)")
+    p.add_argument("--gpus", type=int, help="with --tournament: GPUs the container sees (CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--kl-coef", type=float, help="with --tournament: a KL-weighted task (USE_KL=1, KL_COEF)")
+    p.add_argument("--kill-after", type=float, help="with --tournament: kill at this many seconds instead of the limit")
+    p.add_argument("--sandbox", action="store_true",
+                   help="with --tournament: no network, no capabilities, read-only /cache (needs root)")
+    p.add_argument("--work-dir", help="with --tournament: where the runs go (default: a new temp folder)")
     p.set_defaults(fn=cmd_simulate)
     p = sub.add_parser("jobs", help="jobs with live progress bars, losses and deadlines")
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
@@ -225,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         sub.choices[name].add_argument("--width", type=int, default=None, help="console width")
         sub.choices[name].add_argument("--save", metavar="PATH", help="also write the output to PATH (.svg or .png)")
     sub.add_parser("status", help="what the control plane knows").set_defaults(fn=cmd_status)
+    p = sub.add_parser("tournament-check", help="run the validator's registration checks on a repository")
+    p.add_argument("--repo", default=".", help="the training repository (default: here)")
+    p.add_argument("--validator-repo", help="a G.O.D checkout or git URL: its LICENSE.md and NOTICE are the reference")
+    p.add_argument("--commit", help="the commit to check (default: MINER_TRAINING_COMMIT, else HEAD)")
+    p.add_argument("--fix", action="store_true", help="copy the validator's LICENSE.md and NOTICE into --repo")
+    p.set_defaults(fn=cmd_tournament_check)
     args = parser.parse_args(argv)
     return args.fn(args)
 

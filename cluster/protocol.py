@@ -163,5 +163,14 @@ class MinerSubmission(BaseModel):
 
 
 class TrainingRepoResponse(BaseModel):
+    """G.O.D core/models/payload_models.py; the validator refuses a commit_hash that is not 40 hex."""
     github_repo: str
     commit_hash: str
+    github_token: str | None = None              # only for a private repository
+    requested_datasets: list[str] | None = None  # whitelisted HF datasets to find under MINER_DATASETS_DIR
+
+
+class TournamentType(str, Enum):
+    TEXT = "text"
+    IMAGE = "image"
+    ENVIRONMENT = "environment"

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +33,8 @@ class Settings:
     use_gpu: bool
     max_hours: float
     min_hours: float
-    training_repo: str
-    training_commit: str
+    training_repo: str | None            # /training_repo/text: the repository validators build ...
+    training_commit: str | None          # ... at this full 40-hex commit (None: unset, the route answers 503)
     train_labels: dict[str, str] = field(default_factory=dict)  # Ray node labels training must run on
     # reliability (issue #8): caches, the deadline watchdog, model lookups at offer time
     cache_max_bytes: int = 200 * 1024**3          # models + finished jobs' folders, LRU beyond this
@@ -42,6 +45,16 @@ class Settings:
     prefetch_jobs: int = 2             # queued jobs whose inputs download while others train (0: off)
     prefetch_models: bool = True       # also snapshot their HF base models into the model cache
     train_options: dict = field(default_factory=dict)  # TrainConfig fields set on every job (MINER_TRAIN_OPTIONS)
+    training_github_token: str | None = None  # only for a private training repo (MINER_TRAINING_GITHUB_TOKEN_FILE)
+    hf_offline: bool = False           # HF_HUB_OFFLINE=1: never reach for the Hub (the tournament container)
+    tmp_dir: str = "/tmp"              # TMPDIR: Ray's session files in the tournament container
+
+    def training_repo_problem(self) -> str | None:
+        """Why /training_repo/text cannot be answered (None: it can)."""
+        if not self.training_repo or not self.training_commit:
+            return ("MINER_TRAINING_REPO and MINER_TRAINING_COMMIT are not set: validators cannot enrol this miner "
+                    "in tournaments (see README, 'Tournament: from fork to registered entry')")
+        return None
 
     @property
     def db_path(self) -> Path:
@@ -120,8 +133,11 @@ def load_settings() -> Settings:
         use_gpu=_env("MINER_USE_GPU", "auto") in ("1", "true") or (_env("MINER_USE_GPU", "auto") == "auto" and _gpu_available()),
         max_hours=float(_env("MINER_MAX_HOURS", "48")),
         min_hours=float(_env("MINER_MIN_HOURS", "0.02")),
-        training_repo=_env("MINER_TRAINING_REPO", "https://github.com/rayonlabs/G.O.D"),
-        training_commit=_env("MINER_TRAINING_COMMIT", "076e87fc746985e272015322cc91fb3bbbca2f26"),
+        training_repo=_env("MINER_TRAINING_REPO"),
+        training_commit=_commit(_env("MINER_TRAINING_COMMIT")),
+        training_github_token=_secret("MINER_TRAINING_GITHUB_TOKEN", "MINER_TRAINING_GITHUB_TOKEN_FILE"),
+        hf_offline=_env("HF_HUB_OFFLINE", "0") in ("1", "true", "True", "yes"),
+        tmp_dir=tempfile.gettempdir(),
         train_labels=parse_labels(_env("MINER_TRAIN_LABELS", "")),
         cache_max_bytes=int(float(_env("MINER_CACHE_MAX_GB", "200")) * 1024**3),
         upload_bandwidth_bytes_s=float(_env("MINER_UPLOAD_MBPS", "20")) * 1e6,
@@ -132,6 +148,69 @@ def load_settings() -> Settings:
         prefetch_models=_env("MINER_PREFETCH_MODELS", "1") in ("1", "true"),
         train_options=parse_train_options(_env("MINER_TRAIN_OPTIONS", "")),
     )
+
+
+def _commit(value: str | None) -> str | None:
+    """A full 40-hex SHA, as the validator requires (branch names and short SHAs are refused)."""
+    if value is not None and not re.fullmatch(r"[0-9a-fA-F]{40}", value):
+        raise ValueError(f"MINER_TRAINING_COMMIT must be a full 40-hex commit SHA (validators refuse branch "
+                         f"names and short SHAs), not {value!r}")
+    return value.lower() if value else None
+
+
+@dataclass(frozen=True)
+class TournamentEnv:
+    """What the validator's trainer container passes besides the CLI (gradients-protocol.md §13;
+    G.O.D trainer/runtime.py). Read here only; a malformed value stops the run with its reason."""
+    output_root: Path = Path("/app/checkpoints")  # TOURNAMENT_OUTPUT_ROOT: the uploaded volume (tests move it)
+    cache_root: Path = Path("/cache")             # TOURNAMENT_CACHE_ROOT: the downloader's read-only volume
+    use_kl: bool = False                  # USE_KL=1: scored as eval_loss + KL_COEF x KL(finetuned || base)
+    kl_coef: float | None = None          # KL_COEF (0.1-1.5 on synthetic tasks); unset: no KL term is scored
+    baseline_stats: dict | None = None    # BASELINE_STATS_PATH's JSON: set when the base was weight-augmented
+    miner_datasets: tuple[Path, ...] = ()  # MINER_DATASETS_DIR/<name> for each name in MINER_DATASETS
+    wandb: dict = field(default_factory=dict)  # WANDB_*: where offline W&B runs would go (we log none)
+    export_poll_s: float = 5.0            # TOURNAMENT_EXPORT_POLL_S: how often a better checkpoint is exported
+
+    @property
+    def kl_weight(self) -> float:
+        """The KL coefficient the score carries (0 when the task is not KL-weighted)."""
+        return self.kl_coef if self.use_kl and self.kl_coef else 0.0
+
+
+def load_tournament_env() -> TournamentEnv:
+    use_kl = _env("USE_KL", "0")
+    if use_kl not in ("0", "1", "true", "false"):
+        raise ValueError(f"USE_KL must be 1 or 0, not {use_kl!r}")
+    coef = _env("KL_COEF")
+    kl_coef = None
+    if coef is not None:
+        try:
+            kl_coef = float(coef)
+        except ValueError:
+            raise ValueError(f"KL_COEF must be a number, not {coef!r}") from None
+        if not math.isfinite(kl_coef) or kl_coef < 0:
+            raise ValueError(f"KL_COEF must be a finite number >= 0, not {coef!r}")
+    stats = None
+    stats_path = _env("BASELINE_STATS_PATH")
+    if stats_path:
+        try:
+            stats = json.loads(Path(stats_path).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"BASELINE_STATS_PATH {stats_path!r} is not a readable JSON file: {e}") from None
+        if not isinstance(stats, dict):
+            raise ValueError(f"BASELINE_STATS_PATH {stats_path!r} holds a JSON {type(stats).__name__}, not an object")
+    names = [n.strip() for n in (_env("MINER_DATASETS", "") or "").split(",") if n.strip()]
+    bad = [n for n in names if "/" in n or n in (".", "..")]
+    if bad:
+        raise ValueError(f"MINER_DATASETS names folders under MINER_DATASETS_DIR; these cannot be folder names: {bad}")
+    datasets_dir = Path(_env("MINER_DATASETS_DIR", "/cache/miner_datasets"))
+    return TournamentEnv(
+        output_root=Path(_env("TOURNAMENT_OUTPUT_ROOT", "/app/checkpoints")),
+        cache_root=Path(_env("TOURNAMENT_CACHE_ROOT", "/cache")),
+        use_kl=use_kl in ("1", "true"), kl_coef=kl_coef, baseline_stats=stats,
+        miner_datasets=tuple(datasets_dir / n for n in names),
+        wandb={k: v for k, v in os.environ.items() if k.startswith("WANDB_")},
+        export_poll_s=float(_env("TOURNAMENT_EXPORT_POLL_S", "5")))
 
 
 # What the planner and the job decide (data, deadline, placement): not an operator's option.

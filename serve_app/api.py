@@ -3,15 +3,13 @@ tournament endpoint. Routes live on the module-level `api` so they are testable 
 the control plane and authenticator are attached with `wiring.install()`."""
 from __future__ import annotations
 
-from typing import Literal
-
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from cluster.control import ControlPlane, Refused
-from cluster.protocol import (MinerSubmission, MinerTaskOffer, MinerTaskResponse, TaskType, TrainingRepoResponse,
+from cluster.protocol import (MinerSubmission, MinerTaskOffer, MinerTaskResponse, TaskType, TournamentType, TrainingRepoResponse,
                               TrainRequestImage, TrainRequestText, TrainResponse)
 
 from .auth import SignedRequests
@@ -81,11 +79,19 @@ def get_latest_model_submission(task_id: str,
     return submission
 
 
-@api.get("/training_repo/{task_type}", response_model=TrainingRepoResponse)
-def training_repo(task_type: Literal["text", "image"],
+@api.get("/training_repo/{task_type}", response_model=TrainingRepoResponse, response_model_exclude_none=True)
+def training_repo(task_type: TournamentType,
                   control: ControlPlane = Depends(control_plane)) -> TrainingRepoResponse:
+    """The one route of the tournament era. Only text: we have no image or environment trainer,
+    and an answer would enrol us (and charge the entry fee) for a tournament we cannot run."""
+    if task_type != TournamentType.TEXT:
+        raise HTTPException(404, f"this miner has no {task_type.value} trainer; it enters text tournaments only")
     s = control.settings
-    return TrainingRepoResponse(github_repo=s.training_repo, commit_hash=s.training_commit)
+    problem = s.training_repo_problem()
+    if problem:
+        raise HTTPException(503, problem)
+    return TrainingRepoResponse(github_repo=s.training_repo, commit_hash=s.training_commit,
+                                github_token=s.training_github_token)
 
 
 @api.get("/healthz")

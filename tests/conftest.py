@@ -58,6 +58,8 @@ def api_env(tmp_path, monkeypatch, base_model):
     monkeypatch.setenv("MINER_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("MINER_METAGRAPH_FILE", str(tmp_path / "metagraph.json"))
     monkeypatch.setenv("MIN_STAKE_THRESHOLD", "1000")
+    monkeypatch.setenv("MINER_TRAINING_REPO", "https://github.com/example/miner")
+    monkeypatch.setenv("MINER_TRAINING_COMMIT", "0123456789abcdef0123456789abcdef01234567")
     validator, poor, miner = (Keypair.create_from_mnemonic(Keypair.generate_mnemonic()) for _ in range(3))
     register_validator(tmp_path / "metagraph.json", validator.ss58_address, 5000)
     register_validator(tmp_path / "metagraph.json", poor.ss58_address, 10)

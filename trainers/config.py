@@ -44,6 +44,8 @@ class TrainConfig:
     max_dev_rows: int = 256
     train_deadline: float = 0.0        # unix time at which training must stop (0: no deadline)
     saves: int = 4                     # evaluate dev loss and checkpoint this many times
+    early_save: bool = False           # one more checkpoint right after the probe steps (tournament: the
+                                       # output folder holds a model from then on, whenever the kill comes)
     eval_share: float = 0.0            # > 0: fewer saves when they would take more of the window than this
     max_steps: int = 0                 # cap on optimizer steps (0: none), e.g. a reference miner's 10
     keep_base: bool = True             # the starting weights are a candidate: never publish worse on dev

@@ -109,6 +109,8 @@ class DeadlineAndCheckpoints(TrainerCallback):
             self.plan.cap(step + int(max(0.0, self.cfg.train_deadline - time.time()) / per_step * 0.9), step)
             if self.rank == 0:
                 print(f"[grpo] {per_step:.2f}s/step; plan {self.plan.total} steps", flush=True)
+        if self.cfg.early_save and state.global_step == PROBE_STEPS:
+            self.plan.save_points.add(step)  # a complete model on disk minutes after the start
         done = step >= self.plan.total or (bool(self.cfg.train_deadline) and time.time() >= self.cfg.train_deadline)
         if step in self.plan.save_points or done:
             dev = self.evaluate()

@@ -256,6 +256,8 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
                 total, save_points = _cap(step, total, save_points, steps_that_fit(
                     time.time(), deadline, per_step, min(saves, len([p for p in save_points if p > step])), save_s),
                     saves, per_step, rank)
+            if cfg.early_save and step - resume_step == PROBE_STEPS + 1:
+                save_points = save_points | {step}  # a complete model on disk minutes after the start
             entry = {"step": step, "epoch": epoch, "loss": loss,
                      "lr": engine.lr, "elapsed_s": round(time.time() - t0, 2),
                      "tokens_per_s": round(tokens * world / max(1e-6, time.time() - t0), 1)}

@@ -74,17 +74,44 @@ def fit(cfg: TrainConfig, out_dir: Path) -> TrainOutcome:
     return TrainOutcome(out_dir, result.return_value or {}, metrics, fault_log.read())
 
 
-def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Path:
+def export_checkpoint(checkpoint_dir: Path, out_dir: Path, fix=None) -> Path:
     """The publishable part of a checkpoint (weights, configs, tokenizer), without the
-    optimizer/resume state, into a fresh `out_dir`. Copied beside it and renamed into place, so a
-    kill mid-copy never leaves a half model where an uploader would take it."""
+    optimizer/resume state, into `out_dir`. Copied beside it (`fix`, if given, edits the copy)
+    and swapped into place in one rename: an uploader that looks at `out_dir` at any moment, or a
+    kill at any moment, finds either the old complete model or the new one, never half of one."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(checkpoint_dir, tmp, ignore=shutil.ignore_patterns("train_state.pt", "metrics.json"))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    if fix is not None:
+        fix(tmp)
+    replace_dir(tmp, out_dir)
     return out_dir
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """`new` takes `dest`'s place. Linux's renameat2(RENAME_EXCHANGE) swaps the two atomically;
+    elsewhere two renames leave `dest` missing for a moment (never half-written)."""
+    if dest.exists() and _exchange(new, dest):
+        shutil.rmtree(new)  # it now holds the previous model
+        return
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    new.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    import ctypes
+    import os
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def latest_good_checkpoint(result):
