@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test install clean
+.PHONY: demo demo-tournament test install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(BIN)/.installed
 	rm -rf .miner-demo
 	RAY_AUTH_MODE=disabled MINER_STATE_DIR=.miner-demo $(BIN)/miner simulate --minutes 3 \
 		--miner-url http://127.0.0.1:7997
+
+# the tournament entrypoint as a validator runs it, on the bundled task (add SANDBOX=--sandbox as root)
+demo-tournament: $(BIN)/.installed
+	RAY_AUTH_MODE=disabled MINER_STATE_DIR=.miner-demo $(BIN)/miner simulate --tournament --minutes 3 $(SANDBOX)
 
 test: $(BIN)/.installed
 	RAY_AUTH_MODE=disabled OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q --durations=12 tests
