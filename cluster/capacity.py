@@ -130,12 +130,13 @@ def shape_from_params(params: float) -> tuple[int, int]:
 
 
 def memory_per_gpu_gib(params: float, task_type: str, method: str, gpus: int, dev: Device,
-                       seq_tokens: int = 4096, vocab: int = 128_256) -> float:
-    """Peak memory per device for one micro-batch of `seq_tokens`, gradient checkpointing on."""
+                       seq_tokens: int = 4096, vocab: int = 128_256, kl: bool = False) -> float:
+    """Peak memory per device for one micro-batch of `seq_tokens`, gradient checkpointing on.
+    `kl`: a KL-weighted task (a full fine-tune keeps a frozen base for the KL term)."""
     shard = gpus if method == "lora_zero3" else 1
     if method == "full":
         state = FULL_BYTES * params
-        reference = FROZEN_BYTES * params if task_type in ("DpoTask", "GrpoTask") else 0.0
+        reference = FROZEN_BYTES * params if task_type in ("DpoTask", "GrpoTask") or kl else 0.0
     else:  # LoRA: the frozen base is also the reference (adapters off), so no second copy
         state = FROZEN_BYTES * params + 16.0 * LORA_FRACTION * params
         reference = 0.0
@@ -235,10 +236,11 @@ def plan_options(params: int, task_type: str, gpu_type: str, max_gpus: int, *, c
     return plans
 
 
-def method_and_min_gpus(params: float, task_type: str, dev: Device, max_gpus: int) -> tuple[str | None, int]:
+def method_and_min_gpus(params: float, task_type: str, dev: Device, max_gpus: int,
+                        kl: bool = False) -> tuple[str | None, int]:
     """Full FT if it fits one device (≤9 B), else LoRA on one device, else LoRA + ZeRO-3 on the
     fewest devices (powers of two) that fit."""
-    if params <= FULL_FT_MAX_PARAMS and memory_per_gpu_gib(params, task_type, "full", 1, dev) <= dev.mem_gib:
+    if params <= FULL_FT_MAX_PARAMS and memory_per_gpu_gib(params, task_type, "full", 1, dev, kl=kl) <= dev.mem_gib:
         return "full", 1
     if memory_per_gpu_gib(params, task_type, "lora", 1, dev) <= dev.mem_gib:
         return "lora", 1

@@ -33,6 +33,8 @@ from .settings import Settings, TournamentEnv, load_settings, load_tournament_en
 from .store import Job
 from .tournament_plan import Hardware, RunPlan, detect_hardware, plan_run, ray_init_kwargs
 
+KL_WEIGHTED = ("InstructTextTask", "ChatTask")  # the validator's instruct_text evaluator adds the KL term
+
 TASK_TYPES = [t.value for t in TaskType if t != TaskType.IMAGETASK]
 
 
@@ -174,7 +176,7 @@ def prepare(args: argparse.Namespace, settings: Settings, env: TournamentEnv, hw
     if len(report.rows) != len(rows):
         (work / "train_data.json").write_text(json.dumps(report.rows))
     params = param_count_from_config(AutoConfig.from_pretrained(model_dir))
-    run_plan = plan_run(params, args.task_type, hw)
+    run_plan = plan_run(params, args.task_type, hw, kl=bool(env.kl_weight) and args.task_type in KL_WEIGHTED)
     start = time.time()
     job = Job(task_id=args.task_id, task_type=args.task_type, model=args.model, dataset_url=args.dataset,
               dataset_type=dataset_type.model_dump(), file_format=args.file_format,
@@ -183,8 +185,9 @@ def prepare(args: argparse.Namespace, settings: Settings, env: TournamentEnv, hw
     cfg = plan(job, settings, model_dir, work / "train_data.json", report.rows, work / "runs")
     cfg.use_gpu, cfg.num_workers = run_plan.use_gpu, run_plan.workers  # what this container has, not the settings'
     cfg.early_save = True  # a model in the output folder minutes after the start, not at the first planned save
-    cfg.extra = {**cfg.extra, "kl_weight": env.kl_weight, "baseline_stats": env.baseline_stats,
-                 "miner_datasets": [str(p) for p in env.miner_datasets]}
+    if args.task_type in KL_WEIGHTED:  # scored as eval_loss + KL_COEF x KL(model || base): train for that
+        cfg.kl_coef = env.kl_weight
+    cfg.extra = {**cfg.extra, "baseline_stats": env.baseline_stats, "miner_datasets": [str(p) for p in env.miner_datasets]}
     return job, cfg, run_plan
 
 

@@ -63,16 +63,17 @@ def validator_gpus(params: float, task_type: str, use_kl: bool = False) -> int:
     return preferred_gpus(params, task_type, use_kl=use_kl)
 
 
-def plan_run(params: int, task_type: str, hw: Hardware) -> RunPlan:
+def plan_run(params: int, task_type: str, hw: Hardware, kl: bool = False) -> RunPlan:
     """Every visible GPU trains: the method the cluster's planner picks for this size, DDP over
-    all GPUs when it fits one, ZeRO-3 over all of them when it needs several."""
+    all GPUs when it fits one, ZeRO-3 over all of them when it needs several. `kl`: a KL-weighted
+    task, whose full fine-tune keeps a frozen copy of the base (as DPO's reference)."""
     cpus_per_worker = float(max(1, hw.cpus // max(1, hw.gpus) - 1))  # one CPU each left to Ray and the driver
     if hw.gpus == 0:
         why = [f"no GPU visible: LoRA on the CPU ({params / 1e9:.2f} B params"
                + (f", above the CPU limit of {CPU_MAX_PARAMS / 1e9:.1f} B: slow)" if params > CPU_MAX_PARAMS else ")")]
         return RunPlan("lora", 1, False, float(max(1, hw.cpus - 1)), why)
     dev = hw.device()
-    method, min_gpus = method_and_min_gpus(params, task_type, dev, hw.gpus)
+    method, min_gpus = method_and_min_gpus(params, task_type, dev, hw.gpus, kl=kl)
     why = [f"{hw.gpus} x {dev.name} ({dev.mem_gib:.0f} GiB) visible; {params / 1e9:.2f} B params, {task_type}"]
     if method is None:
         method = "lora_zero3"
@@ -80,9 +81,9 @@ def plan_run(params: int, task_type: str, hw: Hardware) -> RunPlan:
                    f"(the OOM ladder shortens sequences if it must)")
     elif method == "lora_zero3":
         why.append(f"LoRA's frozen base outgrows one GPU: ZeRO-3 shards over {hw.gpus} "
-                   f"(needs >= {min_gpus}; {memory_per_gpu_gib(params, task_type, method, hw.gpus, dev):.0f} GiB each)")
+                   f"(needs >= {min_gpus}; {memory_per_gpu_gib(params, task_type, method, hw.gpus, dev, kl=kl):.0f} GiB each)")
     else:
-        need = memory_per_gpu_gib(params, task_type, method, 1, dev)
+        need = memory_per_gpu_gib(params, task_type, method, 1, dev, kl=kl)
         why.append(f"{'full fine-tune' if method == 'full' else 'LoRA'} fits one GPU ({need:.0f} GiB): "
                    f"data parallel over all {hw.gpus}")
     return RunPlan(method, hw.gpus, True, cpus_per_worker, why)

@@ -150,8 +150,9 @@ def simulate_tournament(spec: TaskSpec, model_dir: Path, run: ContainerRun, log=
         outcome.detail = f"exit {result.returncode}: " + _last_line(result.log)
     if uploaded is not None and spec.task_type.value in METRICS:
         test, kind = spec.path / "test.json", spec.task_type.value
-        outcome.base_metric = float(evaluate_path(model_dir, model_dir, test, spec.dataset_type, kind))
-        outcome.submission_metric = float(evaluate_path(uploaded, model_dir, test, spec.dataset_type, kind))
+        kl = run.kl_coef or 0.0  # a KL-weighted task is scored as eval_loss + kl_coef x KL (0 for the base)
+        outcome.base_metric = float(evaluate_path(model_dir, model_dir, test, spec.dataset_type, kind, kl))
+        outcome.submission_metric = float(evaluate_path(uploaded, model_dir, test, spec.dataset_type, kind, kl))
     (run.work / "outcome.json").write_text(json.dumps(asdict(outcome), indent=2))
     return outcome
 

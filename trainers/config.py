@@ -39,6 +39,8 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     max_seq_len: int | None = None     # None: the validator's evaluation length
+    kl_coef: float = 0.0               # a KL-weighted Instruct task (USE_KL/KL_COEF): train, evaluate and select on
+                                       # CE + kl_coef x mean KL(model || base) over label tokens, as it is scored
     # selection and deadline
     dev_fraction: float = 0.05
     max_dev_rows: int = 256

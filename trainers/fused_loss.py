@@ -5,7 +5,8 @@ A 128k vocabulary makes the logits the largest tensor of a small model's step (1
 chunk's logits are made, turned into the loss and the gradient with respect to the logits,
 and multiplied back into the gradients of the hidden states and of the head's weight while
 still in cache, as Liger's FusedLinearCrossEntropy does. Per-token weights let one call
-give the validator's metric (mean over samples of each sample's mean token loss).
+give the validator's metric (mean over samples of each sample's mean token loss). The KL to the
+base model that KL-weighted Instruct tasks add to the score is fused the same way (`linear_kl`).
 """
 from __future__ import annotations
 
@@ -39,9 +40,23 @@ def _elementwise(logits, targets, weights):
     return _compiled(logits, targets, weights)
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
+def _kl_and_grad(logits: torch.Tensor, base_logits: torch.Tensor, weights: torch.Tensor):
+    """Per-row KL(softmax(logits) || softmax(base_logits)) over the vocabulary, the validator's
+    direction, and d(sum(weights * KL))/d(logits) = p * (log p - log q - KL) * weight."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    logq = torch.log_softmax(base_logits.float(), dim=-1)
+    p = logp.exp()
+    kl = (p * (logp - logq)).sum(-1)
+    grad = (p * (logp - logq - kl[:, None]) * weights[:, None]).to(logits.dtype)
+    return kl, grad
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """sum(weights * loss(hidden @ weight.T)) chunk by chunk, where `per_chunk(start, end, logits)`
+    gives the chunk's per-row loss and its gradient with respect to the logits."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, targets, weights, chunk):
+    def forward(ctx, hidden, weight, weights, chunk, per_chunk):
         need_grad = hidden.requires_grad or weight.requires_grad  # False in evaluation
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
@@ -49,7 +64,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
-            loss, grad_logits = _elementwise(h @ weight.t(), targets[s:s + chunk], weights[s:s + chunk])
+            loss, grad_logits = per_chunk(s, s + h.shape[0], h @ weight.t())
             losses[s:s + chunk] = loss
             if grad_hidden is not None:
                 grad_hidden[s:s + chunk] = grad_logits @ weight
@@ -75,4 +90,24 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     hidden (n, d), weight (V, d), targets (n,) all valid class ids, weights (n,) fp32."""
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0, hidden.new_zeros(0, dtype=torch.float32)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, weights.float(), chunk)
+    weights = weights.float()
+    return _FusedHeadLoss.apply(hidden, weight, weights, chunk,
+                                lambda s, e, logits: _elementwise(logits, targets[s:e], weights[s:e]))
+
+
+def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, base_hidden: torch.Tensor, base_weight: torch.Tensor,
+              weights: torch.Tensor, chunk: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over rows of weights * KL(model || base), per-row KL without grad): the model's logits
+    hidden @ weight.T against the base's base_hidden @ base_weight.T (no gradient), made chunk by
+    chunk so that neither vocabulary-wide tensor exists whole."""
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0, hidden.new_zeros(0, dtype=torch.float32)
+    weights = weights.float()
+    base_weight = base_weight.detach()
+
+    def per_chunk(s, e, logits):
+        with torch.no_grad():
+            base_logits = base_hidden[s:e].detach().to(base_weight.dtype) @ base_weight.t()
+        return _kl_and_grad(logits, base_logits, weights[s:e])
+
+    return _FusedHeadLoss.apply(hidden, weight, weights, chunk, per_chunk)

@@ -102,12 +102,12 @@ class Steps:
     """How one recipe turns examples into micro-batches and a batch into its mean metric:
     the fast path (packing.py) for SFT, the recipe's own per-sample metric otherwise."""
 
-    def __init__(self, recipe: Recipe, model, cfg: TrainConfig, device, pad_id: int, longest: int):
+    def __init__(self, recipe: Recipe, model, cfg: TrainConfig, device, pad_id: int, longest: int, reference=None):
         self.recipe, self.cfg, self.device, self.pad_id = recipe, cfg, device, pad_id
         self.plan = None
         self.module = model
         if recipe.fast:
-            self.module, self.plan = fast_path(model, cfg, device, longest)
+            self.module, self.plan = fast_path(model, cfg, device, longest, reference)
 
     def batches(self, examples: list, seed: int) -> list[list]:
         if self.plan is not None:
@@ -129,8 +129,14 @@ class Steps:
         if not dev:
             return None
         self.module.eval()  # per micro-batch means (packed: no per-sample values without a cost)
-        groups = [(float(self.mean_loss(self.module, b)) * len(b), len(b)) for b in self.batches(dev, seed=0)]
+        groups, kl_sum, kl_count = [], 0.0, 0
+        for b in self.batches(dev, seed=0):
+            ce, kl, count = self.module.terms(**self.plan.collate(b, self.pad_id, self.device))
+            groups.append((float(ce) * len(b), len(b)))
+            kl_sum, kl_count = kl_sum + float(kl), kl_count + count
         self.module.train()
+        if kl_count:  # the validator's KL is one token-weighted mean over the set: spread it over the groups
+            groups = [(s + self.cfg.kl_coef * kl_sum / kl_count * c, c) for s, c in groups]
         return DevMetric(groups)
 
 
@@ -149,6 +155,18 @@ def saves_within(share: float, window_s: float, save_s: float, saves: int) -> in
     if share <= 0 or save_s <= 0:
         return saves
     return max(min(2, saves), min(saves, int(share * window_s / save_s)))
+
+
+def kl_reference(base, cfg: TrainConfig, device):
+    """The frozen starting weights a full fine-tune's KL term compares with (None: not needed,
+    a LoRA run switches its adapter off instead)."""
+    if not cfg.kl_coef or cfg.method == "lora":
+        return None
+    import copy
+
+    reference = copy.deepcopy(base).to(device).eval()
+    reference.requires_grad_(False)
+    return reference
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -182,10 +200,12 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
         shard = recipe.prepare(base, cfg, shard, dev, tokenizer.pad_token_id, device)
     ranks, probed = probe_ranks(base, recipe, cfg, shard, tokenizer.pad_token_id, device) \
         if cfg.method == "lora" and cfg.lora_layer_rank else (None, {})
+    reference = kl_reference(base, cfg, device)
     model = wrap_for_training(base, cfg, ranks)
     model.to(device)
     raw_model = model
-    steps = Steps(recipe, model, cfg, device, tokenizer.pad_token_id, max((len(ex) for ex in shard), default=1))
+    steps = Steps(recipe, model, cfg, device, tokenizer.pad_token_id, max((len(ex) for ex in shard), default=1),
+                  reference)
     params = [p for p in raw_model.parameters() if p.requires_grad]
     # what the forward pass runs (the model or the fast path's loss module; DDP or ZeRO-3 over
     # the workers) and what turns its gradients into steps

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .batching import collate, make_batches
-from .fused_loss import linear_cross_entropy
+from .fused_loss import linear_cross_entropy, linear_kl
 from .instruct_format import IGNORE, Example
 
 ATTN = "packed_varlen"
@@ -96,15 +96,18 @@ def pack_batches(examples: list[Example], capacity: int, seed: int) -> list[list
 
 def _label_rows(batch: list[Example], offsets: list[int]):
     """Flat positions whose next token is a label, those labels, and weights 1/(labels in the
-    sample * samples in the batch): sum(weights * CE) = mean over samples of per-sample mean CE."""
-    index, targets, weights = [], [], []
+    sample * samples in the batch): sum(weights * CE) = mean over samples of per-sample mean CE.
+    Then the positions the validator's KL term averages over: those whose own label is set (its
+    mask is `labels != -100` on the unshifted logits: a token-weighted mean over the eval set)."""
+    index, targets, weights, kl_index = [], [], [], []
     for ex, off in zip(batch, offsets):
         pos = [t for t in range(len(ex) - 1) if ex.labels[t + 1] != IGNORE]
         index += [off + t for t in pos]
         targets += [ex.labels[t + 1] for t in pos]
         weights += [1.0 / (max(1, len(pos)) * len(batch))] * len(pos)
-    return (torch.tensor(index, dtype=torch.long), torch.tensor(targets, dtype=torch.long),
-            torch.tensor(weights, dtype=torch.float32))
+        kl_index += [off + t for t in range(len(ex)) if ex.labels[t] != IGNORE]
+    return {"label_index": torch.tensor(index, dtype=torch.long), "label_targets": torch.tensor(targets, dtype=torch.long),
+            "label_weights": torch.tensor(weights, dtype=torch.float32), "kl_index": torch.tensor(kl_index, dtype=torch.long)}
 
 
 def collate_packed(batch: list[Example], device: torch.device) -> dict[str, torch.Tensor]:
@@ -115,9 +118,8 @@ def collate_packed(batch: list[Example], device: torch.device) -> dict[str, torc
     ids = torch.tensor([t for ex in batch for t in ex.input_ids], dtype=torch.long)[None]
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     cu = torch.tensor(offsets, dtype=torch.int32)
-    index, targets, weights = _label_rows(batch, offsets[:-1])
     out = {"input_ids": ids, "position_ids": pos, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-           "label_index": index, "label_targets": targets, "label_weights": weights}
+           **_label_rows(batch, offsets[:-1])}
     out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
     out["max_length_q"] = out["max_length_k"] = max(lengths)
     return out
@@ -126,9 +128,8 @@ def collate_packed(batch: list[Example], device: torch.device) -> dict[str, torc
 def collate_padded(batch: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     padded = collate(batch, pad_id, torch.device("cpu"))
     width = padded["input_ids"].shape[1]
-    index, targets, weights = _label_rows(batch, [row * width for row in range(len(batch))])
     out = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"],
-           "label_index": index, "label_targets": targets, "label_weights": weights}
+           **_label_rows(batch, [row * width for row in range(len(batch))])}
     return {k: v.to(device) for k, v in out.items()}
 
 
@@ -158,27 +159,53 @@ def hf_model_of(model):
 class CausalLMLoss(torch.nn.Module):
     """forward(**collated) -> the micro-batch loss. Runs the backbone, then the fused head+CE
     on label positions only: logits are never made for prompt tokens. Wrap this module (not
-    the HF model) in DDP, so that gradients are synchronised."""
+    the HF model) in DDP, so that gradients are synchronised.
 
-    def __init__(self, model):
+    With `kl_coef` > 0 (a KL-weighted Instruct task) the loss is the validator's score: CE +
+    kl_coef x the mean KL(model || base) over the label positions, the base's logits from the
+    cheapest exact source: the same forward with the LoRA adapter switched off, or, for a full
+    fine-tune, `reference` (a frozen copy of the starting weights)."""
+
+    def __init__(self, model, kl_coef: float = 0.0, reference=None):
         super().__init__()
         self.model = model
+        self.kl_coef = kl_coef
+        self._reference = [reference]  # in a list: not a submodule (DDP must not sync it, saves must not hold it)
 
-    def _hidden(self, input_ids, **layout):
-        hf = hf_model_of(self.model)
+    def _hidden(self, input_ids, model=None, **layout):
+        hf = hf_model_of(model if model is not None else self.model)
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=input_ids.is_cuda):
             hidden = hf.base_model(input_ids=input_ids, use_cache=False, **layout).last_hidden_state
         return hidden.reshape(-1, hidden.shape[-1]), hf.get_output_embeddings().weight
 
-    def forward(self, input_ids, label_index, label_targets, label_weights, **layout):
+    @torch.no_grad()
+    def _base_hidden(self, input_ids, **layout):
+        reference = self._reference[0]
+        if reference is not None:
+            return self._hidden(input_ids, model=reference, **layout)
+        with self.model.disable_adapter():  # a PEFT model: the base is the same weights without the adapter
+            return self._hidden(input_ids, **layout)
+
+    def terms(self, input_ids, label_index, label_targets, label_weights, kl_index, **layout):
+        """(weighted CE sum, KL sum over the KL positions, their count): the pieces of the score."""
         hidden, head = self._hidden(input_ids, **layout)
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=input_ids.is_cuda):
-            total, _ = linear_cross_entropy(hidden.index_select(0, label_index), head, label_targets, label_weights)
-        return total
+            ce, _ = linear_cross_entropy(hidden.index_select(0, label_index), head, label_targets, label_weights)
+            if not self.kl_coef or kl_index.numel() == 0:
+                return ce, ce * 0.0, 0
+            base_hidden, base_head = self._base_hidden(input_ids, **layout)
+            kl, _ = linear_kl(hidden.index_select(0, kl_index), head, base_hidden.index_select(0, kl_index),
+                              base_head, torch.ones(kl_index.numel(), device=kl_index.device))
+        return ce, kl, kl_index.numel()
+
+    def forward(self, **collated):
+        ce, kl_sum, count = self.terms(**collated)
+        return ce + self.kl_coef * kl_sum / count if count else ce
 
     @torch.no_grad()
     def token_losses(self, input_ids, label_index, label_targets, label_weights, **layout) -> torch.Tensor:
         """Per label-token cross-entropy, in label order (for the packed-vs-padded checks)."""
+        layout.pop("kl_index", None)
         hidden, head = self._hidden(input_ids, **layout)
         logits = (hidden.index_select(0, label_index) @ head.t().to(hidden.dtype)).float()
         return F.cross_entropy(logits, label_targets, reduction="none")
@@ -242,9 +269,10 @@ def supports_packing(hf_model) -> bool:
             and getattr(hf_model.get_output_embeddings(), "bias", None) is None)
 
 
-def fast_path(model, cfg, device: torch.device, longest: int) -> tuple[CausalLMLoss, StepPlan]:
-    """The loss module and the micro-batch plan for `model` (HF or PEFT) on `device`.
-    cfg.extra may hold compile=False or packed=False to switch parts off."""
+def fast_path(model, cfg, device: torch.device, longest: int, reference=None) -> tuple[CausalLMLoss, StepPlan]:
+    """The loss module and the micro-batch plan for `model` (HF or PEFT) on `device`; `reference`:
+    the frozen base of a full fine-tune with a KL term. cfg.extra may hold compile=False or
+    packed=False to switch parts off."""
     hf = hf_model_of(model)
     packed = device.type == "cuda" and cfg.extra.get("packed", True) and supports_packing(hf)
     mem = plan_memory(hf, device, cfg.batch_tokens, longest)
@@ -256,4 +284,4 @@ def fast_path(model, cfg, device: torch.device, longest: int) -> tuple[CausalLML
         for layer in getattr(hf.base_model, "layers", []):
             layer.compile(dynamic=True)  # regional: one graph shared by all layers, fuses norm/rope/act
     plan = StepPlan(packed, mem.tokens, cfg.max_batch, mem.checkpointing)
-    return CausalLMLoss(model), plan
+    return CausalLMLoss(model, cfg.kl_coef, reference), plan
