@@ -210,7 +210,7 @@ def test_output_folder_holds_exactly_one_complete_model_at_every_moment(tmp_path
     t = threading.Thread(target=exporter)
     t.start()
     try:
-        while len([x for x in looks if x is not None]) < 400:
+        while len(looks) < 3000:
             looks.append(_look(out))
     finally:
         stop.set()
