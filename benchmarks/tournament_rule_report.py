@@ -77,7 +77,8 @@ def markdown(comparisons: list[dict], found: list[dict], meta: dict) -> str:
              " loss at beta 0.1 vs the base). Ours is the challenger, the other the defender. Gap = theirs - ours"
              f" (+: ours better); decided: |gap| > {DEADZONE_NATS} nats. Boss round: ours advances when the 99%"
              f" bootstrap lower bounds (10,000 resamples, seed 20260808) of the share won >= {MIN_WIN_RATE:.0%} and of"
-             " the mean gap >= the required gap (max(0.01, 1% of the defender's mean)), and ours's mean is not worse."
+             " the mean gap >= the required gap (max(0.01, 1% of the defender's mean)), and ours is not worse"
+             " on the mean."
              " Knockout: the majority of decided samples, unless the majority winner has the higher mean loss.", ""]
     header = ["task", "budget s", *(["seed"] if seeds else []), "opponent", "mean loss ours / theirs", "decided",
               "share of decided won", "mean gap", "required gap", "boss-round verdict", "knockout verdict"]
