@@ -134,12 +134,32 @@ class TestSet:
         self.base = self.score(base)
 
     def score(self, model) -> float:
-        from trainers.dpo import DPO
         from trainers.evaluate import BATCH_TOKENS
-        from trainers.instruct import SFT, dev_loss
+        from trainers.instruct import dev_loss
 
-        recipe = DPO if self.task_type == "DpoTask" else SFT
-        return float(dev_loss(model, self.examples, self.pad_id, DEVICE, BATCH_TOKENS, recipe))  # not its DevMetric
+        # a float, not its DevMetric
+        return float(dev_loss(model, self.examples, self.pad_id, DEVICE, BATCH_TOKENS, self.recipe))
+
+    def per_sample(self, model) -> list[float]:
+        """Each test example's metric, in test.json order (of the rows tokenize_rows kept): Instruct/Chat
+        the mean CE over its label tokens, DPO the pair's loss against the base; score() is their mean."""
+        from trainers.evaluate import BATCH_TOKENS
+        from trainers.instruct import sample_losses
+
+        return sample_losses(model, self.examples, self.pad_id, DEVICE, BATCH_TOKENS, self.recipe)
+
+    @property
+    def recipe(self):
+        from trainers.dpo import DPO
+        from trainers.instruct import SFT
+
+        return DPO if self.task_type == "DpoTask" else SFT
+
+    def per_sample_path(self, path: Path) -> list[float]:
+        """per_sample of a model folder (full or adapter), loaded as the validator loads it."""
+        from trainers.evaluate import load_submission
+
+        return self.per_sample(load_submission(path).to(DEVICE))
 
     def score_path(self, path: Path) -> float:
         from trainers.evaluate import load_submission
@@ -153,7 +173,10 @@ class TestSet:
 
 
 def run_one(task_dir: Path, model: Path, name: str, hp: dict, seed: int, budget_s: float, train_file: Path,
-            work: Path, test: TestSet) -> dict:
+            work: Path, test: TestSet, out: Path | None = None, per_sample: bool = False) -> dict:
+    """One config trained to the deadline and scored on test.json. The model is exported to `out`
+    (default: work/out, which the next run overwrites); `per_sample` (loss tasks) also records each
+    test example's metric ("losses"), whose mean is the score."""
     from trainers.config import TrainConfig
     from trainers.launch import fit
 
@@ -163,15 +186,19 @@ def run_one(task_dir: Path, model: Path, name: str, hp: dict, seed: int, budget_
     if meta["task_type"] == "GrpoTask":
         extra.update(GRPO_EXTRA, **({"cpu_threads": 1} if DEVICE.type == "cpu" else {}))
     started = time.time()
+    # one run name per budget too: fit() resumes a run directory of the same name
     cfg = TrainConfig(model_path=str(model), train_file=str(train_file), dataset_type=meta["dataset_type"],
-                      task_type=meta["task_type"], run_dir=str(work / "runs"), run_name=f"{task_dir.name}-{name}-{seed}",
+                      task_type=meta["task_type"], run_dir=str(work / "runs"),
+                      run_name=f"{task_dir.name}-{name}-{seed}-{budget_s:g}s",
                       num_workers=0, use_gpu=DEVICE.type == "cuda", train_deadline=started + budget_s, seed=seed,
                       max_dev_rows=128, batch_tokens=2048, extra=extra, **hp)
-    outcome = fit(cfg, work / "out")
+    outcome = fit(cfg, out or work / "out")
     wall = time.time() - started
-    metric = test.score_path(outcome.model_dir)
+    losses = test.per_sample_path(outcome.model_dir) if per_sample else None
+    metric = sum(losses) / len(losses) if per_sample else test.score_path(outcome.model_dir)
     s = outcome.summary
     return {"task": task_dir.name, "config": name, "seed": seed, "test": metric, "base": test.base,
+            **({"losses": losses, "model_dir": str(outcome.model_dir)} if per_sample else {}),
             "higher_better": test.higher_better, "steps": s.get("steps"),
             "selected_dev": outcome.checkpoint_metrics.get("dev_loss"),
             "weights": outcome.checkpoint_metrics.get("weights", "raw"),
@@ -228,41 +255,67 @@ def main(argv: list[str] | None = None) -> int:
     return write(runs, meta, args.out, techniques, TASKS + ["a_reference", "b_trl", "c_strong", "ours"] + techniques)
 
 
+class Runs:
+    """What one process's runs share: each task's TestSet and training subset (made at its first
+    run) and the task types already warmed up: a process's first run of a task type pays imports,
+    CUDA/kernel warm-up and caches, so a short unrecorded run goes first."""
+
+    def __init__(self, bench: Path, model: Path, rows: int, grpo_test_rows: int, work: Path):
+        from transformers import AutoConfig
+
+        from tuning.priors import param_count_from_config
+
+        self.bench, self.model, self.rows, self.grpo_test_rows, self.work = bench, model, rows, grpo_test_rows, work
+        self.n_params = param_count_from_config(AutoConfig.from_pretrained(model))
+        self.tests: dict[str, tuple[TestSet, Path]] = {}
+        self.warm: set[str] = set()
+
+    def task_type(self, task: str) -> str:
+        return json.loads((self.bench / "tasks" / task / "task.json").read_text())["task_type"]
+
+    def configs(self, task: str) -> dict[str, dict]:
+        return configs(self.task_type(task), self.n_params)
+
+    def test(self, task: str) -> TestSet:
+        task_dir = self.bench / "tasks" / task
+        if task not in self.tests:
+            self.tests[task] = (TestSet(task_dir, self.model, self.grpo_test_rows),
+                                subset(task_dir, self.rows, self.work))
+        return self.tests[task][0]
+
+    def run(self, task: str, name: str, hp: dict, seed: int, budget_s: float, **run_one_options) -> dict:
+        """run_one's record, or the run's error (one failing run is recorded, the others go on)."""
+        task_dir = self.bench / "tasks" / task
+        try:
+            test, train_file = self.test(task), self.tests[task][1]
+            if test.task_type not in self.warm:
+                self.warm.add(test.task_type)
+                run_one(task_dir, self.model, "warm-up", self.configs(task)["ours"], seed, min(8.0, budget_s),
+                        train_file, self.work, test)
+            r = run_one(task_dir, self.model, name, hp, seed, budget_s, train_file, self.work, test, **run_one_options)
+        except Exception as e:  # noqa: BLE001 - a benchmark row, reported in the table as failed
+            r = {"task": task, "config": name, "seed": seed, "error": f"{type(e).__name__}: {e}"[:500]}
+        r.update(machine=machine(), device=DEVICE.type, model=self.model.name)
+        return r
+
+
 def train(args, bench: Path, model: Path, done_runs: list[dict]) -> list[dict]:
     """This shard's runs not in the jsonl yet, each appended to it as it ends."""
-    from transformers import AutoConfig
-
-    from tuning.priors import param_count_from_config
-
     k, n = (int(x) for x in args.shard.split("/"))
-    n_params = param_count_from_config(AutoConfig.from_pretrained(model))
     jsonl = Path(args.jsonl[0])
     jsonl.parent.mkdir(parents=True, exist_ok=True)
     done = {(r["task"], r["config"], r["seed"]) for r in done_runs}
-    types = {t: json.loads((bench / "tasks" / t / "task.json").read_text())["task_type"] for t in args.tasks}
-    todo = [(t, c, seed, hp) for seed in args.seeds for t in args.tasks for c, hp in configs(types[t], n_params).items()
-            if not (args.configs and c not in args.configs)]
-    mine = [x for i, x in enumerate(todo) if i % n == k and x[:3] not in done]
-    new, tests, warm = [], {}, set()
+    new = []
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        runs = Runs(bench, model, args.rows, args.grpo_test_rows, Path(tmp))
+        todo = [(t, c, seed, hp) for seed in args.seeds for t in args.tasks for c, hp in runs.configs(t).items()
+                if not (args.configs and c not in args.configs)]
+        mine = [x for i, x in enumerate(todo) if i % n == k and x[:3] not in done]
         for i, (task, name, seed, hp) in enumerate(mine):
             if args.stop_by and time.time() + 1.5 * args.budget_s > args.stop_by:
                 print(f"[quality {k}/{n}] --stop-by reached: {len(mine) - i} runs not started", flush=True)
                 break
-            task_dir = bench / "tasks" / task
-            try:  # one failing run is recorded with its error; the shard goes on with the others
-                if task not in tests:
-                    tests[task] = (TestSet(task_dir, model, args.grpo_test_rows), subset(task_dir, args.rows, work))
-                test, train_file = tests[task]
-                if types[task] not in warm:  # a process's first run of a task type pays imports, CUDA/kernel
-                    warm.add(types[task])    # warm-up and caches: a short run first, not recorded
-                    run_one(task_dir, model, "warm-up", configs(types[task], n_params)["ours"], seed,
-                            min(8.0, args.budget_s), train_file, work, test)
-                r = run_one(task_dir, model, name, hp, seed, args.budget_s, train_file, work, test)
-            except Exception as e:  # noqa: BLE001 - a benchmark row, reported in the table as failed
-                r = {"task": task, "config": name, "seed": seed, "error": f"{type(e).__name__}: {e}"[:500]}
-            r.update(machine=machine(), device=DEVICE.type, model=model.name)
+            r = runs.run(task, name, hp, seed, args.budget_s)
             print(f"[quality {k}/{n}] {i + 1}/{len(mine)} " + json.dumps(r), flush=True)
             with jsonl.open("a") as f:
                 f.write(json.dumps(r) + "\n")

@@ -85,17 +85,25 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 
 @torch.no_grad()
+def sample_losses(model, examples: list, pad_id: int, device, batch_tokens: int, recipe: Recipe = SFT) -> list[float]:
+    """The recipe's validator metric of each example, padded, in the order of `examples` (batched
+    by length): the per-example vector the tournaments' paired rule compares between two models."""
+    model.eval()
+    where = {id(ex): i for i, ex in enumerate(examples)}  # make_batches reorders (by length, shuffled)
+    losses = [math.nan] * len(examples)
+    for batch in make_batches(examples, batch_tokens, 16, seed=0):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            for ex, loss in zip(batch, recipe.per_sample(model, batch, pad_id, device).tolist()):
+                losses[where[id(ex)]] = loss
+    model.train()
+    return losses
+
+
 def dev_loss(model, dev, pad_id: int, device, batch_tokens: int, recipe: Recipe = SFT) -> float | None:
-    """The recipe's validator metric on `dev`, padded and per sample (also the evaluator's)."""
+    """The recipe's validator metric on `dev`: the mean of sample_losses (also the evaluator's)."""
     if not dev:
         return None
-    model.eval()
-    losses = []
-    for batch in make_batches(dev, batch_tokens, 16, seed=0):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            losses.extend(recipe.per_sample(model, batch, pad_id, device).tolist())
-    model.train()
-    return DevMetric([(loss, 1) for loss in losses])
+    return DevMetric([(loss, 1) for loss in sample_losses(model, dev, pad_id, device, batch_tokens, recipe)])
 
 
 class Steps:
