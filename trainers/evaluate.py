@@ -2,7 +2,8 @@
 - Instruct and Chat: mean over samples of the per-sample mean cross-entropy on the labelled
   tokens (output + EOS; assistant turns), dropping samples longer than the evaluation length
   (doubled when no sample fits: formats.tokenize_task);
-- DPO: mean sigmoid DPO loss at beta 0.1 against the base model as reference.
+- DPO: mean sigmoid DPO loss at beta 0.1 against the base model as reference, pairs cut at the
+  model's max_position_embeddings (the mean of the validator's per-pair vector).
 The same per-sample functions are the training loop's dev metric. A submission loads as a
 full model or as a PEFT adapter (base from its adapter_config.json). `METRICS` maps a task
 type to its metric; a new task type registers its own there (and its loop in launch.RECIPES)."""

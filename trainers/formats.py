@@ -9,7 +9,7 @@ Lengths (G.O.D `validator/evaluation/evaluators/instruct_text.py` and `dpo.py`; 
   embeddings (131072 when missing), tokenizer.model_max_length when 0 < it < 1_000_000), the cap
   itself being the last try. Training, its dev split and trainers/evaluate.py pick the length
   by the same rule on their rows (`tokenize_task`).
-- DPO: pairs are cut (not dropped) at TRL's max_length.
+- DPO: pairs are cut (not dropped) at the model's max_position_embeddings (8192 when missing).
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def sequence_lengths(task_type: str, model_config, tokenizer, override: int | No
         return [override]
     positions = _positions(model_config)
     if task_type == "DpoTask":
-        return [dpo_format.MAX_LEN]
+        return [positions or dpo_format.FALLBACK_MAX_LEN]
     cap = positions or MISSING_POSITIONS
     tokenizer_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(tokenizer_max, int) and 0 < tokenizer_max < TOKENIZER_MAX_TRUSTED:
