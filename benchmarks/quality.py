@@ -112,7 +112,7 @@ class TestSet:
         from trainers.batching import make_batches
         from trainers.dpo import fill_reference
         from trainers.evaluate import BATCH_TOKENS, load_submission
-        from trainers.formats import max_length, tokenize_rows
+        from trainers.formats import tokenize_task
         from trainers.modeling import load_tokenizer
 
         self.meta = json.loads((task_dir / "task.json").read_text())
@@ -126,8 +126,7 @@ class TestSet:
         base = load_submission(model).to(DEVICE)
         tokenizer = load_tokenizer(str(model))
         self.pad_id = tokenizer.pad_token_id
-        self.examples, _ = tokenize_rows(self.task_type, rows, self.meta["dataset_type"], tokenizer,
-                                         max_length(self.task_type, base.config))
+        self.examples = tokenize_task(self.task_type, rows, self.meta["dataset_type"], tokenizer, base.config).examples
         if self.task_type == "DpoTask":
             for batch in make_batches(self.examples, BATCH_TOKENS, 16, seed=0):
                 fill_reference(base, batch, self.pad_id, DEVICE)

@@ -1,7 +1,9 @@
 """Checks on a task's rows before any tokenising or worker start, for every dataset type.
 
 `check_request` runs at start_training (cheap, no download): the URL's scheme and the
-dataset_type's required fields. `check_rows` runs in the job after the download: rows must be
+dataset_type's required fields, and for Chat a chat_template we render exactly (chatml, or
+"tokenizer_default": the base tokenizer's own, whose presence is known once the model is
+downloaded and the job tokenises its rows). `check_rows` runs in the job after the download: rows must be
 objects with the dataset type's columns holding strings; rows with a null or missing required
 value, or far longer than any sequence length, are dropped; what is left must hold enough
 distinct rows to train on. Each failure is an `InputError` with a readable reason.
@@ -11,6 +13,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from urllib.parse import urlparse
+
+from trainers import chat_format
+from trainers.instruct_format import DatasetError
 
 from .fetch import InputError
 from .protocol import (ChatTemplateDatasetType, DpoDatasetType, GrpoDatasetType, InstructTextDatasetType,
@@ -49,6 +54,10 @@ def columns_of(dataset_type: dict) -> Columns:
         return Columns((dt.field_prompt,), (dt.field_prompt,))
     assert isinstance(dt, ChatTemplateDatasetType)
     _need(dt, "chat_column")
+    try:
+        chat_format.template_name(dt.model_dump())
+    except DatasetError as exc:
+        raise InputError(str(exc)) from None
     return Columns((dt.chat_column,), (), conversation=dt.chat_column)
 
 

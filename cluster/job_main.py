@@ -17,7 +17,7 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from trainers.config import TrainConfig
-from trainers.formats import max_length, tokenize_rows
+from trainers.formats import tokenize_task
 from trainers.instruct_format import DatasetError
 from trainers.modeling import load_tokenizer
 from tuning.priors import default_hparams, param_count_from_config
@@ -48,8 +48,7 @@ def plan(job: Job, settings: Settings, model_dir: Path, train_file: Path, rows: 
 
         check_grpo_task(rows, job.dataset_type)
     else:
-        tokenize_rows(job.task_type, rows, job.dataset_type, load_tokenizer(str(model_dir)),
-                      max_length(job.task_type, hf_config))
+        tokenize_task(job.task_type, rows, job.dataset_type, load_tokenizer(str(model_dir)), hf_config)
     # The capacity plan (cluster.capacity) sets the shape and the window: stop by the planned end
     # so the next queued job starts on time, never after the deadline.
     shape, end = plan_shape(job, settings)

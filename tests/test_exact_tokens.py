@@ -106,33 +106,44 @@ def test_chat_rows_for_a_tokenizer_without_chatml_tokens():
 
 
 def test_dpo_rows(tok, tiny_models):
+    """The evaluator's per-pair rule: EOS text appended, prompt tokenised alone and prompt +
+    completion in one piece (special tokens on), the completion = what follows the prompt's tokens."""
     rows, dt = _task("dpo_fact_verification")
     row = rows[0]
-    p, c, r = _ids(tok, row["prompt"]), _ids(tok, row["chosen"]), _ids(tok, row["rejected"])
-    ex = tokenize_pair(row, dt, tok)
+    p = tok(row["prompt"])["input_ids"]
+    pc = tok(row["prompt"] + row["chosen"] + "<|endoftext|>")["input_ids"]
+    pr = tok(row["prompt"] + row["rejected"] + "<|endoftext|>")["input_ids"]
+    c, r = pc[len(p):], pr[len(p):]
+    assert c == _ids(tok, row["chosen"]) + [EOS] and r == _ids(tok, row["rejected"]) + [EOS]  # no merge here
+    ex = tokenize_pair(row, dt, tok, 8192)
     (chosen, chosen_mask), (rejected, rejected_mask) = sequences(ex)
-    assert chosen == p + c + [EOS] and rejected == p + r + [EOS]
-    assert chosen_mask == [0] * len(p) + [1] * (len(c) + 1) and rejected_mask == [0] * len(p) + [1] * (len(r) + 1)
-    # system column dropped, formats not applied (as evaluated), no BOS even from a BOS-adding tokenizer
+    assert chosen == p + c and rejected == p + r
+    assert chosen_mask == [0] * len(p) + [1] * len(c) and rejected_mask == [0] * len(p) + [1] * len(r)
+    # system column dropped, formats not applied (as evaluated)
     fancy = {**dt, "field_system": "system", "prompt_format": "{system} {prompt}", "chosen_format": "{chosen}!"}
-    assert sequences(tokenize_pair({**row, "system": "Be terse."}, fancy, tok)) == [(chosen, chosen_mask), (rejected, rejected_mask)]
+    assert sequences(tokenize_pair({**row, "system": "Be terse."}, fancy, tok, 8192)) == \
+        [(chosen, chosen_mask), (rejected, rejected_mask)]
+    # a completion that already ends with the EOS text gets no second one
+    assert tokenize_pair({**row, "chosen": row["chosen"] + "<|endoftext|>"}, dt, tok, 8192).chosen == c
+    # a BOS-adding tokenizer: the prompt keeps its BOS (special tokens on), the completion has none
     bos_tok = load_tokenizer(str(tiny_models["llama"]))
     assert bos_tok("x")["input_ids"][0] == bos_tok.bos_token_id
-    assert bos_tok.bos_token_id not in sequences(tokenize_pair(row, dt, bos_tok))[0][0]
+    seq = sequences(tokenize_pair(row, dt, bos_tok, 8192))[0][0]
+    assert seq[0] == bos_tok.bos_token_id and seq.count(bos_tok.bos_token_id) == 1
 
 
-def test_dpo_truncation_keeps_the_prompt_end_then_the_sequence_end(tok):
+def test_dpo_pairs_keep_their_first_max_len_tokens(tok):
     rows, dt = _task("dpo_logical_reasoning")
-    row = {**rows[0], "prompt": " ".join(["word"] * 700) + " END"}
-    p = _ids(tok, row["prompt"])
-    assert len(p) > 512
-    ex = tokenize_pair(row, dt, tok)
-    assert ex.prompt == p[-512:]
-    c = _ids(tok, row["chosen"]) + [EOS]
-    r = _ids(tok, row["rejected"]) + [EOS]
-    (chosen, mask), _ = sequences(ex, max_len=512 + 1)
-    cut = 512 + max(len(c), len(r)) - 513  # TRL keep_end: the same leading columns go from both rows
-    assert chosen == (p[-512:] + c)[cut:] and mask == ([0] * 512 + [1] * len(c))[cut:]
+    row = {**rows[0], "prompt": " ".join(["word"] * 1100) + " END"}
+    p = tok(row["prompt"])["input_ids"]
+    c = tok(row["prompt"] + row["chosen"] + "<|endoftext|>")["input_ids"][len(p):]
+    r = tok(row["prompt"] + row["rejected"] + "<|endoftext|>")["input_ids"][len(p):]
+    assert len(p) > 1024 and min(len(c), len(r)) > 1  # longer than the old 512/1024 caps: kept whole
+    ex = tokenize_pair(row, dt, tok, len(p) + 1)
+    assert (ex.prompt, ex.chosen, ex.rejected) == (p, c[:1], r[:1])
+    assert tokenize_pair(row, dt, tok, 8192).prompt == p
+    # no completion token left: the validator's loss is NaN for the pair; not trained on
+    assert tokenize_pair(row, dt, tok, len(p)) is None
 
 
 def test_dpo_loss_is_the_sigmoid_loss_at_beta_0_1():

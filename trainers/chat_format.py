@@ -1,39 +1,80 @@
 """Chat rows rendered and tokenised exactly as the validator evaluates them.
 
-The validator runs axolotl's `chat_template` strategy (protocol doc §5.3, §7.3, §12.1; axolotl
-`prompt_strategies/chat_template.py` in the validator image of 2025-04):
+The validator runs axolotl's `chat_template` strategy (protocol doc §5.3, §7.3, §12.1; research
+notes §8d; axolotl `prompt_strategies/chat_template.py`, defaults `roles_to_train: [assistant]`,
+`train_on_eos: turn`, `eot_tokens: [eos_token]`):
 - messages come from `chat_column`; each message's role is `chat_role_field`, its text
   `chat_content_field`; the role `chat_user_reference` becomes "user" and
   `chat_assistant_reference` becomes "assistant" (any other role is kept as is); a top-level
   `system` column, when present and the first message is not a system one, becomes a system turn;
-- the whole conversation is rendered with the task's template (chatml for synthetic tasks:
-  `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, no BOS) and tokenised in one piece
-  without added special tokens; a tokenizer that lacks the chatml tokens simply sees them as text;
+- the conversation is rendered with the task's `chat_template`: "chatml" (synthetic tasks:
+  `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, no BOS), "tokenizer_default"
+  (continuous-SFT tasks: the base tokenizer's own jinja template, BOS and all, through
+  `apply_chat_template`), or "tokenizer_default_fallback_<name>" (the tokenizer's own, else <name>);
+- the text is tokenised in one piece WITHOUT added special tokens, as `apply_chat_template(...,
+  tokenize=True)` does (the template writes the BOS itself when it wants one); a tokenizer that
+  lacks the chatml tokens simply sees them as text;
 - labels are the tokens of each assistant turn, found the way axolotl finds them: render the
   conversation up to the turn with the real content and with "[[dummy_message]]", and take the
   token span where the two differ (so a BPE merge across the content's edge is labelled as
-  axolotl labels it); plus the first EOS token within 3 tokens after the turn (chatml emits no
-  EOS unless the tokenizer's EOS is <|im_end|>);
-- samples with no label and samples longer than the evaluation length are dropped.
+  axolotl labels it, and the span is applied to the whole conversation's tokens even where a
+  template renders a turn differently once later turns follow); plus the first EOS token within
+  3 tokens after the span (chatml emits no EOS unless the tokenizer's EOS is <|im_end|>);
+- samples with no label and samples longer than the evaluation length are dropped (formats.py
+  picks that length).
 """
 from __future__ import annotations
+
+from typing import Callable
+
+from jinja2.exceptions import TemplateError
 
 from .instruct_format import IGNORE, DatasetError, Example, tokenize_each
 
 DUMMY = "[[dummy_message]]"
-# axolotl's named templates, as the text each message renders to (chatml has no BOS or prefix)
-TEMPLATES = {"chatml": "<|im_start|>{role}\n{content}<|im_end|>\n"}
+TOKENIZER_DEFAULT = "tokenizer_default"
+FALLBACK_PREFIX = "tokenizer_default_fallback_"
+# axolotl's named templates that we render exactly, as the text each message renders to
+# (its chatml.jinja: no BOS, no prefix, nothing between messages)
+NAMED = {"chatml": "<|im_start|>{role}\n{content}<|im_end|>\n"}
+
+# (turns, real_last_index) -> the conversation's text
+Render = Callable[[list[dict], int], str]
 
 
-def render(turns: list[dict], template: str) -> str:
-    return "".join(TEMPLATES[template].format(role=t["role"], content=t["content"]) for t in turns)
+def template_name(dt: dict) -> str:
+    """The task's template name, checked without a tokenizer: a name we cannot render is a
+    DatasetError (known at start_training, before any download)."""
+    name = dt.get("chat_template") or "chatml"
+    if not isinstance(name, str):
+        raise DatasetError(f"chat_template must be a string, got {type(name).__name__}")
+    fallback = name[len(FALLBACK_PREFIX):] if name.startswith(FALLBACK_PREFIX) else None
+    if name != TOKENIZER_DEFAULT and (fallback or name) not in NAMED:
+        raise DatasetError(f"chat_template {name!r} is not supported (have: {TOKENIZER_DEFAULT}, "
+                           f"{', '.join(sorted(NAMED))}, {FALLBACK_PREFIX}<one of those>)")
+    return name
 
 
-def check_dataset_type(dt: dict) -> str:
-    template = dt.get("chat_template") or "chatml"
-    if template not in TEMPLATES:
-        raise DatasetError(f"chat_template {template!r} is not supported (have: {sorted(TEMPLATES)})")
-    return template
+def renderer(dt: dict, tokenizer) -> Render:
+    """How the validator renders a conversation of this task with this (base) tokenizer."""
+    name = template_name(dt)
+    if name == TOKENIZER_DEFAULT or name.startswith(FALLBACK_PREFIX):
+        if getattr(tokenizer, "chat_template", None):
+            return lambda turns, last=0: _apply_template(tokenizer, turns, last)
+        if name == TOKENIZER_DEFAULT:
+            raise DatasetError("chat_template 'tokenizer_default' asks for the base tokenizer's own chat template, "
+                               "but the base tokenizer has no chat template (no chat_template in tokenizer_config.json "
+                               "and no chat_template.jinja): the validator cannot render this task either")
+        name = name[len(FALLBACK_PREFIX):]
+    fmt = NAMED[name]
+    return lambda turns, last=0: "".join(fmt.format(role=t["role"], content=t["content"]) for t in turns)
+
+
+def _apply_template(tokenizer, turns: list[dict], real_last_index: int) -> str:
+    # axolotl's find_turn passes real_last_index (when non-zero) to the template; templates that
+    # do not use it render the same either way
+    extra = {"real_last_index": real_last_index} if real_last_index else {}
+    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=False, **extra)
 
 
 def conversation(row: dict, dt: dict) -> list[dict]:
@@ -68,27 +109,36 @@ def _content_span(dummy: list[int], full: list[int]) -> tuple[int, int]:
     return start, end
 
 
-def tokenize_chat(row: dict, dt: dict, tokenizer, max_len: int) -> Example | None:
-    """One validator-identical example, or None when the validator would drop it."""
-    template = check_dataset_type(dt)
+def _first(ids: list[int], token: int | None, start: int) -> int:
+    """axolotl's find_first_eos_token, literally (from -1 after a turn it could not place, it
+    looks at the last token first, and finding it there counts as not found)."""
+    return next((i for i in range(start, len(ids)) if ids[i] == token), -1)
+
+
+def tokenize_chat(row: dict, dt: dict, tokenizer, max_len: int, render: Render | None = None) -> Example | None:
+    """One validator-identical example, or None when the validator would drop it (or its
+    template refuses the conversation, e.g. a system turn a template does not allow)."""
+    render = render or renderer(dt, tokenizer)
     turns = conversation(row, dt)
     if not turns:
         return None
-    texts = [render(turns, template)]
-    for i, turn in enumerate(turns):
-        texts += [render(turns[:i] + [{"role": turn["role"], "content": DUMMY}], template), render(turns[:i + 1], template)]
+    trained = [i for i, turn in enumerate(turns) if turn["role"] == "assistant"]  # other turns: no find_turn
+    last = len(turns) - 1
+    try:
+        texts = [render(turns, 0)]
+        for i in trained:
+            texts += [render(turns[:i] + [{"role": "assistant", "content": DUMMY}], last), render(turns[:i + 1], last)]
+    except TemplateError:
+        return None
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     ids = list(encoded[0])
     labels = [IGNORE] * len(ids)
-    for i, turn in enumerate(turns):
-        if turn["role"] != "assistant":
-            continue
-        start, end = _content_span(encoded[1 + 2 * i], encoded[2 + 2 * i])
-        if start == -1:
-            continue
-        labels[start:end] = ids[start:end]
-        eos = next((j for j in range(end, len(ids)) if ids[j] == tokenizer.eos_token_id), -1)
-        if eos != -1 and eos - end <= 3:
+    for k in range(len(trained)):
+        start, end = _content_span(encoded[1 + 2 * k], encoded[2 + 2 * k])
+        if start != -1:
+            labels[start:end] = ids[start:end]
+        eos = _first(ids, tokenizer.eos_token_id, end)
+        if eos != -1 and abs(eos - end) <= 3:
             labels[eos] = ids[eos]
     if len(ids) > max_len or all(label == IGNORE for label in labels):
         return None
@@ -97,6 +147,6 @@ def tokenize_chat(row: dict, dt: dict, tokenizer, max_len: int) -> Example | Non
 
 def tokenize_rows(rows: list[dict], dt: dict, tokenizer, max_len: int) -> tuple[list[Example], int]:
     """Tokenised examples and the number of rows dropped (too long, or nothing to learn)."""
-    check_dataset_type(dt)
-    return tokenize_each(rows, lambda i, row: tokenize_chat(row, dt, tokenizer, max_len),
+    render = renderer(dt, tokenizer)
+    return tokenize_each(rows, lambda i, row: tokenize_chat(row, dt, tokenizer, max_len, render),
                          f"no trainable rows: all {len(rows)} rows exceed {max_len} tokens or have no assistant turn")

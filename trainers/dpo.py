@@ -1,5 +1,9 @@
-"""The DPO recipe: sigmoid DPO at the validator's beta on its raw-string pairs (dpo_format.py),
-in the shared training loop (instruct.run_recipe: deadline schedule, dev metric, checkpoints).
+"""The DPO recipe: sigmoid DPO at the validator's beta on its raw-string pairs, tokenised, cut
+and summed as its per-pair loss is (dpo_format.py: prompt + completion tokenised together, up to
+the model's max_position_embeddings), in the shared training loop (instruct.run_recipe: deadline
+schedule, dev metric, checkpoints). A long pair is a micro-batch of its own (batching.make_batches
+never splits one); one that still runs out of memory is cut by the OOM ladder (dpo_format.cut_pair)
+and its reference recomputed on what is left - with LoRA only: a full fine-tune keeps no base copy.
 
 The reference is the base model, never held as a second copy: its log-probs are computed once
 per pair and kept on the example. With LoRA they are computed when a pair is first used, by
@@ -18,7 +22,7 @@ import torch
 
 from .batching import make_batches
 from .config import TrainConfig
-from .dpo_format import PairExample, dpo_loss, sequence_logps
+from .dpo_format import PairExample, cut_pair, dpo_loss, sequence_logps
 from .instruct import Recipe, run_recipe
 
 
@@ -39,7 +43,8 @@ def ensure_reference(model, batch: list[PairExample], pad_id: int, device) -> No
         return
     core = getattr(model, "module", model)  # under DDP
     if not hasattr(core, "disable_adapter"):
-        raise RuntimeError("full fine-tuning needs the reference log-probs before training (prepare)")
+        raise RuntimeError("full fine-tuning needs the reference log-probs before training (prepare) and keeps no "
+                           "base model to recompute them: a pair cut after running out of memory cannot be trained")
     with core.disable_adapter():
         fill_reference(core, missing, pad_id, device)
 
@@ -80,7 +85,7 @@ def precompute_for_full(base, cfg: TrainConfig, train: list[PairExample], dev: l
     return kept
 
 
-DPO = Recipe(per_sample=dpo_per_sample, prepare=precompute_for_full, dev_scale=4.0)
+DPO = Recipe(per_sample=dpo_per_sample, prepare=precompute_for_full, cut=cut_pair, dev_scale=4.0)
 
 
 def train_loop_per_worker(config: dict) -> dict:

@@ -1,14 +1,21 @@
-"""DPO pairs tokenised and scored exactly as the validator evaluates them (protocol doc §7.4,
-§12.1; TRL 0.17 `DPOTrainer` in the validator image):
+"""DPO pairs tokenised and scored exactly as the validator evaluates them: the per-pair loss of
+G.O.D's `validator/evaluation/evaluators/dpo.py` (`_tokenize_dpo_pair`, `_completion_logprob`),
+the vector the boss and knockout rounds compare pair by pair (research notes §7, §8b):
 - only the prompt/chosen/rejected columns are used: the system column is dropped and the
   task's prompt/chosen/rejected formats are NOT applied; no chat template;
-- prompt, chosen and rejected are tokenised separately without added special tokens (so no
-  BOS, even for tokenizers that add one); chosen and rejected get EOS appended;
-- the prompt keeps its last 512 tokens; prompt + completion is cut to 1024 tokens from the
-  left ("keep_end"), the same columns for chosen and rejected (evaluation batch size 1);
-- a sequence's log-probability is the sum of its completion tokens' log-probs;
+- chosen and rejected get the EOS token's text appended unless they already end with it;
+- the prompt is tokenised alone, and prompt+chosen and prompt+rejected each in one piece, all
+  with the tokenizer's own special tokens (a BOS where it adds one); a completion is what
+  follows the first len(prompt tokens) tokens of prompt+completion (a BPE merge across the
+  boundary lands in the completion), and the scored sequence is prompt tokens + completion;
+- the sequence keeps its first `max_len` tokens: the model's max_position_embeddings, 8192
+  when the config has none (formats.py); a pair whose completion is then empty (prompt at
+  least max_len tokens) scores NaN there, which the paired comparison skips: it is dropped here;
+- a completion's log-prob is the SUM of its remaining tokens' log-probs (with an empty prompt
+  and no BOS, its first token is not scored: nothing predicts it);
 - loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) with beta 0.1 and the base
-  model as reference; the metric is its mean over pairs (ln 2 when nothing was learnt).
+  model as reference (ln 2 when nothing was learnt). Empty prompts and completions are kept
+  (an empty completion is its EOS), as the validator scores them.
 """
 from __future__ import annotations
 
@@ -17,15 +24,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .instruct_format import IGNORE, DatasetError, tokenize_each
+from .instruct_format import DatasetError, tokenize_each
 
 BETA = 0.1
-MAX_PROMPT_LEN = 512
-MAX_LEN = 1024
+FALLBACK_MAX_LEN = 8192  # the evaluator's max_length when the config has no max_position_embeddings
 
 
 @dataclass
 class PairExample:
+    """The tokens the validator scores (already cut to its max length)."""
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
@@ -42,7 +49,8 @@ def _columns(dt: dict) -> tuple[str, str, str]:
     return cols
 
 
-def tokenize_pair(row: dict, dt: dict, tokenizer) -> PairExample | None:
+def tokenize_pair(row: dict, dt: dict, tokenizer, max_len: int) -> PairExample | None:
+    """The pair as scored, or None when the validator's loss for it is NaN (empty completion)."""
     texts = []
     for column in _columns(dt):
         value = row.get(column)
@@ -51,26 +59,31 @@ def tokenize_pair(row: dict, dt: dict, tokenizer) -> PairExample | None:
         if not isinstance(value, str):
             raise DatasetError(f"column {column!r} must hold strings, got {type(value).__name__}")
         texts.append(value)
-    if not all(texts):
-        return None  # the validator drops pairs with an empty field
-    prompt, chosen, rejected = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    return PairExample(list(prompt)[-MAX_PROMPT_LEN:], list(chosen) + [eos], list(rejected) + [eos])
+    prompt, chosen, rejected = texts
+    eos = tokenizer.eos_token
+    if eos is not None:
+        chosen = chosen if chosen.endswith(eos) else chosen + eos
+        rejected = rejected if rejected.endswith(eos) else rejected + eos
+    prompt_ids, with_chosen, with_rejected = tokenizer([prompt, prompt + chosen, prompt + rejected])["input_ids"]
+    n = len(prompt_ids)
+    room = max(0, max_len - n)
+    ex = PairExample(list(prompt_ids[:max_len]), list(with_chosen[n:])[:room], list(with_rejected[n:])[:room])
+    return ex if ex.chosen and ex.rejected else None
 
 
-def tokenize_rows(rows: list[dict], dt: dict, tokenizer, max_len: int = MAX_LEN) -> tuple[list[PairExample], int]:
-    """Tokenised pairs and the number of rows dropped (an empty field). Long pairs are cut,
-    not dropped, as TRL does (`max_len` is applied when the pair is scored)."""
+def tokenize_rows(rows: list[dict], dt: dict, tokenizer, max_len: int) -> tuple[list[PairExample], int]:
+    """Tokenised pairs and the number of rows dropped (no completion token left at `max_len`).
+    Long pairs are cut, not dropped, as the validator cuts them."""
     columns = _columns(dt)
 
     def pair(i: int, row: dict) -> PairExample | None:
         missing = [c for c in columns if c not in row]
         if missing:
             raise DatasetError(f"row {i} lacks column(s) {missing}; it has {sorted(row)[:10]}")
-        return tokenize_pair(row, dt, tokenizer)
+        return tokenize_pair(row, dt, tokenizer, max_len)
 
-    examples, dropped = tokenize_each(rows, pair, f"no trainable pairs among {len(rows)} rows "
-                                                  "(every one has an empty field)")
+    examples, dropped = tokenize_each(rows, pair, f"no trainable pairs among {len(rows)} rows: every prompt fills "
+                                                  f"the {max_len}-token sequence, leaving no completion token")
     # A pair with chosen == rejected scores ln 2 whatever the weights (kept: the validator scores
     # it too) and gives no gradient; a dataset of nothing else cannot be trained on.
     if all(ex.chosen == ex.rejected for ex in examples):
@@ -78,36 +91,44 @@ def tokenize_rows(rows: list[dict], dt: dict, tokenizer, max_len: int = MAX_LEN)
     return examples, dropped
 
 
-def sequences(ex: PairExample, max_len: int = MAX_LEN) -> list[tuple[list[int], list[int]]]:
-    """(input ids, completion mask) of the chosen and of the rejected sequence, cut like TRL's
-    keep_end truncation of the [chosen; rejected] batch."""
-    width = len(ex.prompt) + max(len(ex.chosen), len(ex.rejected))
-    cut = max(0, width - max_len)
-    out = []
-    for completion in (ex.chosen, ex.rejected):
-        ids = ex.prompt + completion
-        mask = [0] * len(ex.prompt) + [1] * len(completion)
-        out.append((ids[cut:], mask[cut:]))
-    return out
+def cut_pair(ex: PairExample, length: int) -> PairExample:
+    """The OOM ladder's cut: each sequence keeps at most length // 2 tokens (so len() <= length),
+    the completions their first tokens and the prompt its last ones, the completions getting at
+    least half when the prompt is long: what fits still teaches the pair's preference (a
+    prompt-first cut would leave a long prompt's pair nothing to learn). The reference
+    log-probs were of the whole pair: dropped, to be recomputed on what is left
+    (dpo.ensure_reference)."""
+    width = max(2, length // 2)
+    room = min(max(len(ex.chosen), len(ex.rejected)), max(width // 2, width - len(ex.prompt)))
+    keep = width - room
+    return PairExample(ex.prompt[len(ex.prompt) - keep:] if keep else [], ex.chosen[:room], ex.rejected[:room])
 
 
-def sequence_logps(model, batch: list[PairExample], pad_id: int, device, max_len: int = MAX_LEN) -> torch.Tensor:
-    """Summed completion log-probs, shape [2, len(batch)]: row 0 chosen, row 1 rejected."""
-    seqs = [s for ex in batch for s in sequences(ex, max_len)]  # chosen, rejected, chosen, ...
+def sequences(ex: PairExample) -> list[tuple[list[int], list[int]]]:
+    """(input ids, completion mask) of the chosen and of the rejected sequence."""
+    return [(ex.prompt + completion, [0] * len(ex.prompt) + [1] * len(completion))
+            for completion in (ex.chosen, ex.rejected)]
+
+
+def sequence_logps(model, batch: list[PairExample], pad_id: int, device) -> torch.Tensor:
+    """Summed completion log-probs, shape [2, len(batch)]: row 0 chosen, row 1 rejected. Only the
+    completion positions' logits go to fp32 (a long prompt's would not fit beside them)."""
+    seqs = [s for ex in batch for s in sequences(ex)]  # chosen, rejected, chosen, ...
     width = max(len(ids) for ids, _ in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    scored = torch.zeros((len(seqs), width), dtype=torch.bool)
     attention = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, (seq, mask) in enumerate(seqs):
         ids[row, :len(seq)] = torch.tensor(seq)
         attention[row, :len(seq)] = 1
-        labels[row, :len(seq)] = torch.tensor([t if m else IGNORE for t, m in zip(seq, mask)])
-    ids, labels, attention = ids.to(device), labels.to(device), attention.to(device)
-    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1, :].float()
-    target = labels[:, 1:]
-    token_logps = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                                   ignore_index=IGNORE, reduction="none").view(target.shape)
-    return token_logps.sum(dim=1).view(len(batch), 2).T
+        scored[row, :len(seq)] = torch.tensor(mask, dtype=torch.bool)
+    ids, scored, attention = ids.to(device), scored.to(device), attention.to(device)
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1, :]
+    keep = scored[:, 1:]  # logits at position t predict token t + 1 (position 0 is never scored)
+    rows = torch.arange(len(seqs), device=device)[:, None].expand_as(keep)[keep]
+    token_logps = -F.cross_entropy(logits[keep].float(), ids[:, 1:][keep], reduction="none")
+    sums = torch.zeros(len(seqs), device=device, dtype=token_logps.dtype).index_add(0, rows, token_logps)
+    return sums.view(len(batch), 2).T
 
 
 def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float = BETA) -> torch.Tensor:

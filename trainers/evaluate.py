@@ -1,7 +1,9 @@
 """The validators' metrics, computed our way on any submission, with the base tokenizer:
 - Instruct and Chat: mean over samples of the per-sample mean cross-entropy on the labelled
-  tokens (output + EOS; assistant turns), dropping samples longer than the evaluation length;
-- DPO: mean sigmoid DPO loss at beta 0.1 against the base model as reference;
+  tokens (output + EOS; assistant turns), dropping samples longer than the evaluation length
+  (doubled when no sample fits: formats.tokenize_task);
+- DPO: mean sigmoid DPO loss at beta 0.1 against the base model as reference, pairs cut at the
+  model's max_position_embeddings (the mean of the validator's per-pair vector);
 - KL-weighted Instruct (USE_KL=1, KL_COEF=c): the loss + c x mean per-token KL(model || base).
 The same per-sample functions are the training loop's dev metric. A submission loads as a
 full model or as a PEFT adapter (base from its adapter_config.json). `METRICS` maps a task
@@ -16,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from .batching import make_batches
 from .dpo import DPO, fill_reference
-from .formats import max_length, tokenize_rows
+from .formats import tokenize_task
 from .instruct import SFT, dev_loss
 from .instruct_format import IGNORE
 from .modeling import load_tokenizer
@@ -44,7 +46,7 @@ def _device(model) -> torch.device:
 
 def sft_loss(model, base_model: str, rows: list[dict], dataset_type: dict, task_type: str = "InstructTextTask") -> float:
     tokenizer = load_tokenizer(str(base_model))
-    examples, _ = tokenize_rows(task_type, rows, dataset_type, tokenizer, max_length(task_type, model.config))
+    examples = tokenize_task(task_type, rows, dataset_type, tokenizer, model.config).examples
     return dev_loss(model, examples, tokenizer.pad_token_id, _device(model), BATCH_TOKENS, SFT)
 
 
@@ -70,7 +72,7 @@ def kl_weighted_terms(model, base_model: str, rows: list[dict], dataset_type: di
                       base=None) -> tuple[float, float]:
     """(eval_loss, KL) of a KL-weighted Instruct task; its score is eval_loss + kl_coef x KL."""
     tokenizer = load_tokenizer(str(base_model))
-    examples, _ = tokenize_rows(task_type, rows, dataset_type, tokenizer, max_length(task_type, model.config))
+    examples = tokenize_task(task_type, rows, dataset_type, tokenizer, model.config).examples
     loss = dev_loss(model, examples, tokenizer.pad_token_id, _device(model), BATCH_TOKENS, SFT)
     base = base if base is not None else load_submission(base_model).to(_device(model))
     return float(loss), mean_kl_to_base(model, base, examples)
@@ -87,7 +89,7 @@ def chat_loss(model, base_model: str, rows: list[dict], dataset_type: dict) -> f
 def dpo_eval_loss(model, base_model: str, rows: list[dict], dataset_type: dict, reference=None) -> float:
     """The reference is the base model (loaded here unless given)."""
     tokenizer = load_tokenizer(str(base_model))
-    examples, _ = tokenize_rows("DpoTask", rows, dataset_type, tokenizer, max_length("DpoTask", model.config))
+    examples = tokenize_task("DpoTask", rows, dataset_type, tokenizer, model.config).examples
     reference = reference if reference is not None else load_submission(base_model)
     for batch in make_batches(examples, BATCH_TOKENS, 16, seed=0):
         fill_reference(reference, batch, tokenizer.pad_token_id, _device(reference))

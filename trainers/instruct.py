@@ -28,7 +28,7 @@ from .batching import collate, make_batches, per_sample_loss, split_dev
 from .config import TrainConfig
 from .dev_pass import DevPass
 from .engines import make_engine, zero3_loading, zero3_supported
-from .formats import max_length, tokenize_rows
+from .formats import tokenize_task
 from .instruct_format import Example
 from .layerwise import probe_ranks
 from .modeling import load_base_model, load_tokenizer, wrap_for_training
@@ -196,10 +196,12 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
     tokenizer = load_tokenizer(cfg.model_path)
     with zero3_loading(cfg, device):  # ZeRO-3: each rank holds 1/world of every weight from here on
         base = load_base_model(cfg.model_path, device)
-    max_len = max_length(cfg.task_type, base.config, cfg.max_seq_len)
     with open(cfg.train_file) as f:
         rows = json.load(f)
-    examples, dropped = tokenize_rows(cfg.task_type, rows, cfg.dataset_type, tokenizer, max_len)
+    # the validator's length for these rows (doubled when none fits the first), logged below
+    data = tokenize_task(cfg.task_type, rows, cfg.dataset_type, tokenizer, base.config, cfg.max_seq_len,
+                         log=print if rank == 0 else lambda *_: None)
+    examples, dropped, max_len = data.examples, data.dropped, data.max_len
     train, dev = split_dev(examples, cfg.dev_fraction * recipe.dev_scale, int(cfg.max_dev_rows * recipe.dev_scale),
                            cfg.seed)
     shard = train[rank::world]

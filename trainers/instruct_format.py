@@ -9,7 +9,7 @@ The validator uses axolotl's `user_defined` instruct strategy (protocol doc §5.
   gets EOS appended; nothing is inserted between them;
 - labels are -100 on the prompt: loss on output + EOS only;
 - samples longer than the evaluation length are dropped (4096, or ceil(max_pos/2) when the
-  model's max_position_embeddings is below 8192).
+  model's max_position_embeddings is below 8192; longer when no sample fits: formats.py).
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ class Example:
 
 
 def eval_sequence_length(max_position_embeddings: int | None) -> int:
+    """The evaluator's first sequence_len (formats.sequence_lengths: the retries after it)."""
     if max_position_embeddings and max_position_embeddings < 8192:
         return math.ceil(max_position_embeddings / 2)
     return 4096

@@ -27,7 +27,7 @@ import torch
 
 from trainers.batching import collate, make_batches, per_sample_loss, split_dev
 from trainers.config import TrainConfig
-from trainers.instruct_format import eval_sequence_length, tokenize_rows
+from trainers.formats import tokenize_task
 from trainers.modeling import load_base_model, load_tokenizer, wrap_for_training
 
 
@@ -147,11 +147,12 @@ def _loss(model, batch: dict) -> torch.Tensor:
     return per_sample_loss(logits, batch["labels"]).mean()
 
 
-def cached_batches(cfg: TrainConfig, tokenizer, max_len: int, n: int, device) -> tuple[list[dict], int]:
+def cached_batches(cfg: TrainConfig, tokenizer, model_config, n: int, device) -> tuple[list[dict], int]:
     """The first `n` batches of the job's training shard, in the order the trainer sees them
-    (same dev split, seed and batching), collated once; and the batches per epoch."""
+    (same rendering and length, dev split, seed and batching), collated once; and the batches per epoch."""
     rows = json.loads(Path(cfg.train_file).read_text())
-    examples, _ = tokenize_rows(rows, cfg.dataset_type, tokenizer, max_len)
+    examples = tokenize_task(cfg.task_type, rows, cfg.dataset_type, tokenizer, model_config, cfg.max_seq_len,
+                             log=lambda *_: None).examples
     train, _ = split_dev(examples, cfg.dev_fraction, cfg.max_dev_rows, cfg.seed)
     batches = make_batches(train, cfg.batch_tokens, cfg.max_batch, cfg.seed)
     return [collate(b, tokenizer.pad_token_id, device) for b in batches[:n]], len(batches)
@@ -166,8 +167,7 @@ def run_range_test(cfg: TrainConfig, out_dir: Path, prior_lr: float, rt: RangeTe
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model_path)
     base = load_base_model(cfg.model_path, dev)
-    max_len = cfg.max_seq_len or eval_sequence_length(getattr(base.config, "max_position_embeddings", None))
-    batches, per_epoch = cached_batches(cfg, tokenizer, max_len, rt.cached_batches, dev)
+    batches, per_epoch = cached_batches(cfg, tokenizer, base.config, rt.cached_batches, dev)
     model = wrap_for_training(base, cfg).to(dev)
     span = 10 ** rt.span_decades
     lrs = sweep_lrs(prior_lr / span, min(1.0, prior_lr * span), rt.steps)
