@@ -171,8 +171,8 @@ def _fake_checkpoint(path: Path, value: float, size: int = 4096) -> Path:
 
 def _look(out: Path) -> bool | None:
     """Whether `out` holds exactly one complete model and nothing else of weight, read through one
-    directory handle; None when that directory was swapped out and deleted while we looked (a
-    reader after the kill never sees that: the uploader runs once the trainer is gone)."""
+    directory handle; None when that directory was swapped out (and is being deleted) while we
+    looked: a reader after the kill never sees that, the uploader runs once the trainer is gone."""
     fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
     try:
         names = os.listdir(fd)
@@ -188,9 +188,9 @@ def _look(out: Path) -> bool | None:
             ok = size == 8 + n + max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
     except (FileNotFoundError, ValueError):
         ok = False
-    gone = os.fstat(fd).st_nlink == 0
+    swapped = os.fstat(fd).st_ino != os.stat(out).st_ino  # no longer the output folder (being deleted)
     os.close(fd)
-    return None if gone else ok
+    return None if swapped else ok
 
 
 def test_output_folder_holds_exactly_one_complete_model_at_every_moment(tmp_path):
