@@ -235,3 +235,27 @@ def test_the_image_runs_this_module_where_the_validator_looks():
     primary, legacy = (REPO / p for p in DOCKERFILES)
     assert primary.is_file() and legacy.resolve() == primary.resolve()
     assert 'ENTRYPOINT ["python", "-m", "trainers.tournament"]' in primary.read_text()
+
+
+def test_the_image_pins_what_pyproject_allows_and_phones_nowhere():
+    """Every dependency of pyproject.toml is pinned in the image at a version its range allows; the
+    image keeps Ray's usage stats, the Hugging Face libraries and W&B offline."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    wanted = {Requirement(r).name.lower(): Requirement(r) for r in
+              tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+    pins = {}
+    for line in (REPO / "ops" / "docker" / "requirements.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            pins[req.name.lower()] = next(iter(req.specifier)).version
+    assert set(wanted) <= set(pins), set(wanted) - set(pins)
+    for name, req in wanted.items():
+        assert req.specifier.contains(pins[name], prereleases=True), (name, pins[name], str(req.specifier))
+    assert "wandb" not in pins
+    from cluster.tournament_sim import image_env
+
+    env = image_env()
+    assert env["RAY_USAGE_STATS_ENABLED"] == "0" and env["HF_HUB_OFFLINE"] == "1" and env["HOME"].startswith("/tmp")

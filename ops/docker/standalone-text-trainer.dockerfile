@@ -18,7 +18,10 @@ ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
 
 WORKDIR /workspace/miner
 COPY ops/docker/requirements.txt ./requirements.txt
-RUN pip install -r requirements.txt
+# torch's CUDA 12.8 build (the validator's own images are cu128: drivers >= 570; PyPI's 2.11 wheel is
+# CUDA 13, which needs >= 580), then the rest at the same pins (the torch pin is already satisfied)
+RUN pip install --index-url https://download.pytorch.org/whl/cu128 "$(grep '^torch==' requirements.txt)" \
+    && pip install -r requirements.txt
 COPY pyproject.toml README.md LICENSE ./
 COPY serve_app ./serve_app
 COPY cluster ./cluster
