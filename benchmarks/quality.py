@@ -130,14 +130,18 @@ class TestSet:
         if self.task_type == "DpoTask":
             for batch in make_batches(self.examples, BATCH_TOKENS, 16, seed=0):
                 fill_reference(base, batch, self.pad_id, DEVICE)
+        # a task.json carrying kl_coef is a KL-weighted Instruct task: scored loss + kl_coef x KL(model || base)
+        self.kl_coef = float(self.meta.get("kl_coef") or 0.0)
+        self.base_model = base if self.kl_coef else None
         self.base = self.score(base)
 
     def score(self, model) -> float:
-        from trainers.evaluate import BATCH_TOKENS
+        from trainers.evaluate import BATCH_TOKENS, mean_kl_to_base
         from trainers.instruct import dev_loss
 
         # a float, not its DevMetric
-        return float(dev_loss(model, self.examples, self.pad_id, DEVICE, BATCH_TOKENS, self.recipe))
+        loss = float(dev_loss(model, self.examples, self.pad_id, DEVICE, BATCH_TOKENS, self.recipe))
+        return loss + self.kl_coef * mean_kl_to_base(model, self.base_model, self.examples) if self.kl_coef else loss
 
     def per_sample(self, model) -> list[float]:
         """Each test example's metric, in test.json order (of the rows tokenize_rows kept): Instruct/Chat

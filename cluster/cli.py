@@ -93,7 +93,7 @@ def cmd_simulate_tournament(args) -> int:
     outcomes = []
     for spec in tasks:
         run = ContainerRun(work=root / spec.name, hours=spec.hours, kill_after_s=args.kill_after, gpus=args.gpus,
-                           kl_coef=args.kl_coef, sandbox=args.sandbox)
+                           kl_coef=args.kl_coef if args.kl_coef is not None else spec.kl_coef, sandbox=args.sandbox)
         outcomes.append(simulate_tournament(spec, model.resolve(), run))
     table = Table(title="miner simulate --tournament")
     for col in ("task", "type", "exit", "time used / limit", "uploaded", "base metric", "submission metric"):

@@ -38,6 +38,7 @@ class TaskSpec:
     task_type: TaskType
     dataset_type: dict
     hours: float
+    kl_coef: float | None = None   # task.json's kl_coef: a KL-weighted Instruct task (USE_KL=1, KL_COEF)
 
 
 @dataclass
@@ -64,7 +65,7 @@ def load_task(path: Path, minutes: float | None) -> TaskSpec:
         if not (path / needed).exists():
             raise FileNotFoundError(f"task folder {path} lacks {needed}")
     hours = minutes / 60 if minutes else float(meta["hours_to_complete"])
-    return TaskSpec(path.name, path, TaskType(meta["task_type"]), meta["dataset_type"], hours)
+    return TaskSpec(path.name, path, TaskType(meta["task_type"]), meta["dataset_type"], hours, meta.get("kl_coef"))
 
 
 class DatasetServer:
@@ -202,7 +203,8 @@ def _await_and_verify(spec: TaskSpec, out: Outcome, base_model: str, deadline: f
     if spec.task_type.value in METRICS:
         test = spec.path / "test.json"
         kind = spec.task_type.value
-        out.base_loss = evaluate_path(base_model, base_model, test, spec.dataset_type, kind)
-        out.submission_loss = evaluate_path(snapshot, base_model, test, spec.dataset_type, kind)
+        kl = spec.kl_coef or 0.0  # the validator's weighted score on a KL-weighted task
+        out.base_loss = evaluate_path(base_model, base_model, test, spec.dataset_type, kind, kl)
+        out.submission_loss = evaluate_path(snapshot, base_model, test, spec.dataset_type, kind, kl)
     out.detail = submission["repo"]
 
