@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import threading
@@ -160,8 +161,17 @@ class LiveExport:
             self.current = source
 
 
+def process_start() -> float:
+    """When this process started (the validator's clock starts with the container, a little
+    earlier; imports alone take seconds): the limit counts from here, not from when we look."""
+    try:
+        return os.stat(f"/proc/{os.getpid()}").st_ctime
+    except OSError:
+        return time.time()
+
+
 def prepare(args: argparse.Namespace, settings: Settings, env: TournamentEnv, hw: Hardware,
-            work: Path) -> tuple[Job, object, RunPlan]:
+            work: Path, start: float) -> tuple[Job, object, RunPlan]:
     """Inputs checked and the training configuration planned; raises InputError on bad input."""
     from transformers import AutoConfig
 
@@ -177,7 +187,6 @@ def prepare(args: argparse.Namespace, settings: Settings, env: TournamentEnv, hw
         (work / "train_data.json").write_text(json.dumps(report.rows))
     params = param_count_from_config(AutoConfig.from_pretrained(model_dir))
     run_plan = plan_run(params, args.task_type, hw, kl=bool(env.kl_weight) and args.task_type in KL_WEIGHTED)
-    start = time.time()
     job = Job(task_id=args.task_id, task_type=args.task_type, model=args.model, dataset_url=args.dataset,
               dataset_type=dataset_type.model_dump(), file_format=args.file_format,
               expected_repo_name=args.expected_repo_name, hours_to_complete=args.hours_to_complete,
@@ -192,13 +201,13 @@ def prepare(args: argparse.Namespace, settings: Settings, env: TournamentEnv, hw
 
 
 def run(args: argparse.Namespace, settings: Settings, env: TournamentEnv) -> int:
-    start = time.time()
+    start = process_start()
     deadline = start + args.hours_to_complete * 3600
     out_dir = Path(args.output_root) / args.task_id / args.expected_repo_name
     work = Path(args.output_root) / args.task_id / ".work"  # beside, never inside, the uploaded folder
     hw = detect_hardware()
     try:
-        job, cfg, run_plan = prepare(args, settings, env, hw, work)
+        job, cfg, run_plan = prepare(args, settings, env, hw, work, start)
     except ValueError as exc:  # InputError, DatasetError, pydantic's ValidationError: bad input
         print(f"[tournament] FAILED: {_one_line(exc)}", file=sys.stderr, flush=True)
         return 2

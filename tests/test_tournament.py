@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def test_every_visible_gpu_trains_with_the_clusters_planner(size, task, gpus, me
     (roots[1] / "datasets" / f"{task_id}_train_data.json").write_text(json.dumps(rows))
     hw = Hardware(gpus, H100, 79.2, 24 * gpus, 110 * gpus * 1024**3, (16 if gpus >= 4 else 8) * 1024**3)
     args = parse_args(_args(task_id, model, "https://s3.example/x.json", dataset_type, task), load_tournament_env())
-    job, cfg, run_plan = prepare(args, load_settings(), load_tournament_env(), hw, tmp_path / "work")
+    job, cfg, run_plan = prepare(args, load_settings(), load_tournament_env(), hw, tmp_path / "work", time.time())
     assert (cfg.num_workers, cfg.use_gpu, run_plan.method) == (gpus, True, method)
     assert cfg.method == ("full" if method == "full" else "lora") and cfg.zero_stage == (3 if method == "lora_zero3" else 0)
     assert str(gpus) in run_plan.why[0] and ("ZeRO-3" in run_plan.why[1]) == (method == "lora_zero3")
