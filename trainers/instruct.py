@@ -139,7 +139,7 @@ class Steps:
         self.module.eval()  # per micro-batch means (packed: no per-sample values without a cost)
         groups, kl_sum, kl_count = [], 0.0, 0
         for b in self.batches(dev, seed=0):
-            ce, kl, count = self.module.terms(**self.plan.collate(b, self.pad_id, self.device))
+            ce, kl, count = self.module(return_terms=True, **self.plan.collate(b, self.pad_id, self.device))
             groups.append((float(ce) * len(b), len(b)))
             kl_sum, kl_count = kl_sum + float(kl), kl_count + count
         self.module.train()

@@ -186,8 +186,7 @@ class CausalLMLoss(torch.nn.Module):
         with self.model.disable_adapter():  # a PEFT model: the base is the same weights without the adapter
             return self._hidden(input_ids, **layout)
 
-    def terms(self, input_ids, label_index, label_targets, label_weights, kl_index, **layout):
-        """(weighted CE sum, KL sum over the KL positions, their count): the pieces of the score."""
+    def _terms(self, input_ids, label_index, label_targets, label_weights, kl_index, **layout):
         hidden, head = self._hidden(input_ids, **layout)
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=input_ids.is_cuda):
             ce, _ = linear_cross_entropy(hidden.index_select(0, label_index), head, label_targets, label_weights)
@@ -198,8 +197,12 @@ class CausalLMLoss(torch.nn.Module):
                               base_head, torch.ones(kl_index.numel(), device=kl_index.device))
         return ce, kl, kl_index.numel()
 
-    def forward(self, **collated):
-        ce, kl_sum, count = self.terms(**collated)
+    def forward(self, return_terms: bool = False, **collated):
+        """The loss; with `return_terms`, (weighted CE sum, KL sum over the KL positions, their
+        count), the pieces of the score. Both through forward: ZeRO-3 gathers the weights there."""
+        ce, kl_sum, count = self._terms(**collated)
+        if return_terms:
+            return ce, kl_sum, count
         return ce + self.kl_coef * kl_sum / count if count else ce
 
     @torch.no_grad()
