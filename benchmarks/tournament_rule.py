@@ -127,6 +127,20 @@ def key(r: dict) -> tuple:
     return r["task"], r["config"], r["seed"], float(r["budget_s"])
 
 
+def ours_config(runs, task: str) -> dict:
+    """The challenger is what the tournament entrypoint trains on this machine: the planner's
+    hyperparameters (benchmarks/quality.py's e_kept) for the method the capacity planner picks for
+    the visible GPUs (cluster/tournament_plan.py: a full fine-tune for a small model on a GPU, LoRA on
+    the CPU), not the LoRA-only, techniques-off `ours` of the quality table."""
+    from cluster.tournament_plan import detect_hardware, plan_run
+    from tuning.priors import default_hparams
+
+    task_type = runs.task_type(task)
+    method = "full" if plan_run(runs.n_params, task_type, detect_hardware()).method == "full" else "lora"
+    kept = runs.configs(task)["e_kept"]
+    return {**kept, **default_hparams(runs.n_params, task_type, method), "saves": kept["saves"]}
+
+
 def train(args, bench: Path, model: Path, done: dict[tuple, dict]) -> list[dict]:
     """The runs not in the jsonl yet (with their per-example losses), each appended as it ends;
     each model folder kept under --models."""
@@ -142,7 +156,8 @@ def train(args, bench: Path, model: Path, done: dict[tuple, dict]) -> list[dict]
                 for c in (CHALLENGER, *DEFENDERS) if (t, c, s, float(b)) not in done]
         for i, (task, name, seed, budget) in enumerate(todo):
             out = models / model.name / f"{task}-{name}-{budget:g}s-seed{seed}"
-            r = runs.run(task, name, runs.configs(task)[name], seed, budget, out=out, per_sample=True)
+            hp = ours_config(runs, task) if name == CHALLENGER else runs.configs(task)[name]
+            r = runs.run(task, name, hp, seed, budget, out=out, per_sample=True)
             r["budget_s"] = float(budget)
             if "error" not in r:
                 r["tokens"] = [scored_tokens(ex) for ex in runs.test(task).examples]
