@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from statistics import mean
 
-from benchmarks.quality import BENCH, DEVICE, RESULTS, TestSet, configs, machine, run_one, subset
+from benchmarks.quality import BENCH, DEVICE, RESULTS, machine
 
 TASKS = ["instruct_wordplay", "instruct_pattern_induction", "chat_topical_dialogue"]
 
@@ -28,43 +28,47 @@ def runs(tasks, coefs, seeds):
     return [(t, c, s, mode) for t in tasks for c in coefs for s in seeds for mode in ("plain", "kl_aware")]
 
 
-def score(model_dir: Path, base_model: Path, test: TestSet, base, coef: float) -> dict:
+def score(model_dir: Path, base_model: Path, task_dir: Path, base, coef: float) -> dict:
+    """The weighted score of a model folder on the task's test.json, with its two parts."""
     from trainers.evaluate import kl_weighted_terms, load_submission
 
-    loss, kl = kl_weighted_terms(load_submission(model_dir).to(DEVICE), str(base_model), test.rows_raw,
-                                 test.meta["dataset_type"], test.task_type, base=base)
+    meta = json.loads((task_dir / "task.json").read_text())
+    loss, kl = kl_weighted_terms(load_submission(model_dir).to(DEVICE), str(base_model),
+                                 json.loads((task_dir / "test.json").read_text()), meta["dataset_type"],
+                                 meta["task_type"], base=base)
     return {"ce": loss, "kl": kl, "weighted": loss + coef * kl}
 
 
 def train_and_score(args, bench: Path, model: Path, todo: list, out_jsonl: Path) -> None:
+    """Each run through benchmarks.quality.Runs (a process's first run of a task type is an unrecorded
+    warm-up: CUDA and kernel start-up would otherwise cut the first recorded run short)."""
+    from benchmarks.quality import Runs
     from trainers.evaluate import load_submission
-    from tuning.priors import param_count_from_config
-    from transformers import AutoConfig
 
-    n_params = param_count_from_config(AutoConfig.from_pretrained(model))
-    tests, bases = {}, {}
+    work = Path(tempfile.mkdtemp(prefix="klobj-"))
+    runs, bases = Runs(bench, model, args.rows, 0, work), {}
     for task, coef, seed, mode in todo:
-        task_dir = bench / "tasks" / task
-        if task not in tests:
-            tests[task] = TestSet(task_dir, model, 0)
-            tests[task].rows_raw = json.loads((task_dir / "test.json").read_text())
+        if task not in bases:
             bases[task] = load_submission(model).to(DEVICE).eval()
-        test = tests[task]
-        hp = {**configs(test.task_type, n_params)["e_kept"], "kl_coef": coef if mode == "kl_aware" else 0.0}
-        work = Path(tempfile.mkdtemp(prefix="klobj-"))
-        train_file = subset(task_dir, args.rows, work)
-        row = run_one(task_dir, model, f"{mode}-c{coef}", hp, seed, args.budget_s, train_file, work, test)
-        row.update(coef=coef, mode=mode, **score(work / "out", model, test, bases[task], coef))
-        row["base_weighted"] = test.base  # the base has KL 0: its weighted score is its loss
+        hp = {**runs.configs(task)["e_kept"], "kl_coef": coef if mode == "kl_aware" else 0.0}
+        out = work / f"{task}-{mode}-{coef}-{seed}"
+        row = runs.run(task, f"{mode}-c{coef}", hp, seed, args.budget_s, out=out)
+        row.update(coef=coef, mode=mode)
+        if "error" not in row:  # the base's weighted score is its loss (no KL to itself)
+            row.update(base_weighted=runs.test(task).base, **score(out, model, bench / "tasks" / task, bases[task], coef))
         with open(out_jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"{task} c={coef} seed={seed} {mode}: weighted {row['weighted']:.4f} (ce {row['ce']:.4f}, "
-              f"kl {row['kl']:.4f}), {row['steps']} steps", flush=True)
+        print(f"{task} c={coef} seed={seed} {mode}: {row.get('weighted', row.get('error'))}", flush=True)
 
 
 def report(rows: list[dict], out: Path, command: str) -> None:
-    lines = [f"# KL-weighted Instruct: plain vs KL-aware training ({datetime.now(timezone.utc):%Y-%m-%d})", "",
-             f"Machine: {machine()}", f"Command: `{command}`", "",
+    failed = [r for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r]
+    when = min((r["t_start"] for r in rows), default=time.time())
+    lines = [f"# KL-weighted Instruct: plain vs KL-aware training ({datetime.fromtimestamp(when, timezone.utc):%Y-%m-%d %H:%M} UTC)",
+             "", f"Machine: {rows[-1].get('machine', machine()) if rows else machine()}", f"Command: `{command}`", "",
+             *([f"Failed runs: {[(r['task'], r.get('coef'), r['seed'], r.get('mode'), r['error']) for r in failed]}", ""]
+               if failed else []),
              "Weighted score = CE + c x KL(finetuned || base) on test.json (lower is better), mean over seeds "
              "(min-max). `wins` = seeds where KL-aware < plain.", "",
              "| task | c | base | plain weighted | KL-aware weighted | plain CE / KL | KL-aware CE / KL | wins |",
