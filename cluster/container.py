@@ -17,11 +17,15 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 APP_CHECKPOINTS = Path("/app/checkpoints")
+# `ip link set lo up` without iproute2 (SIOCSIFFLAGS: IFF_UP | IFF_LOOPBACK | IFF_RUNNING): Ray talks to itself
+LOOPBACK_UP = ("import fcntl, socket, struct; fcntl.ioctl(socket.socket(socket.AF_INET, socket.SOCK_DGRAM), 0x8914, "
+               "struct.pack('16sh22x', b'lo', 0x1 | 0x8 | 0x40))")
 CACHE = Path("/cache")
 METADATA_FILES = {".git", ".gitattributes", ".gitignore", ".gitkeep"}  # what the uploader calls empty
 
@@ -66,7 +70,7 @@ class Sandbox:
             steps += [f"mount --bind {shlex.quote(path)} {shlex.quote(path)}",
                       f"mount -o remount,bind,rw {shlex.quote(path)}"]
         steps += [f"mount -t tmpfs -o size={self.shm_bytes} tmpfs /dev/shm",
-                  "ip link set lo up",  # the internal network: loopback only (Ray talks to itself)
+                  f"{shlex.quote(sys.executable)} -c {shlex.quote(LOOPBACK_UP)}",  # the internal network: loopback only
                   "exec setpriv --inh-caps=-all --ambient-caps=-all --bounding-set=-all --no-new-privs "
                   + shlex.join(cmd)]
         return ["unshare", "--net", "--mount", "sh", "-ec", " && ".join(steps)]
@@ -76,7 +80,7 @@ def sandbox_problem() -> str | None:
     """Why this machine cannot run the sandbox (None: it can)."""
     if os.geteuid() != 0:
         return "the container sandbox needs root (Linux namespaces and bind mounts)"
-    for tool in ("unshare", "setpriv", "ip", "mount"):
+    for tool in ("unshare", "setpriv", "mount"):
         if shutil.which(tool) is None:
             return f"the container sandbox needs `{tool}`"
     probe = subprocess.run(["unshare", "--net", "--mount", "true"], capture_output=True, text=True)
