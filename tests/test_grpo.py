@@ -144,3 +144,21 @@ def test_start_training_grpo_refuses_unusable_reward_functions(env):  # noqa: F8
     job = env["control"].store.get_job(request["task_id"])
     assert job.task_type == "GrpoTask" and job.dataset_type["extra_column"] == "answer"
 
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_early_save_checkpoints_right_after_the_probe_steps(early):
+    """The tournament's early_save: GRPO reports a checkpoint at the probe's end, not only at the
+    planned save points (the output folder then holds a model minutes into a long run)."""
+    from types import SimpleNamespace
+
+    from trainers.grpo import DeadlineAndCheckpoints, Plan
+    from trainers.instruct import PROBE_STEPS
+
+    cfg = TrainConfig(model_path="", train_file="", dataset_type={}, early_save=early)
+    reported = []
+    callback = DeadlineAndCheckpoints(cfg, Plan(total=100, saves=2), lambda: {"dev_score": 0.1},
+                                      lambda step, total, entry: reported.append(step), rank=1)
+    for step in range(1, PROBE_STEPS + 2):
+        callback.on_step_end(None, SimpleNamespace(global_step=step), SimpleNamespace(should_training_stop=False))
+    assert reported == ([PROBE_STEPS] if early else [])
