@@ -255,9 +255,9 @@ def cmd_tournament_check(args) -> int:
     from .registration import fix_legal_files, run_checks, validator_checkout
 
     repo = Path(args.repo).resolve()
-    commit = args.commit or os.environ.get("MINER_TRAINING_COMMIT") or None
     checkout, tmp = (None, None)
     try:
+        commit = args.commit or load_settings().training_commit  # a malformed MINER_TRAINING_COMMIT: its reason
         if args.validator_repo:
             checkout, tmp = validator_checkout(args.validator_repo)
             if args.fix:

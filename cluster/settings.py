@@ -53,7 +53,7 @@ class Settings:
         """Why /training_repo/text cannot be answered (None: it can)."""
         if not self.training_repo or not self.training_commit:
             return ("MINER_TRAINING_REPO and MINER_TRAINING_COMMIT are not set: validators cannot enrol this miner "
-                    "in tournaments (see README, 'Tournament: from fork to registered entry')")
+                    "in tournaments (docs/operator-guide.md, section 0: from fork to registered entry)")
         return None
 
     @property

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .container import (APP_CHECKPOINTS, CACHE, Sandbox, cache_model_name, ensure_mountpoints, lay_out_cache,
-                        run_with_limit, sandbox_problem, upload_candidate)
+                        model_folders, run_with_limit, sandbox_problem, upload_candidate)
 from .hub import point_adapter_at_base
 from .simulate import TaskSpec
 
@@ -144,8 +144,12 @@ def simulate_tournament(spec: TaskSpec, model_dir: Path, run: ContainerRun, log=
     outcome = TournamentOutcome(spec.name, spec.task_type.value, result.returncode, result.killed,
                                 round(result.seconds, 1), run.hours * 3600 if run.kill_after_s is None else run.kill_after_s,
                                 uploaded is not None)
+    folders = model_folders(out_dir) if out_dir.is_dir() else []
     if uploaded is None:
         outcome.detail = "empty output folder: the upload fails (" + _last_line(result.log) + ")"
+    elif folders != [out_dir]:  # the uploader takes the first sub-folder with weights, not our model
+        outcome.detail = (f"the output folder holds weights in {[str(f.relative_to(out_dir)) for f in folders]}: "
+                          f"the uploader took {upload_candidate(out_dir)}, not the top level")
     elif not (result.killed or result.returncode == 0):
         outcome.detail = f"exit {result.returncode}: " + _last_line(result.log)
     if uploaded is not None and spec.task_type.value in METRICS:

@@ -20,6 +20,7 @@ def test_the_container_run_trains_offline_and_leaves_one_better_model(tmp_path, 
     outcome = simulate_tournament(spec, base_model, ContainerRun(work=tmp_path, hours=spec.hours, sandbox=True))
     log = (tmp_path / "trainer.log").read_text()
     assert outcome.succeeded and outcome.exit_code == 0 and not outcome.killed, log[-3000:]
+    assert outcome.detail == ""  # the simulator's own check: one model, at the top of the output folder
     assert outcome.seconds < spec.hours * 3600
     assert outcome.submission_metric < outcome.base_metric, outcome
     assert "[tournament] plan: no GPU visible" in log and "Read-only file system" not in log
