@@ -135,7 +135,8 @@ def _trial_record(result, rungs: int) -> dict:
                  for row in df[keep].to_dict("records")]
     iterations = len(curve)
     return {"trial_id": (result.metrics or {}).get("trial_id") or Path(str(result.path)).name,
-            "config": {k: v for k, v in result.config.items()}, "curve": curve, "iterations": iterations,
+            # a trial the time budget stopped before its first report has neither config nor metrics
+            "config": dict(result.config or {}), "curve": curve, "iterations": iterations,
             "steps": int(curve[-1]["step"]) if curve and curve[-1].get("step") is not None else 0,
             "stopped_early": result.error is None and 0 < iterations < rungs,
             "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:300]}
