@@ -48,3 +48,13 @@ def test_instruct_space_searches_lr_around_the_centre_and_rank_below_the_width()
     assert apply_choice(cfg, {"lr": 2e-3, "lora_r": 64}) | {} == {**cfg, "lr": 2e-3, "lora_r": 64, "lora_alpha": 128}
     with pytest.raises(ValueError, match="no search space"):
         search_space("DpoTask", cfg, 1e-5, None)
+
+
+def test_a_trial_stopped_before_its_first_report_is_unscored_not_a_crash(tmp_path):
+    """Tune's time budget can stop a trial before it writes anything: no config, no metrics."""
+    from types import SimpleNamespace
+
+    from tuning.asha import _trial_record
+
+    record = _trial_record(SimpleNamespace(path=str(tmp_path / "_trial_1"), metrics=None, config=None, error=None), 4)
+    assert record["config"] == {} and record["curve"] == [] and not record["error"] and record["trial_id"] == "_trial_1"
