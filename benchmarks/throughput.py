@@ -133,7 +133,11 @@ def flops_per_token(name: str, method: str, model, s_eff: float) -> tuple[float,
     attn = 12 * L * h * hd * s_eff
     adapter = sum(p.numel() for p in model.parameters() if p.requires_grad) if method == "lora" else 0
     f = (6 * n + attn) if method == "full" else (4 * n + 6 * adapter + attn)
-    return f, {"N_matmul": n, "N_adapter": adapter, "attn_flops_per_token": attn, "s_eff": s_eff}
+    # our fused loss runs the head on label tokens only: per non-label token it skips the head's
+    # forward and backward (6Vd full FT, 4Vd with the head frozen)
+    head_skipped = (6 if method == "full" else 4) * c["vocab_size"] * d
+    return f, {"N_matmul": n, "N_adapter": adapter, "attn_flops_per_token": attn, "s_eff": s_eff,
+               "head_flops_per_token": head_skipped}
 
 
 # ------------------------------------------------------------------ the two paths
@@ -256,6 +260,8 @@ def run_ours(model, cfg, samples, per_step: int, warm: int, timed: int, compile_
 def run_case(case: str, lengths: str, warm: int, timed: int, variants: list[str]) -> dict:
     import tempfile
 
+    from benchmarks.throughput_trl import TRL_VARIANTS, run_trl
+
     import torch
     import transformers
     name, method = case.rsplit("-", 1)
@@ -270,12 +276,18 @@ def run_case(case: str, lengths: str, warm: int, timed: int, variants: list[str]
               "real_tokens_per_step": sum(s) / (warm + timed), "flops": flops, "flops_per_token": fpt,
               "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
               "transformers": transformers.__version__}
-    result["check"] = correctness(model, samples[:64], torch.device(DEVICE))
+    label_share = sum(sum(1 for x in ex.labels if x != -100) for ex in samples) / sum(s)
+    result["label_share"] = label_share
+    if "ours" in variants or "ours_eager" in variants:
+        result["check"] = correctness(model, samples[:64], torch.device(DEVICE))
     for variant in variants:
         try:
             if variant in ("hf", "hf_grouped"):
                 with tempfile.TemporaryDirectory() as tmp:
                     r = run_hf(model, samples, micro, accum, warm, timed, tmp, grouped=variant == "hf_grouped")
+            elif variant in TRL_VARIANTS:
+                with tempfile.TemporaryDirectory() as tmp:
+                    r = run_trl(model, samples, per_step, warm, timed, tmp, variant, DEVICE)
             else:
                 r = run_ours(model, cfg, samples, per_step, warm, timed, compile_=variant == "ours")
         except torch.OutOfMemoryError as e:
@@ -286,6 +298,9 @@ def run_case(case: str, lengths: str, warm: int, timed: int, variants: list[str]
             r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         if "tokens_per_s" in r:
             r["mfu"] = r["tokens_per_s"] * fpt / PEAK_FLOPS
+            # by FLOPs actually run: ours skips the head on non-label tokens, the others compute every logit
+            run_fpt = fpt - (1 - label_share) * flops["head_flops_per_token"] if variant.startswith("ours") else fpt
+            r["mfu_run"] = r["tokens_per_s"] * run_fpt / PEAK_FLOPS
         result[variant] = r
         gc.collect()
         if DEVICE == "cuda":
@@ -294,6 +309,7 @@ def run_case(case: str, lengths: str, warm: int, timed: int, variants: list[str]
 
 
 def main() -> None:
+    from benchmarks.throughput_report import VARIANTS, report, summary_line
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
     lp = sub.add_parser("lengths")
@@ -301,7 +317,8 @@ def main() -> None:
     rp = sub.add_parser("run")
     rp.add_argument("--lengths", required=True)
     rp.add_argument("--cases", default=",".join(CASES))
-    rp.add_argument("--variants", default="hf,ours", help="hf, hf_grouped (group_by_length), ours_eager, ours")
+    rp.add_argument("--variants", default="hf,trl_sdpa,trl_flex,trl_sdpa_liger,ours",
+                    help=", ".join(VARIANTS) + " (each in its own process; ours last by convention)")
     rp.add_argument("--warm", type=int, default=3)
     rp.add_argument("--timed", type=int, default=6)
     rp.add_argument("--out", default=".")
@@ -319,64 +336,22 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for case in a.cases.split(","):
-        t = time.time()
-        proc = subprocess.run([sys.executable, __file__, "run", "--one", "--lengths", a.lengths, "--cases", case,
-                               "--variants", a.variants, "--warm", str(a.warm), "--timed", str(a.timed)],
-                              capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        (out / "log.txt").open("a").write(f"=== {case}\n{proc.stdout[-20000:]}\n{proc.stderr[-8000:]}\n")
-        lines = [ln[7:] for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        res = json.loads(lines[-1]) if lines else {"case": case, "error": proc.stderr[-1500:]}
+        t, res = time.time(), {"case": case}
+        # one process per variant: Liger patches modules in place, compilation stays with its process
+        for variant in a.variants.split(","):
+            proc = subprocess.run([sys.executable, __file__, "run", "--one", "--lengths", a.lengths, "--cases", case,
+                                   "--variants", variant, "--warm", str(a.warm), "--timed", str(a.timed)],
+                                  capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            (out / "log.txt").open("a").write(f"=== {case} {variant}\n{proc.stdout[-20000:]}\n{proc.stderr[-8000:]}\n")
+            lines = [ln[7:] for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            one = json.loads(lines[-1]) if lines else {variant: {"error": proc.stderr[-1500:]}}
+            res = {**one, **res, variant: one.get(variant, {"error": "no result"})}
+            if "check" in one:
+                res["check"] = one["check"]
         res["wall_s"] = round(time.time() - t, 1)
         with (out / "throughput.jsonl").open("a") as f:
             f.write(json.dumps(res) + "\n")
         print(summary_line(res), flush=True)
-
-
-def report(results: list[dict]) -> str:
-    rows = ["| case | real tok/step | path | tokens/s | MFU | peak GiB | vs hf | notes |", "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        base = r["hf"].get("tokens_per_s")
-        for v in ("hf", "hf_grouped", "ours"):
-            x = r.get(v)
-            if not x:
-                continue
-            if "error" in x:
-                rows.append(f"| {r['case']} | | {v} | {x['error'][:40]} | | | | |")
-                continue
-            if v == "ours":
-                note = (f"1 pack of <= {x['plan_tokens']} tok, {x['micro_batches_per_step']:.2g} micro/step, "
-                        f"ckpt {'on' if x['checkpointing'] else 'off'}, 1st step {x['first_step_s']:.0f}s")
-            else:
-                note = f"{x['micro_batch']} x {x['accum']} samples, {100 * x['padding_fraction']:.0f}% padding"
-            ratio = f"{x['tokens_per_s'] / base:.2f}x" if base and v != "hf" else "1"
-            rows.append(f"| {r['case']} | {r['real_tokens_per_step']:.0f} | {v} | {x['tokens_per_s']:,.0f} | "
-                        f"{x['mfu']:.3f} | {x['peak_mem_gib']:.1f} | {ratio} | {note} |")
-    checks = ["| case | label tokens | mean abs diff | max abs diff | mean token CE hf / ours | metric hf / ours | ok |",
-              "|---|---|---|---|---|---|---|"]
-    for r in results:
-        c = r["check"]
-        checks.append(f"| {r['case']} | {c['tokens']} | {c['mean_abs_diff']:.4f} | {c['max_abs_diff']:.3f} | "
-                      f"{c['mean_token_loss_hf']:.4f} / {c['mean_token_loss_ours']:.4f} | "
-                      f"{c['metric_hf']:.4f} / {c['metric_ours']:.4f} | {'yes' if c['ok'] else 'NO'} |")
-    return "\n".join(rows) + "\n\n" + "\n".join(checks)
-
-
-def summary_line(r: dict) -> str:
-    if "error" in r:
-        return f"{r['case']}: ERROR {r['error'][-300:]}"
-    parts = [f"{r['case']:<14} {r['wall_s']:>5}s check={'ok' if r['check']['ok'] else 'FAIL'}"
-             f"(mean|d|={r['check']['mean_abs_diff']:.3g})"]
-    base = r.get("hf", {}).get("tokens_per_s")
-    for v in ("hf", "hf_grouped", "ours_eager", "ours"):
-        x = r.get(v)
-        if not x:
-            continue
-        if "error" in x:
-            parts.append(f"{v}: {x['error'][:60]}")
-            continue
-        ratio = f" x{x['tokens_per_s'] / base:.2f}" if base and v != "hf" else ""
-        parts.append(f"{v}: {x['tokens_per_s']:.0f} tok/s mfu {x['mfu']:.3f} {x['peak_mem_gib']:.1f}GiB{ratio}")
-    return " | ".join(parts)
 
 
 if __name__ == "__main__":

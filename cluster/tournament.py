@@ -194,6 +194,7 @@ def prepare(args: argparse.Namespace, settings: Settings, env: TournamentEnv, hw
     cfg = plan(job, settings, model_dir, work / "train_data.json", report.rows, work / "runs")
     cfg.use_gpu, cfg.num_workers = run_plan.use_gpu, run_plan.workers  # what this container has, not the settings'
     cfg.early_save = True  # a model in the output folder minutes after the start, not at the first planned save
+    cfg.progress_file = str(work / "progress.json")  # live step, loss, tokens/s (rank 0), for whoever watches
     if args.task_type in KL_WEIGHTED:  # scored as eval_loss + KL_COEF x KL(model || base): train for that
         cfg.kl_coef = env.kl_weight
     cfg.extra = {**cfg.extra, "baseline_stats": env.baseline_stats, "miner_datasets": [str(p) for p in env.miner_datasets]}
