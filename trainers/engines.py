@@ -54,7 +54,7 @@ def zero3_supported(cfg: TrainConfig, recipe, log=print) -> TrainConfig:
            if getattr(cfg, name)]
     if off:
         log(f"[train] ZeRO-3: {', '.join(off)} off (they copy or measure whole parameters; these are shards)")
-    return replace(cfg, **{name: type(getattr(cfg, name))() for name in off}, extra={**cfg.extra, "compile": False})
+    return replace(cfg, **{name: type(getattr(cfg, name))() for name in off}, compile=False)
 
 
 def ds_config(cfg: TrainConfig, device: torch.device) -> dict:

@@ -21,7 +21,7 @@ import ray.train
 import torch
 from transformers import TrainerCallback
 
-from .config import TrainConfig
+from .config import GrpoSettings, TrainConfig
 from .engines import PlainState
 from .grpo_eval import BETA_GRPO, NUM_GENERATIONS, grpo_rows, grpo_score, reward_kwargs, reward_sources
 from .instruct import PROBE_STEPS, _report, lr_at
@@ -36,10 +36,10 @@ DEFAULTS = {"prompts_per_step": 16, "max_completion_length": 256, "dev_prompts":
 CPU_DEFAULTS = {"max_completion_length": 32, "dev_max_completion": 32}
 
 
-def grpo_settings(cfg: TrainConfig, device_type: str = "cuda") -> dict:
-    """GRPO knobs live in cfg.extra (the planner may override any of DEFAULTS)."""
+def grpo_settings(cfg: TrainConfig, device_type: str = "cuda") -> GrpoSettings:
+    """cfg.grpo with each unset knob at its default for the device (the planner may set any)."""
     defaults = {**DEFAULTS, **(CPU_DEFAULTS if device_type == "cpu" else {})}
-    return {k: cfg.extra.get(k, v) for k, v in defaults.items()}
+    return replace(cfg.grpo, **{k: v for k, v in defaults.items() if getattr(cfg.grpo, k) is None})
 
 
 def check_grpo_task(rows: list[dict], dataset_type: dict) -> None:
@@ -137,7 +137,7 @@ def train_loop_per_worker(config: dict) -> dict:
     device = ray.train.torch.get_device()
     g = grpo_settings(cfg, device.type)
     if device.type == "cpu":  # cpu_threads=1 on a shared machine: spinning OpenMP threads starve
-        torch.set_num_threads(cfg.extra.get("cpu_threads") or max(1, (os.cpu_count() or 1) // max(1, world)))
+        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, world)))
     torch.manual_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model_path)
@@ -145,11 +145,11 @@ def train_loop_per_worker(config: dict) -> dict:
     with open(cfg.train_file) as f:
         rows = grpo_rows(json.load(f), cfg.dataset_type)
     random.Random(cfg.seed).shuffle(rows)
-    n_dev = min(g["dev_prompts"], int(len(rows) * cfg.dev_fraction)) if len(rows) >= 20 else 0
+    n_dev = min(g.dev_prompts, int(len(rows) * cfg.dev_fraction)) if len(rows) >= 20 else 0
     dev, train = rows[:n_dev], rows[n_dev:]
 
     sources, weights = reward_sources(cfg.dataset_type)
-    box = RewardSandbox(sources, SandboxLimits(**cfg.extra.get("sandbox", {})), sample_rows=train[:10])
+    box = RewardSandbox(sources, SandboxLimits(**g.sandbox), sample_rows=train[:10])
     problem = usable_reward_problem(box.start(), weights)
     if problem:
         box.close()
@@ -161,8 +161,8 @@ def train_loop_per_worker(config: dict) -> dict:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     checkpoints = PlainState(model, optimizer)  # what each save writes and a restart resumes from
     # One optimizer step = prompts_per_step prompts x num_generations completions per worker.
-    batch = g["prompts_per_step"] * g["num_generations"]
-    steps_per_epoch = max(1, len(train) // (g["prompts_per_step"] * world * cfg.grad_accum))
+    batch = g.prompts_per_step * g.num_generations
+    steps_per_epoch = max(1, len(train) // (g.prompts_per_step * world * cfg.grad_accum))
     plan = Plan(max(1, int(cfg.epochs * steps_per_epoch)), cfg.saves)
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # restarted after a failure: continue from the last reported weights and step
@@ -184,16 +184,16 @@ def train_loop_per_worker(config: dict) -> dict:
         if not dev:
             return {}
         s = grpo_score(model, tokenizer, dev, box, weights, base=reference,
-                       max_new_tokens=g["dev_max_completion"], seed=cfg.seed, beta=g["beta"])
+                       max_new_tokens=g.dev_max_completion, seed=cfg.seed, beta=g.beta)
         return {"dev_score": s.score, "dev_loss": -s.score, "dev_reward": s.reward, "dev_kl": s.kl}
 
     callback = DeadlineAndCheckpoints(
         cfg, plan, evaluate, lambda step, total, m: _report(checkpoints, tokenizer, step, total, m, rank, staging),
         rank)
     args = GRPOConfig(
-        output_dir=staging, beta=g["beta"], num_generations=g["num_generations"],
+        output_dir=staging, beta=g.beta, num_generations=g.num_generations,
         per_device_train_batch_size=batch, gradient_accumulation_steps=cfg.grad_accum,
-        max_completion_length=g["max_completion_length"], temperature=1.0, learning_rate=cfg.lr,
+        max_completion_length=g.max_completion_length, temperature=1.0, learning_rate=cfg.lr,
         max_steps=plan.total - plan.resume_step, reward_weights=[weights[i] for i in used],
         max_grad_norm=cfg.max_grad_norm, logging_steps=1, save_strategy="no", report_to="none",
         use_cpu=device.type == "cpu", bf16=device.type == "cuda", seed=cfg.seed + plan.resume_step,

@@ -258,7 +258,7 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
     save_s = 0.0  # what one dev evaluation + checkpoint costs, measured at each save
     selection = Selection(params, cfg)  # EMA / soup / rollback, when the config asks (averaging.py)
     dev_pass, per_step = DevPass(cfg, dev, steps.batches), 0.0  # the final pass over dev (dev_pass.py)
-    if cfg.keep_base and resume_step == 0 and not cfg.extra.get("search_trial"):
+    if cfg.keep_base and resume_step == 0 and not cfg.search_trial:
         selection.remember_base(steps.dev_loss(dev))  # the bar the last checkpoint must clear
         save_s = time.time() - t0  # a first measure of an evaluation's cost, for the first plan
     saves = cfg.saves
@@ -306,7 +306,7 @@ def run_recipe(config: dict, recipe: Recipe) -> dict:
                     if best["dev_loss"] is None or (entry["dev_loss"] or 0) <= best["dev_loss"]:
                         best = {"dev_loss": entry["dev_loss"], "step": step}
                     _report(engine, tokenizer, step, total, entry, rank, staging,
-                            save=not cfg.extra.get("search_trial"))
+                            save=not cfg.search_trial)
                     if done:
                         dev_pass.keep(params, entry)
                 save_s = max(save_s, time.time() - t_save - (selection.reserve_s if done else 0.0))

@@ -64,7 +64,7 @@ def trial_base(cfg: TrainConfig, asha: AshaConfig, batches_per_epoch: int, stora
     base = cfg.to_dict()
     base.update(epochs=(asha.trial_steps + 0.5) * cfg.grad_accum / per_worker, saves=asha.rungs,
                 train_deadline=0.0, num_workers=asha.trial_workers, run_dir=str(storage),
-                extra={**cfg.extra, "search_trial": True})
+                search_trial=True)
     return base
 
 
