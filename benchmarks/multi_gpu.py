@@ -1,7 +1,7 @@
 """Multi-GPU fine-tuning on one host: DeepSpeed ZeRO-3 inside Ray Train (issue #11).
 
 Every run is the job's own path: trainers.launch.fit -> TorchTrainer (one worker per GPU) ->
-trainers.instruct.run_recipe -> trainers.engines (PlainEngine: one GPU or DDP; Zero3Engine).
+trainers.loop.run_recipe -> trainers.engines (PlainEngine: one GPU or DDP; Zero3Engine).
 
   zero3    a random-initialised model of a real 8B shape (Llama-3.1-8B: 8.03 B parameters), full
            fine-tune, ZeRO-3 over all GPUs. Mixed-precision AdamW keeps 16 bytes a parameter

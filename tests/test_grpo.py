@@ -152,12 +152,12 @@ def test_early_save_checkpoints_right_after_the_probe_steps(early):
     planned save points (the output folder then holds a model minutes into a long run)."""
     from types import SimpleNamespace
 
-    from trainers.grpo import DeadlineAndCheckpoints, Plan
-    from trainers.instruct import PROBE_STEPS
+    from trainers.deadline import PROBE_STEPS
+    from trainers.grpo import DeadlineAndCheckpoints, grpo_plan
 
-    cfg = TrainConfig(model_path="", train_file="", dataset_type={}, early_save=early)
+    cfg = TrainConfig(model_path="", train_file="", dataset_type={}, early_save=early, saves=2)
     reported = []
-    callback = DeadlineAndCheckpoints(cfg, Plan(total=100, saves=2), lambda: {"dev_score": 0.1},
+    callback = DeadlineAndCheckpoints(cfg, grpo_plan(cfg, total=100), lambda: {"dev_score": 0.1},
                                       lambda step, total, entry: reported.append(step), rank=1)
     for step in range(1, PROBE_STEPS + 2):
         callback.on_step_end(None, SimpleNamespace(global_step=step), SimpleNamespace(should_training_stop=False))
