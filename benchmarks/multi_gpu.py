@@ -1,7 +1,7 @@
 """Multi-GPU fine-tuning on one host: DeepSpeed ZeRO-3 inside Ray Train (issue #11).
 
 Every run is the job's own path: trainers.launch.fit -> TorchTrainer (one worker per GPU) ->
-trainers.instruct.run_recipe -> trainers.engines (PlainEngine: one GPU or DDP; Zero3Engine).
+trainers.loop.run_recipe -> trainers.engines (PlainEngine: one GPU or DDP; Zero3Engine).
 
   zero3    a random-initialised model of a real 8B shape (Llama-3.1-8B: 8.03 B parameters), full
            fine-tune, ZeRO-3 over all GPUs. Mixed-precision AdamW keeps 16 bytes a parameter
@@ -95,7 +95,7 @@ def train(model: Path, task: Path, out: Path, name: str, workers: int, zero_stag
                       run_dir=str(out / "runs"), run_name=name, method="full", zero_stage=zero_stage,
                       num_workers=workers, use_gpu=gpu, cpus_per_worker=2 if gpu else 1, max_steps=steps,
                       saves=1, lr=lr, warmup_fraction=0.1, batch_tokens=batch_tokens,
-                      train_deadline=time.time() + budget_s, extra={"compile": compile_layers})
+                      train_deadline=time.time() + budget_s, compile=compile_layers)
     memory = GpuMemory(out / f"{name}.nvsmi.csv")
     t = time.time()
     try:

@@ -1,5 +1,5 @@
 """The Instruct recipe through Ray Train on one GPU: the path a job takes (trainers.launch.fit ->
-TorchTrainer -> trainers.instruct.train_loop_per_worker -> trainers.packing.fast_path).
+TorchTrainer -> trainers.loop.train_loop_per_worker -> trainers.packing.fast_path).
 Prints the worker's plan line (packed / micro-batch tokens / checkpointing), the step log, and
 the held-out validator loss of the base model and of the selected checkpoint.
 

@@ -226,7 +226,7 @@ def run_ours(model, cfg, samples, per_step: int, warm: int, timed: int, compile_
 
     from trainers.packing import fast_path
     device = torch.device(DEVICE)
-    cfg.extra = {"compile": compile_}
+    cfg.compile = compile_
     cfg.batch_tokens = sum(len(ex) for ex in samples[:per_step]) * 2  # one pack per step when memory allows
     loss_model, plan = fast_path(model, cfg, device, max(len(ex) for ex in samples))
     params = [p for p in model.parameters() if p.requires_grad]

@@ -58,7 +58,7 @@ def plan(job: Job, settings: Settings, model_dir: Path, train_file: Path, rows: 
     # the operator's MINER_TRAIN_OPTIONS (cluster/settings.py) over the planner's hyperparameters
     return TrainConfig(model_path=str(model_dir), train_file=str(train_file), dataset_type=job.dataset_type,
                        task_type=job.task_type, run_dir=str(run_dir), run_name=f"ft-{job.task_id}",
-                       train_deadline=end - reserve, extra={"n_params": n_params, "plan": job.plan},
+                       train_deadline=end - reserve, n_params=n_params, extra={"plan": job.plan},
                        **shape, **{**hp, **settings.train_options})
 
 
@@ -80,16 +80,16 @@ def search_hparams(cfg: TrainConfig, job: Job, settings: Settings, job_dir: Path
     """LR (and LoRA rank) from a range test + ASHA on this job's model and data, within
     `settings.search_share` of the training window; the prior refined by the knowledge base.
     Curves and plots go to job_dir (search.json, range_test.*, search_trials.png); the chosen
-    values and time spent ride in the config's `extra`, so the job record (hparams) keeps them."""
+    values and time spent ride in the config's `search`, so the job record (hparams) keeps them."""
     window_s = cfg.train_deadline - time.time()
     if settings.search_share <= 0 or window_s * settings.search_share < MIN_SEARCH_S:
         return cfg  # a few seconds of search on a few batches is noise: train at the prior
     hf_config = AutoConfig.from_pretrained(cfg.model_path)
     plan_ = SearchPlan(share=settings.search_share, job_gpus=cfg.num_workers if cfg.use_gpu else 0)
-    known = _known_lrs(hf_config.model_type, cfg.extra.get("n_params", 0), job.task_type, cfg.method)
+    known = _known_lrs(hf_config.model_type, cfg.n_params, job.task_type, cfg.method)
     tuned, search = tune_hyperparameters(cfg, job_dir, window_s=window_s, prior_lr=cfg.lr,
                                          known_lrs=known, plan=plan_, hidden_size=getattr(hf_config, "hidden_size", None))
-    tuned.extra = {**tuned.extra, "search": search.brief()}
+    tuned.search = search.brief()
     return tuned
 
 

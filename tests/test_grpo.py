@@ -10,7 +10,7 @@ import torch
 from test_api_auth import _post, env  # noqa: F401 - the signed-API fixture
 
 from cluster.reports import write_job_report
-from trainers.config import TrainConfig
+from trainers.config import GrpoSettings, TrainConfig
 from trainers.grpo import check_grpo_task
 from trainers.grpo_eval import evaluate_grpo_path, grpo_rows, grpo_score, prompt_kl
 from trainers.instruct_format import DatasetError
@@ -78,11 +78,11 @@ def _fit(tmp_path, base_model, dt, epochs=0.25, **overrides):
 
     train = tmp_path / "train.json"
     train.write_text(json.dumps(ROWS))
-    extra = {"prompts_per_step": 4, "max_completion_length": 6, "dev_prompts": 4, "dev_max_completion": 6,
-             "sandbox": {"call_timeout_s": 5.0}, "cpu_threads": 1}
+    grpo = GrpoSettings(prompts_per_step=4, max_completion_length=6, dev_prompts=4, dev_max_completion=6,
+                        sandbox={"call_timeout_s": 5.0})
     cfg = TrainConfig(model_path=str(base_model), train_file=str(train), dataset_type=dt, task_type="GrpoTask",
                       run_dir=str(tmp_path / "runs"), run_name="g", num_workers=0, lr=1e-3, lora_r=4,
-                      lora_alpha=8, epochs=epochs, saves=1, dev_fraction=0.2, extra=extra, **overrides)
+                      lora_alpha=8, epochs=epochs, saves=1, dev_fraction=0.2, grpo=grpo, cpu_threads=1, **overrides)
     return fit(cfg, tmp_path / "out")
 
 
@@ -152,12 +152,12 @@ def test_early_save_checkpoints_right_after_the_probe_steps(early):
     planned save points (the output folder then holds a model minutes into a long run)."""
     from types import SimpleNamespace
 
-    from trainers.grpo import DeadlineAndCheckpoints, Plan
-    from trainers.instruct import PROBE_STEPS
+    from trainers.deadline import PROBE_STEPS
+    from trainers.grpo import DeadlineAndCheckpoints, grpo_plan
 
-    cfg = TrainConfig(model_path="", train_file="", dataset_type={}, early_save=early)
+    cfg = TrainConfig(model_path="", train_file="", dataset_type={}, early_save=early, saves=2)
     reported = []
-    callback = DeadlineAndCheckpoints(cfg, Plan(total=100, saves=2), lambda: {"dev_score": 0.1},
+    callback = DeadlineAndCheckpoints(cfg, grpo_plan(cfg, total=100), lambda: {"dev_score": 0.1},
                                       lambda step, total, entry: reported.append(step), rank=1)
     for step in range(1, PROBE_STEPS + 2):
         callback.on_step_end(None, SimpleNamespace(global_step=step), SimpleNamespace(should_training_stop=False))

@@ -29,7 +29,7 @@ def test_zero3_switches_off_what_needs_whole_parameters(tmp_path, tiny_models):
     said = []
     z = zero3_supported(cfg, SFT, log=said.append)
     assert (z.ema, z.soup, z.rollback, z.keep_base, z.dev_pass, z.lora_layer_rank) == (False,) * 5 + ("",)
-    assert z.extra["compile"] is False and "ema, soup, keep_base, dev_pass, lora_layer_rank" in said[0]
+    assert z.compile is False and "ema, soup, keep_base, dev_pass, lora_layer_rank" in said[0]
     assert zero3_supported(replace(cfg, zero_stage=0), SFT).keep_base is True  # untouched without ZeRO-3
     with pytest.raises(ValueError, match="use method='lora'"):
         zero3_supported(replace(cfg, task_type="DpoTask", method="full"), DPO)

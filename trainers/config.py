@@ -1,7 +1,34 @@
-"""Training configuration: one dataclass, recorded with every job as its hyperparameters."""
+"""Training configuration: one dataclass, recorded with every job as its hyperparameters.
+
+It checks itself on construction (and on every `dataclasses.replace`): a bad value fails in the
+driver with the field's name, not minutes later inside a Ray worker.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+
+METHODS = ("lora", "full", "last_layers")
+# the task types with a recipe (trainers/launch.py RECIPES must cover exactly these)
+TASK_TYPES = ("InstructTextTask", "ChatTask", "DpoTask", "GrpoTask")
+
+
+@dataclass
+class GrpoSettings:
+    """The GRPO recipe's knobs (trainers/grpo.py); None: the recipe's default for the device
+    (grpo.DEFAULTS, shorter completions on CPU)."""
+    prompts_per_step: int | None = None
+    max_completion_length: int | None = None
+    dev_prompts: int | None = None
+    dev_max_completion: int | None = None
+    beta: float | None = None            # KL weight (the validator's BETA_GRPO)
+    num_generations: int | None = None   # completions per prompt (the validator's 2)
+    sandbox: dict = field(default_factory=dict)  # reward_sandbox.SandboxLimits overrides
+
+    def __post_init__(self):
+        for f in fields(self):
+            value, least = getattr(self, f.name), 0 if f.name == "beta" else 1
+            if f.name != "sandbox" and value is not None and not (isinstance(value, (int, float)) and value >= least):
+                raise ValueError(f"TrainConfig.grpo.{f.name} must be None (the default) or >= {least}, got {value!r}")
 
 
 @dataclass
@@ -70,7 +97,75 @@ class TrainConfig:
     accelerator_type: str | None = None   # the planned GPU type (cluster.capacity)
     label_selector: dict = field(default_factory=dict)  # node labels the workers must run on (planned node too)
     progress_file: str = ""            # rank 0 writes live progress here (trainers/progress.py)
-    extra: dict = field(default_factory=dict)
+    cpu_threads: int = 0               # GRPO on CPU: torch threads per worker (0: the CPUs / workers)
+    # recipe switches (once keys of `extra`, still accepted there: see _lift_extra)
+    compile: bool = True               # torch.compile the packed SFT path (packing.py); ZeRO-3 turns it off
+    packed: bool = True                # packed varlen batches on GPU when the model supports them
+    search_trial: bool = False         # an ASHA trial (tuning/asha.py): metrics only, no checkpoints, no base eval
+    grpo: GrpoSettings = field(default_factory=GrpoSettings)
+    # records that ride with the job (the trainers never read them)
+    n_params: int = 0                  # the base model's parameter count (cluster planner)
+    search: dict = field(default_factory=dict)  # the hyperparameter search's brief (tuning.search)
+    extra: dict = field(default_factory=dict)   # free-form records (the cluster's plan, tournament inputs)
+
+    def __post_init__(self):
+        _lift_extra(self)
+        if isinstance(self.grpo, dict):  # after to_dict(): Ray hands the workers plain dicts
+            self.grpo = GrpoSettings(**self.grpo)
+        problems = _problems(self)
+        if problems:
+            raise ValueError(f"TrainConfig.{problems[0]}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_GRPO_KEYS = {f.name for f in fields(GrpoSettings)}
+
+
+def _lift_extra(cfg: TrainConfig) -> None:
+    """Keys of `extra` that are now typed fields move to them (an `extra` written before, or by a
+    caller not yet changed, keeps working); the rest stay in `extra`."""
+    if not cfg.extra:
+        return
+    own = {f.name for f in fields(TrainConfig)} - {"extra", "grpo"}
+    rest, grpo = {}, {}
+    for key, value in cfg.extra.items():
+        if key in own:
+            setattr(cfg, key, value)
+        elif key in _GRPO_KEYS:
+            grpo[key] = value
+        else:
+            rest[key] = value
+    if grpo:
+        base = asdict(cfg.grpo) if isinstance(cfg.grpo, GrpoSettings) else dict(cfg.grpo)
+        cfg.grpo = {**base, **grpo}
+    cfg.extra = rest
+
+
+def _problems(c: TrainConfig) -> list[str]:
+    """'field must be ..., got ...' for each bad value (the caller raises the first)."""
+    rules = [("task_type", lambda v: v in TASK_TYPES, f"one of {TASK_TYPES}"),
+             ("method", lambda v: v in METHODS, f"one of {METHODS}"),
+             ("zero_stage", lambda v: v in (0, 3), "0 or 3"),
+             ("lora_layer_rank", lambda v: v in ("", "probe"), "'' or 'probe'"),
+             ("max_seq_len", lambda v: v is None or v >= 1, "None or >= 1")]
+    rules += [(name, lambda v: v > 0, "> 0") for name in ("lr", "epochs", "batch_tokens", "cpus_per_worker")]
+    rules += [(name, lambda v: v >= 1, ">= 1") for name in (
+        "last_layers", "lora_r", "probe_batches", "max_batch", "grad_accum", "saves", "soup_size", "rollback_patience")]
+    rules += [(name, lambda v: v >= 0, ">= 0") for name in (
+        "lora_alpha", "lora_mlp_r", "weight_decay", "max_grad_norm", "kl_coef", "max_dev_rows", "train_deadline",
+        "max_steps", "base_margin_se", "max_rollbacks", "num_workers", "cpu_threads", "n_params")]
+    rules += [(name, lambda v: 0 <= v <= 1, "in [0, 1]") for name in (
+        "lora_dropout", "warmup_fraction", "min_lr_ratio", "dev_fraction", "eval_share", "ema_decay",
+        "dev_pass_lr_ratio")]
+    problems = []
+    for name, ok, want in rules:
+        value = getattr(c, name)
+        try:
+            good = bool(ok(value))
+        except TypeError:  # e.g. None or a string where a number belongs
+            good = False
+        if not good:
+            problems.append(f"{name} must be {want}, got {value!r}")
+    return problems

@@ -25,7 +25,7 @@ MARGIN = 1.2  # the pass's steps at the measured step time, +20%
 class DevPass:
     def __init__(self, cfg, dev: list, batches: Callable[[list, int], list]):
         self.cfg = cfg
-        self.enabled = bool(cfg.dev_pass and dev and not cfg.extra.get("search_trial"))
+        self.enabled = bool(cfg.dev_pass and dev and not cfg.search_trial)
         self.batches = batches(dev, cfg.seed + 1) if self.enabled else []
         self.start: list[torch.Tensor] | None = None  # the chosen weights, once the main loop ends
         self.start_metric: float | None = None

@@ -1,6 +1,6 @@
 """The DPO recipe: sigmoid DPO at the validator's beta on its raw-string pairs, tokenised, cut
 and summed as its per-pair loss is (dpo_format.py: prompt + completion tokenised together, up to
-the model's max_position_embeddings), in the shared training loop (instruct.run_recipe: deadline
+the model's max_position_embeddings), in the shared training loop (loop.run_recipe: deadline
 schedule, dev metric, checkpoints). A long pair is a micro-batch of its own (batching.make_batches
 never splits one); one that still runs out of memory is cut by the OOM ladder (dpo_format.cut_pair)
 and its reference recomputed on what is left - with LoRA only: a full fine-tune keeps no base copy.
@@ -23,7 +23,8 @@ import torch
 from .batching import make_batches
 from .config import TrainConfig
 from .dpo_format import PairExample, cut_pair, dpo_loss, sequence_logps
-from .instruct import Recipe, run_recipe
+from .instruct import Recipe
+from .loop import run_recipe
 
 
 @torch.no_grad()

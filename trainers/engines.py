@@ -26,6 +26,7 @@ import torch
 
 from .config import TrainConfig
 from .modeling import save_trainable
+from .paths import TRAIN_STATE
 
 # ZeRO-3 knobs: buckets sized for 7-70B models (DeepSpeed's own defaults are for ~1B); small
 # parameters (norms, biases) stay whole on every rank instead of being gathered per layer.
@@ -54,7 +55,7 @@ def zero3_supported(cfg: TrainConfig, recipe, log=print) -> TrainConfig:
            if getattr(cfg, name)]
     if off:
         log(f"[train] ZeRO-3: {', '.join(off)} off (they copy or measure whole parameters; these are shards)")
-    return replace(cfg, **{name: type(getattr(cfg, name))() for name in off}, extra={**cfg.extra, "compile": False})
+    return replace(cfg, **{name: type(getattr(cfg, name))() for name in off}, compile=False)
 
 
 def ds_config(cfg: TrainConfig, device: torch.device) -> dict:
@@ -135,7 +136,7 @@ class PlainState:
         trainable = ({k: v for k, v in self.model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
                      if hasattr(self.model, "peft_config") else self.model.state_dict())
         torch.save({**state, "model": trainable, "optimizer": self.optimizer.state_dict()},
-                   os.path.join(out_dir, "train_state.pt"))
+                   os.path.join(out_dir, TRAIN_STATE))
 
     def resume(self, state: dict, ckpt_dir: str | None = None) -> bool:
         self.model.load_state_dict(state["model"], strict=False)
@@ -208,7 +209,7 @@ class Zero3Engine(_ScheduledLr):
         tokenizer.save_pretrained(out_dir)
         # a restart reads a full model's weights from the safetensors above; an adapter's (small) ride
         # here under the model's own parameter names, which PEFT's saved file renames
-        torch.save({**state, **({"model": weights} if peft else {})}, os.path.join(out_dir, "train_state.pt"))
+        torch.save({**state, **({"model": weights} if peft else {})}, os.path.join(out_dir, TRAIN_STATE))
 
     @property
     def _prefix(self) -> str:  # the HF/PEFT model's parameter names inside the module DeepSpeed wraps

@@ -14,30 +14,16 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from .batching import make_batches
 from .dpo import DPO, fill_reference
 from .formats import tokenize_task
+from .grpo_eval import score_model
 from .instruct import SFT, dev_loss
 from .instruct_format import IGNORE
-from .modeling import load_tokenizer
+from .modeling import load_submission, load_tokenizer
 
 BATCH_TOKENS = 16384
-
-
-def load_submission(path: str | Path):
-    """A submission folder as the validator loads it: PEFT when adapter_config.json is there
-    (base from its base_model_name_or_path), else a full model."""
-    path = Path(path)
-    adapter_cfg = path / "adapter_config.json"
-    if adapter_cfg.exists():
-        from peft import PeftModel
-
-        base_id = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
-        base = AutoModelForCausalLM.from_pretrained(base_id, dtype=torch.float32)
-        return PeftModel.from_pretrained(base, str(path), is_trainable=False)
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
 
 
 def _device(model) -> torch.device:
@@ -99,8 +85,6 @@ def dpo_eval_loss(model, base_model: str, rows: list[dict], dataset_type: dict, 
 def grpo_reward(model, base_model: str, rows: list[dict], dataset_type: dict) -> float:
     """Weighted reward of sampled completions minus beta x KL to the base (reward functions run
     in the sandbox, never in this process)."""
-    from .grpo_eval import score_model
-
     return score_model(model, base_model, rows, dataset_type).score
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from ray.train import UserCallback
 
+from .paths import CHECKPOINT_GLOB, CHECKPOINT_METRICS
+
 
 class FaultLog(UserCallback):
     def __init__(self, run_path: Path):
@@ -82,7 +84,7 @@ def _newest_checkpoint(run_path: Path) -> tuple[float, int] | None:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     best = None
-    for metrics in run_path.glob("checkpoint_*/metrics.json"):
+    for metrics in run_path.glob(f"{CHECKPOINT_GLOB}/{CHECKPOINT_METRICS}"):
         try:
             step = int(json.loads(metrics.read_text()).get("step") or 0)
         except (OSError, ValueError):

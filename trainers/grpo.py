@@ -15,17 +15,20 @@ import json
 import os
 import random
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import ray.train
 import torch
 from transformers import TrainerCallback
 
-from .config import TrainConfig
+from .config import GrpoSettings, TrainConfig
+from .deadline import PROBE_STEPS, DeadlinePlan, spread
 from .engines import PlainState
 from .grpo_eval import BETA_GRPO, NUM_GENERATIONS, grpo_rows, grpo_score, reward_kwargs, reward_sources
-from .instruct import PROBE_STEPS, _report, lr_at
+from .instruct import lr_at
+from .loop import report_checkpoint
 from .modeling import load_base_model, load_tokenizer, wrap_for_training
+from .paths import TRAIN_STATE, RunPaths
 from .reward_sandbox import RewardSandbox, SandboxLimits, check_reward_functions, usable_reward_problem
 
 DEFAULTS = {"prompts_per_step": 16, "max_completion_length": 256, "dev_prompts": 32, "dev_max_completion": 256,
@@ -36,10 +39,10 @@ DEFAULTS = {"prompts_per_step": 16, "max_completion_length": 256, "dev_prompts":
 CPU_DEFAULTS = {"max_completion_length": 32, "dev_max_completion": 32}
 
 
-def grpo_settings(cfg: TrainConfig, device_type: str = "cuda") -> dict:
-    """GRPO knobs live in cfg.extra (the planner may override any of DEFAULTS)."""
+def grpo_settings(cfg: TrainConfig, device_type: str = "cuda") -> GrpoSettings:
+    """cfg.grpo with each unset knob at its default for the device (the planner may set any)."""
     defaults = {**DEFAULTS, **(CPU_DEFAULTS if device_type == "cpu" else {})}
-    return {k: cfg.extra.get(k, v) for k, v in defaults.items()}
+    return replace(cfg.grpo, **{k: v for k, v in defaults.items() if getattr(cfg.grpo, k) is None})
 
 
 def check_grpo_task(rows: list[dict], dataset_type: dict) -> None:
@@ -69,28 +72,20 @@ def sandbox_rewards(box: RewardSandbox) -> tuple[list, list[int]]:
     return funcs, used
 
 
-class Plan:
-    """Planned total steps, mutable: the deadline probe may shrink it, the LR schedule follows."""
-
-    def __init__(self, total: int, saves: int, resume_step: int = 0):
-        self.total, self.saves, self.resume_step = total, saves, resume_step
-        self.save_points = self._points(resume_step)
-
-    def _points(self, floor: int) -> set[int]:
-        return {max(floor + 1, int(self.total * (k + 1) / self.saves)) for k in range(self.saves)}
-
-    def cap(self, fits: int, step: int) -> None:
-        if fits < self.total:
-            self.total = max(step, fits)
-            self.save_points = self._points(step)
+def grpo_plan(cfg: TrainConfig, total: int, resume_step: int = 0) -> DeadlinePlan:
+    """GRPO's schedule (deadline.py): the probe times the first steps from the trainer's start
+    (no warm-up step left out), and a capped plan saves from the next step on."""
+    return DeadlinePlan(total, cfg.saves, spread(total, cfg.saves, resume_step + 1), train_deadline=cfg.train_deadline,
+                        resume_step=resume_step, warmup_steps=0)
 
 
 class DeadlineAndCheckpoints(TrainerCallback):
     """Probes the step time, caps the plan at the deadline, evaluates and checkpoints."""
 
-    def __init__(self, cfg: TrainConfig, plan: Plan, evaluate, report, rank: int):
+    def __init__(self, cfg: TrainConfig, plan: DeadlinePlan, evaluate, report, rank: int):
         self.cfg, self.plan, self.evaluate, self.report, self.rank = cfg, plan, evaluate, report, rank
         self.t0 = time.time()
+        plan.start_clock(self.t0)
         self.history: list[dict] = []   # one entry per step, in the shape the job report plots
         self.dev_at: dict[int, dict] = {}
         self.best: dict = {"dev_score": None}
@@ -103,108 +98,144 @@ class DeadlineAndCheckpoints(TrainerCallback):
                                  "elapsed_s": round(time.time() - self.t0, 2), **self.dev_at.pop(step, {})})
 
     def on_step_end(self, args, state, control, **kwargs):
-        step = self.plan.resume_step + state.global_step
-        if state.global_step == PROBE_STEPS and self.cfg.train_deadline:
-            per_step = (time.time() - self.t0) / PROBE_STEPS
-            self.plan.cap(step + int(max(0.0, self.cfg.train_deadline - time.time()) / per_step * 0.9), step)
+        plan = self.plan
+        step = plan.resume_step + state.global_step
+        if plan.tick(step, time.time()):  # the probe's end, with a deadline
+            plan.cap(step, plan.fits(time.time(), saves_left=0), this_step_saves=False)
             if self.rank == 0:
-                print(f"[grpo] {per_step:.2f}s/step; plan {self.plan.total} steps", flush=True)
-        if self.cfg.early_save and state.global_step == PROBE_STEPS:
-            self.plan.save_points.add(step)  # a complete model on disk minutes after the start
-        done = step >= self.plan.total or (bool(self.cfg.train_deadline) and time.time() >= self.cfg.train_deadline)
-        if step in self.plan.save_points or done:
-            dev = self.evaluate()
-            entry = {"step": step, **dev}
-            if dev.get("dev_score") is not None and (self.best["dev_score"] is None
-                                                      or dev["dev_score"] >= self.best["dev_score"]):
-                self.best = {"dev_score": dev["dev_score"], "step": step}
-            self.dev_at[step] = dev
-            self.report(step, self.plan.total, entry)
-            if self.rank == 0:
-                print(f"[grpo] step {step}/{self.plan.total} dev {dev}", flush=True)
+                print(f"[grpo] {plan.per_step:.2f}s/step; plan {plan.total} steps", flush=True)
+        if self.cfg.early_save and state.global_step == plan.probe_end:
+            plan.save_points.add(step)  # a complete model on disk minutes after the start
+        done = step >= plan.total or plan.out_of_time(time.time())
+        if step in plan.save_points or done:
+            self.save(step)
         if done:
             control.should_training_stop = True
         return control
 
+    def save(self, step: int) -> None:
+        dev = self.evaluate()
+        entry = {"step": step, **dev}
+        if dev.get("dev_score") is not None and (self.best["dev_score"] is None
+                                                  or dev["dev_score"] >= self.best["dev_score"]):
+            self.best = {"dev_score": dev["dev_score"], "step": step}
+        self.dev_at[step] = dev
+        self.report(step, self.plan.total, entry)
+        if self.rank == 0:
+            print(f"[grpo] step {step}/{self.plan.total} dev {dev}", flush=True)
+
 
 def train_loop_per_worker(config: dict) -> dict:
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
     cfg = TrainConfig(**config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    g = grpo_settings(cfg, device.type)
     if device.type == "cpu":  # cpu_threads=1 on a shared machine: spinning OpenMP threads starve
-        torch.set_num_threads(cfg.extra.get("cpu_threads") or max(1, (os.cpu_count() or 1) // max(1, world)))
+        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, world)))
     torch.manual_seed(cfg.seed)
+    run = setup(cfg, rank, world, device)
+    try:
+        return train(run)
+    finally:
+        run.box.close()
 
+
+@dataclass
+class GrpoRun:
+    """What `setup` builds and `train` runs."""
+    cfg: TrainConfig
+    g: GrpoSettings              # cfg.grpo with the device's defaults filled in
+    rank: int
+    world: int
+    device: torch.device
+    tokenizer: object
+    model: torch.nn.Module
+    reference: torch.nn.Module   # the KL reference of the dev score
+    train: list[dict]
+    dev: list[dict]
+    box: RewardSandbox
+    weights: list[float]
+
+
+def setup(cfg: TrainConfig, rank: int, world: int, device) -> GrpoRun:
+    """Model, prompts (dev split), and the reward functions started in their sandbox."""
+    g = grpo_settings(cfg, device.type)
     tokenizer = load_tokenizer(cfg.model_path)
     base = load_base_model(cfg.model_path, device)
     with open(cfg.train_file) as f:
         rows = grpo_rows(json.load(f), cfg.dataset_type)
     random.Random(cfg.seed).shuffle(rows)
-    n_dev = min(g["dev_prompts"], int(len(rows) * cfg.dev_fraction)) if len(rows) >= 20 else 0
+    n_dev = min(g.dev_prompts, int(len(rows) * cfg.dev_fraction)) if len(rows) >= 20 else 0
     dev, train = rows[:n_dev], rows[n_dev:]
 
     sources, weights = reward_sources(cfg.dataset_type)
-    box = RewardSandbox(sources, SandboxLimits(**cfg.extra.get("sandbox", {})), sample_rows=train[:10])
+    box = RewardSandbox(sources, SandboxLimits(**g.sandbox), sample_rows=train[:10])
     problem = usable_reward_problem(box.start(), weights)
     if problem:
         box.close()
         raise ValueError(problem)
-    reward_funcs, used = sandbox_rewards(box)
-
     model = wrap_for_training(base, cfg).to(device)
+    # The KL reference for the dev score: the base itself (LoRA: adapter disabled; full: a frozen copy).
+    reference = model if hasattr(model, "disable_adapter") else load_base_model(cfg.model_path, device).to(device).eval()
+    return GrpoRun(cfg, g, rank, world, device, tokenizer, model, reference, train, dev, box, weights)
+
+
+def train(run: GrpoRun) -> dict:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    cfg, g, device, model = run.cfg, run.g, run.device, run.model
+    reward_funcs, used = sandbox_rewards(run.box)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     checkpoints = PlainState(model, optimizer)  # what each save writes and a restart resumes from
-    # One optimizer step = prompts_per_step prompts x num_generations completions per worker.
-    batch = g["prompts_per_step"] * g["num_generations"]
-    steps_per_epoch = max(1, len(train) // (g["prompts_per_step"] * world * cfg.grad_accum))
-    plan = Plan(max(1, int(cfg.epochs * steps_per_epoch)), cfg.saves)
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:  # restarted after a failure: continue from the last reported weights and step
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, "train_state.pt"), map_location=device, weights_only=False)
-        checkpoints.resume(state)
-        plan = Plan(state["total"], cfg.saves, resume_step=state["step"])
+    plan = resume(run, checkpoints)
     # Instruct's warm-up + cosine over the live plan; the warm-up ends by the probe at the latest,
     # because a GRPO step is slow and the first plan (from epochs) is rarely the one that runs.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(
         plan.resume_step + s, plan.total,
         replace(cfg, warmup_fraction=min(cfg.warmup_fraction, PROBE_STEPS / plan.total))) / cfg.lr)
-
-    staging = os.path.join(cfg.run_dir, cfg.run_name, "_staging", f"rank{rank}")
-    # The KL reference for the dev score: the base itself (LoRA: adapter disabled; full: a frozen copy).
-    reference = model if hasattr(model, "disable_adapter") else load_base_model(cfg.model_path, device).to(device).eval()
-
-    def evaluate() -> dict:
-        if not dev:
-            return {}
-        s = grpo_score(model, tokenizer, dev, box, weights, base=reference,
-                       max_new_tokens=g["dev_max_completion"], seed=cfg.seed, beta=g["beta"])
-        return {"dev_score": s.score, "dev_loss": -s.score, "dev_reward": s.reward, "dev_kl": s.kl}
-
+    paths = RunPaths.of(cfg)
     callback = DeadlineAndCheckpoints(
-        cfg, plan, evaluate, lambda step, total, m: _report(checkpoints, tokenizer, step, total, m, rank, staging),
-        rank)
+        cfg, plan, lambda: dev_metrics(run),
+        lambda step, total, m: report_checkpoint(checkpoints, run.tokenizer, step, total, m, run.rank, paths),
+        run.rank)
     args = GRPOConfig(
-        output_dir=staging, beta=g["beta"], num_generations=g["num_generations"],
-        per_device_train_batch_size=batch, gradient_accumulation_steps=cfg.grad_accum,
-        max_completion_length=g["max_completion_length"], temperature=1.0, learning_rate=cfg.lr,
-        max_steps=plan.total - plan.resume_step, reward_weights=[weights[i] for i in used],
+        # One optimizer step = prompts_per_step prompts x num_generations completions per worker.
+        output_dir=str(paths.rank_staging(run.rank)), beta=g.beta, num_generations=g.num_generations,
+        per_device_train_batch_size=g.prompts_per_step * g.num_generations, gradient_accumulation_steps=cfg.grad_accum,
+        max_completion_length=g.max_completion_length, temperature=1.0, learning_rate=cfg.lr,
+        max_steps=plan.total - plan.resume_step, reward_weights=[run.weights[i] for i in used],
         max_grad_norm=cfg.max_grad_norm, logging_steps=1, save_strategy="no", report_to="none",
         use_cpu=device.type == "cpu", bf16=device.type == "cuda", seed=cfg.seed + plan.resume_step,
         gradient_checkpointing=False, disable_tqdm=True)
     t0 = time.time()
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=Dataset.from_list(train),
-                          processing_class=tokenizer, optimizers=(optimizer, scheduler), callbacks=[callback])
-    try:
-        trainer.train()
-    finally:
-        box.close()
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=Dataset.from_list(run.train),
+                          processing_class=run.tokenizer, optimizers=(optimizer, scheduler), callbacks=[callback])
+    trainer.train()
     return {"history": callback.history, "steps": plan.resume_step + trainer.state.global_step,
-            "planned_steps": plan.total, "best": callback.best, "train_rows": len(train), "dev_rows": len(dev),
-            "reward_failures": box.failure_summary(), "train_seconds": round(time.time() - t0, 2)}
+            "planned_steps": plan.total, "best": callback.best, "train_rows": len(run.train), "dev_rows": len(run.dev),
+            "reward_failures": run.box.failure_summary(), "train_seconds": round(time.time() - t0, 2)}
+
+
+def resume(run: GrpoRun, checkpoints: PlainState) -> DeadlinePlan:
+    """The first plan (epochs of prompts), or after a restart the last reported weights, step and plan."""
+    cfg = run.cfg
+    steps_per_epoch = max(1, len(run.train) // (run.g.prompts_per_step * run.world * cfg.grad_accum))
+    ckpt = ray.train.get_checkpoint()
+    if not ckpt:
+        return grpo_plan(cfg, max(1, int(cfg.epochs * steps_per_epoch)))
+    with ckpt.as_directory() as d:
+        state = torch.load(os.path.join(d, TRAIN_STATE), map_location=run.device, weights_only=False)
+    checkpoints.resume(state)
+    return grpo_plan(cfg, state["total"], resume_step=state["step"])
+
+
+def dev_metrics(run: GrpoRun) -> dict:
+    """The dev GRPO score (weighted reward - beta x KL on held-out prompts); Ray Train ranks
+    checkpoints on dev_loss, reported as -dev_score."""
+    if not run.dev:
+        return {}
+    s = grpo_score(run.model, run.tokenizer, run.dev, run.box, run.weights, base=run.reference,
+                   max_new_tokens=run.g.dev_max_completion, seed=run.cfg.seed, beta=run.g.beta)
+    return {"dev_score": s.score, "dev_loss": -s.score, "dev_reward": s.reward, "dev_kl": s.kl}

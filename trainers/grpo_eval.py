@@ -152,7 +152,7 @@ def evaluate_grpo_path(model_path: str | Path, base_model: str, test_file: str |
     base model's tokenizer and the base model as the KL reference."""
     from transformers import AutoModelForCausalLM
 
-    from .evaluate import load_submission
+    from .modeling import load_submission
 
     rows = json.loads(Path(test_file).read_text())
     is_base = Path(model_path).resolve() == Path(base_model).resolve()

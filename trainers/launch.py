@@ -11,6 +11,7 @@ from ray.train.torch import TorchTrainer
 
 from .config import TrainConfig
 from .fault_log import FaultLog
+from .paths import NOT_PUBLISHED, RunPaths
 
 # Worker-group restarts Ray Train makes on its own (worker process died, node lost) before
 # fit() gives up; each resumes from the run's last checkpoint.
@@ -18,8 +19,8 @@ MAX_WORKER_FAILURES = 2
 
 # task type -> the train_loop_per_worker that trains it (Instruct and Chat differ only in rendering)
 RECIPES = {
-    "InstructTextTask": "trainers.instruct:train_loop_per_worker",
-    "ChatTask": "trainers.instruct:train_loop_per_worker",
+    "InstructTextTask": "trainers.loop:train_loop_per_worker",
+    "ChatTask": "trainers.loop:train_loop_per_worker",
     "DpoTask": "trainers.dpo:train_loop_per_worker",
     "GrpoTask": "trainers.grpo:train_loop_per_worker",
 }
@@ -51,7 +52,7 @@ def scaling_config(cfg: TrainConfig) -> ScalingConfig:
 
 def fit(cfg: TrainConfig, out_dir: Path) -> TrainOutcome:
     """Runs (or, after a crash with the same run_name and run_dir, resumes) the recipe."""
-    fault_log = FaultLog(Path(cfg.run_dir) / cfg.run_name)
+    fault_log = FaultLog(RunPaths.of(cfg).root)
     trainer = TorchTrainer(
         recipe(cfg.task_type),
         train_loop_config=cfg.to_dict(),
@@ -70,7 +71,7 @@ def fit(cfg: TrainConfig, out_dir: Path) -> TrainOutcome:
     checkpoint, metrics = best
     with checkpoint.as_directory() as d:
         out_dir = export_checkpoint(Path(d), Path(out_dir))
-    shutil.rmtree(Path(cfg.run_dir) / cfg.run_name / "_staging", ignore_errors=True)
+    shutil.rmtree(RunPaths.of(cfg).staging, ignore_errors=True)
     return TrainOutcome(out_dir, result.return_value or {}, metrics, fault_log.read())
 
 
@@ -82,7 +83,7 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path, fix=None) -> Path:
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(checkpoint_dir, tmp, ignore=shutil.ignore_patterns("train_state.pt", "metrics.json"))
+    shutil.copytree(checkpoint_dir, tmp, ignore=shutil.ignore_patterns(*NOT_PUBLISHED))
     if fix is not None:
         fix(tmp)
     replace_dir(tmp, out_dir)

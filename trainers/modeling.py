@@ -1,5 +1,9 @@
-"""Loading the base model and tokenizer, attaching the trainable part, saving it."""
+"""Loading the base model, its tokenizer and a submission (full or adapter), attaching the
+trainable part, saving it."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -13,6 +17,20 @@ def load_tokenizer(model_path: str):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def load_submission(path: str | Path):
+    """A submission folder as the validator loads it: PEFT when adapter_config.json is there
+    (base from its base_model_name_or_path), else a full model."""
+    path = Path(path)
+    adapter_cfg = path / "adapter_config.json"
+    if adapter_cfg.exists():
+        from peft import PeftModel
+
+        base_id = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
+        base = AutoModelForCausalLM.from_pretrained(base_id, dtype=torch.float32)
+        return PeftModel.from_pretrained(base, str(path), is_trainable=False)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
 
 
 def load_base_model(model_path: str, device: torch.device):

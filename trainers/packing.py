@@ -274,16 +274,16 @@ def supports_packing(hf_model) -> bool:
 
 def fast_path(model, cfg, device: torch.device, longest: int, reference=None) -> tuple[CausalLMLoss, StepPlan]:
     """The loss module and the micro-batch plan for `model` (HF or PEFT) on `device`; `reference`:
-    the frozen base of a full fine-tune with a KL term. cfg.extra may hold compile=False or
-    packed=False to switch parts off."""
+    the frozen base of a full fine-tune with a KL term. cfg.compile=False or cfg.packed=False
+    switch parts off."""
     hf = hf_model_of(model)
-    packed = device.type == "cuda" and cfg.extra.get("packed", True) and supports_packing(hf)
+    packed = device.type == "cuda" and cfg.packed and supports_packing(hf)
     mem = plan_memory(hf, device, cfg.batch_tokens, longest)
     if packed:
         enable_packed_attention(hf)
     if mem.checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if packed and cfg.extra.get("compile", True):
+    if packed and cfg.compile:
         for layer in getattr(hf.base_model, "layers", []):
             layer.compile(dynamic=True)  # regional: one graph shared by all layers, fuses norm/rope/act
     plan = StepPlan(packed, mem.tokens, cfg.max_batch, mem.checkpointing)

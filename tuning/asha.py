@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from trainers.config import TrainConfig
+from trainers.paths import JobPaths
 
 from .space import apply_choice, search_space
 
@@ -64,7 +65,7 @@ def trial_base(cfg: TrainConfig, asha: AshaConfig, batches_per_epoch: int, stora
     base = cfg.to_dict()
     base.update(epochs=(asha.trial_steps + 0.5) * cfg.grad_accum / per_worker, saves=asha.rungs,
                 train_deadline=0.0, num_workers=asha.trial_workers, run_dir=str(storage),
-                extra={**cfg.extra, "search_trial": True})
+                search_trial=True)
     return base
 
 
@@ -92,14 +93,15 @@ def run_asha(cfg: TrainConfig, out_dir: Path, centre_lr: float, asha: AshaConfig
 
     if asha.trials < 1 or asha.rungs < 1 or asha.trial_steps < asha.rungs:
         raise ValueError(f"bad ASHA settings: {asha}")
-    storage = (Path(out_dir) / "asha").resolve()
+    paths = JobPaths(Path(out_dir).resolve())
+    storage, trials_dir = paths.asha, paths.asha_trials
     space, first = search_space(cfg.task_type, cfg.to_dict(), centre_lr, hidden_size)
     first = first + [{**first[0], **p} for p in asha.extra_points]
     if not asha.search_rank:
         space.pop("lora_r", None)
         first = [{k: v for k, v in p.items() if k != "lora_r"} for p in first]
-    base = trial_base(cfg, asha, batches_per_epoch, storage / "trials")
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, storage=str(storage / "trials")),
+    base = trial_base(cfg, asha, batches_per_epoch, trials_dir)
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, storage=str(trials_dir)),
                                     {"CPU": 0.01})
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=asha.rungs,
                               grace_period=min(asha.grace, asha.rungs), reduction_factor=asha.reduction_factor)

@@ -29,6 +29,7 @@ from trainers.batching import collate, make_batches, per_sample_loss, split_dev
 from trainers.config import TrainConfig
 from trainers.formats import tokenize_task
 from trainers.modeling import load_base_model, load_tokenizer, wrap_for_training
+from trainers.paths import JobPaths
 
 
 @dataclass
@@ -178,10 +179,10 @@ def run_range_test(cfg: TrainConfig, out_dir: Path, prior_lr: float, rt: RangeTe
     result.extra = {"prior_lr": prior_lr, "method": cfg.method, "lora_r": cfg.lora_r, "device": str(dev),
                     "cached_batches": len(batches), "rows_per_batch": round(sum(
                         int(b["input_ids"].shape[0]) for b in batches) / len(batches), 1)}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "range_test.json").write_text(json.dumps(result.to_dict(), indent=1))
+    paths = JobPaths(Path(out_dir))
+    paths.job_dir.mkdir(parents=True, exist_ok=True)
+    paths.range_test.write_text(json.dumps(result.to_dict(), indent=1))
     from .plots import plot_range_test
 
-    plot_range_test(result, out_dir / "range_test.png")
+    plot_range_test(result, paths.range_test_plot)
     return result

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from trainers.config import TrainConfig
+from trainers.paths import JobPaths
 
 from .asha import AshaConfig, max_concurrent, run_asha
 from .plots import plot_trials
@@ -118,7 +119,7 @@ def tune_hyperparameters(cfg: TrainConfig, out_dir: Path, window_s: float, prior
     if rt is not None:
         _maybe_asha(cfg, out_dir, plan, rt, window_s, end, hidden_size, outcome)
     outcome.seconds = round(time.time() - t0, 2)
-    (out_dir / "search.json").write_text(json.dumps(outcome.to_dict(), indent=1, default=str))
+    JobPaths(out_dir).search.write_text(json.dumps(outcome.to_dict(), indent=1, default=str))
     tuned = TrainConfig(**apply_choice(cfg.to_dict(), outcome.chosen))
     print(f"[search] {outcome.source}: {outcome.chosen} in {outcome.seconds:.1f} s "
           f"({100 * outcome.share_used:.1f}% of {window_s:.0f} s; budget {100 * plan.share:.0f}%)", flush=True)
@@ -170,7 +171,7 @@ def _maybe_asha(cfg, out_dir, plan, rt, window_s, end, hidden_size, outcome) -> 
         outcome.notes.append(f"ASHA failed: {type(exc).__name__}: {exc}")
         return
     outcome.asha = result.to_dict()
-    plot_trials(result.trials, result.chosen, out_dir / "search_trials.png")
+    plot_trials(result.trials, result.chosen, JobPaths(Path(out_dir)).search_trials_plot)
     if result.chosen:
         outcome.chosen = {k: v for k, v in result.chosen["config"].items() if k in ("lr", "lora_r")}
         if "lora_r" in outcome.chosen:
