@@ -22,12 +22,12 @@ class RayJobRunner:
     def submit(self, job: Job, settings: Settings, entrypoint: str | None = None) -> str:
         # Use this interpreter: the cluster PATH's `python` may not have the miner installed.
         entrypoint = entrypoint or f"{sys.executable} -m cluster.job_main --task-id {job.task_id}"
-        shape = placement(job.plan or {})
+        shape = placement(job.plan)
         metadata = {
             "kind": "miner-finetune", "task_id": job.task_id, "task_type": job.task_type,
             "model": job.model[:200], "expected_repo_name": job.expected_repo_name,
             "deadline": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(job.deadline)),
-            **{k: str(v) for k, v in (job.plan or {}).items()
+            **{k: str(v) for k, v in (job.plan.to_dict() if job.plan else {}).items()
                if k in ("method", "gpus", "gpu_type", "workers", "node_id") and v is not None},
         }
         return self.client.submit_job(
