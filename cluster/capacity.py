@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
+
+from tuning.priors import param_count_from_config
 
 GIB = 1024**3
 # Bytes per parameter of the training state, per training-recipes.md §3.3.
@@ -259,15 +262,16 @@ def method_and_min_gpus(params: float, task_type: str, dev: Device, max_gpus: in
 
 
 def params_from_config(cfg: dict) -> int | None:
-    """A parameter count from a config.json dict (same estimate as tuning.priors)."""
+    """A parameter count from a config.json dict, None when it names no width or depth. The
+    estimate itself is tuning.priors' (one formula for admission and job_main); this only reads
+    the dict: a multimodal model's text_config, GPT-2's n_embd/n_layer names."""
     cfg = cfg.get("text_config", cfg)
     h, layers = cfg.get("hidden_size") or cfg.get("n_embd"), cfg.get("num_hidden_layers") or cfg.get("n_layer")
     if not h or not layers:
         return None
-    inter = cfg.get("intermediate_size") or 4 * h
-    vocab = cfg.get("vocab_size") or 0
-    tied = cfg.get("tie_word_embeddings", False)
-    return int(layers * (4 * h * h + 3 * h * inter) + vocab * h * (1 if tied else 2))
+    return param_count_from_config(SimpleNamespace(
+        hidden_size=h, num_hidden_layers=layers, intermediate_size=cfg.get("intermediate_size"),
+        vocab_size=cfg.get("vocab_size"), tie_word_embeddings=cfg.get("tie_word_embeddings", False)))
 
 
 def placement(plan: Plan | None) -> dict:

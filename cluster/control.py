@@ -19,7 +19,6 @@ Crash rules (issue #8, proven in tests/faults/):
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -68,9 +67,9 @@ class ControlPlane:
         self.store = store or JobStore(settings.db_path)
         self.offers = OfferLog(self.store)  # offer decisions: answered from memory, written in batches
         self._runner = runner
-        self._fixed_view = view is not None or bool(os.environ.get("MINER_CLUSTER"))
-        self.scheduler = Scheduler(view or initial_view(settings.use_gpu, settings.num_workers),
-                                   reservation_ttl_s=float(os.environ.get("MINER_RESERVATION_TTL_S", "3600")))
+        self._fixed_view = view is not None or bool(settings.cluster_shape)
+        self.scheduler = Scheduler(view or initial_view(settings.use_gpu, settings.num_workers, settings.cluster_shape),
+                                   reservation_ttl_s=settings.reservation_ttl_s)
         self.knowledge = Knowledge(self.store)
         self.admission = Admission(self.scheduler, self.knowledge,
                                    Limits(settings.min_hours, settings.max_hours, settings.num_workers))

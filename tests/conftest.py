@@ -114,7 +114,7 @@ def idle_decide():
     from cluster.scheduling import Scheduler
 
     def decide(task_type, model, hours, settings):
-        adm = Admission(Scheduler(initial_view(settings.use_gpu, settings.num_workers)),
+        adm = Admission(Scheduler(initial_view(settings.use_gpu, settings.num_workers, settings.cluster_shape)),
                         limits=Limits(settings.min_hours, settings.max_hours, settings.num_workers))
         return adm.decide(Request("capability-check", task_type, model, hours, None,
                                   local_config(model, settings.model_cache_dir)))

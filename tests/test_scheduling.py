@@ -79,6 +79,7 @@ def test_queue_dispatches_in_deadline_order_and_survives_restart(settings):
 
 def test_reservation_of_an_accepted_offer_survives_restart_and_expires(settings, monkeypatch):
     monkeypatch.setenv("MINER_RESERVATION_TTL_S", "1")
+    settings = load_settings()
     cp = plane(settings)
     a, ra = offer(cp, params=3e9, hours=2.0)
     assert ra.accepted
