@@ -11,7 +11,7 @@ import time
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from .capacity import placement
-from .settings import Settings
+from .settings import RAY_TRAIN_ENV, Settings
 from .store import Job
 
 
@@ -32,7 +32,7 @@ class RayJobRunner:
         }
         return self.client.submit_job(
             entrypoint=entrypoint, submission_id=job.submission_id, metadata=metadata,
-            runtime_env={"env_vars": settings.as_env()}, entrypoint_num_cpus=0, entrypoint_num_gpus=0,
+            runtime_env={"env_vars": {**settings.as_env(), **RAY_TRAIN_ENV}}, entrypoint_num_cpus=0, entrypoint_num_gpus=0,
             entrypoint_resources=shape["driver_resources"] or None,
             entrypoint_label_selector=shape["label_selector"] or None)
 

@@ -10,6 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+# Ray Train V2 (Ray 2.60) patches print() in its workers to log through the root logger, and
+# also prints the line itself when sys.stdout is not sys.__stdout__, which in a Ray worker it
+# never is (Ray wraps it in Unbuffered): every training-worker line came out twice. Off, print
+# is print. Set in the runtime_env of every Ray Job and local Ray instance that trains, so it
+# reaches the driver, the Train controller and the workers alike.
+RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def env(name: str, default: str | None = None) -> str | None:
     """One environment variable, empty counting as unset. The only reader of os.environ in the
     miner: process-level switches that are not Settings fields (Ray's address, the demo model,
