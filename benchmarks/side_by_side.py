@@ -75,7 +75,7 @@ def main() -> None:
         job = cp.store.get_job(task_id)
         if job:
             row.update(status=job.status, reason=job.reason, repo=job.repo, started_at=job.started_at,
-                       updated_at=job.updated_at, plan={k: job.plan.get(k) for k in
+                       updated_at=job.updated_at, plan={k: getattr(job.plan, k) for k in
                                                         ("method", "gpus", "workers", "gpu_type", "planned_start",
                                                          "planned_end")} if job.plan else None,
                        zero_stage=(job.hparams or {}).get("zero_stage"), num_workers=(job.hparams or {}).get("num_workers"))

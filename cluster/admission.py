@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import capacity
 from .capacity import Plan, Timing
-from .knowledge import Knowledge, family_of, needs_remote_code
+from .knowledge import Advice, Knowledge, family_of, needs_remote_code
 from .protocol import TaskType
 from .scheduling import OFFER, Placement, Scheduler
 
@@ -67,8 +67,23 @@ def model_is_usable(model: str) -> str | None:
     return f"model {model!r} is neither a local model directory nor a Hugging Face id"
 
 
+@dataclass(frozen=True)
+class Facts:
+    """What one request is, gathered once before planning: the model's family and size, and
+    what the knowledge base says about that family (its record read once, not per step)."""
+    family: str | None
+    params: int
+    advice: Advice
+
+    def size(self, task_type: TaskType) -> str:
+        return f"{self.params / 1e9:.1f}B {task_type.value}"
+
+
 class Admission:
-    """Reads the scheduler (ledger + queue) and the knowledge base; changes nothing itself."""
+    """Reads the scheduler (ledger + queue) and the knowledge base; changes nothing itself.
+
+    One request is a straight pipeline: facts (config, size, family record) -> options (the
+    capacity planner's shapes) -> placement (the deadline-first queue) -> decision and message."""
 
     def __init__(self, scheduler: Scheduler, knowledge: Knowledge | None = None, limits: Limits | None = None,
                  supported: set[TaskType] | None = None, timing: Timing | None = None):
@@ -80,16 +95,15 @@ class Admission:
 
     def decide(self, req: Request, now: float | None = None, kind: str = OFFER) -> Decision:
         now = time.time() if now is None else now
-        problem = self._check(req)
+        facts, problem = self.facts(req)
         if problem:
             return Decision(False, f"declined: {problem}")
-        params = self.params_of(req)
-        options, why_not = self.options(req.task_type.value, params, req.config)
+        options, why_not = self.options(req.task_type.value, facts.params, facts.advice)
         if not options:
             return Decision(False, f"declined: {why_not}")
         budget = req.hours * 3600
         fitting = [p for p in options if p.min_s <= budget]
-        size = f"{params / 1e9:.1f}B {req.task_type.value}"
+        size = facts.size(req.task_type)
         if not fitting:
             need = min(p.min_s for p in options)
             return Decision(False, f"declined: not enough time: a {size} needs ≥ {capacity.hours(need)} "
@@ -103,37 +117,43 @@ class Admission:
         return Decision(True, f"accepted: {size} on {req.model}, {p.method} on {shape}, starting {wait}, "
                               f"done by {_clock(where.end)} (deadline {_clock(now + budget)})", p, where)
 
-    def _check(self, req: Request) -> str | None:
+    def facts(self, req: Request) -> tuple[Facts | None, str | None]:
+        """(facts, None), or (None, why the request is declined before any planning)."""
         if req.task_type not in self.supported or req.task_type not in PLANNABLE:
             names = ", ".join(sorted(t.value for t in self.supported))
-            return f"task type {req.task_type.value} is not supported (supported: {names})"
+            return None, f"task type {req.task_type.value} is not supported (supported: {names})"
         if req.hours < self.limits.min_hours:
-            return f"{req.hours} h is too short to train and publish (minimum {self.limits.min_hours} h)"
+            return None, f"{req.hours} h is too short to train and publish (minimum {self.limits.min_hours} h)"
         if req.hours > self.limits.max_hours:
-            return f"{req.hours} h is longer than this miner plans ahead ({self.limits.max_hours} h)"
+            return None, f"{req.hours} h is longer than this miner plans ahead ({self.limits.max_hours} h)"
         problem = model_is_usable(req.model)
         if problem:
-            return problem
+            return None, problem
         if needs_remote_code(req.config):
-            return f"model family of {req.model} needs trust_remote_code, which the validator will not load"
-        return self.knowledge.blocked(family_of(req.config))
+            return None, f"model family of {req.model} needs trust_remote_code, which the validator will not load"
+        family = family_of(req.config)
+        advice = self.knowledge.advice(family)
+        if advice.blocked:
+            return None, advice.blocked
+        return Facts(family, self.params_of(req), advice), None
 
     def params_of(self, req: Request) -> int:
         return (req.params or (req.config and capacity.params_from_config(req.config))
                 or params_from_name(req.model) or UNKNOWN_SIZE_PARAMS)
 
-    def options(self, task_type: str, params: int, config: dict | None = None) -> tuple[list[Plan], str]:
-        """Every shape this cluster could run the job in, fastest GPU type first; else why none."""
+    def options(self, task_type: str, params: int, advice: Advice | None = None) -> tuple[list[Plan], str]:
+        """Every shape this cluster could run the job in, fastest GPU type first; else why none.
+        `advice`: the family's record (default: no family, i.e. all families' measurements)."""
         view = self.scheduler.view
-        speedup = self.knowledge.speedup(family_of(config))
+        advice = advice or self.knowledge.advice(None)
         kinds = sorted(view.by_type().items(), key=lambda kv: -capacity.device(kv[0]).speed)
         out: list[Plan] = []
         for gpu_type, nodes in kinds:
             base = self.timing or (capacity.CPU_TIMING if gpu_type == "CPU" else capacity.GPU_TIMING)
             out += capacity.plan_options(params, task_type, gpu_type, max(n.gpus for n in nodes),
                                          cpu_workers=self.limits.cpu_workers,
-                                         cpus_per_worker=self.limits.cpus_per_worker, speedup=speedup,
-                                         timing=self.knowledge.publish_timing(base))
+                                         cpus_per_worker=self.limits.cpus_per_worker, speedup=advice.speedup,
+                                         timing=advice.timing(base))
         if out:
             return out, ""
         return [], (f"too big for the cluster: {params / 1e9:.1f}B parameters is over what one node's memory "
@@ -148,18 +168,6 @@ class Admission:
         return (f"declined: busy until {_clock(earliest)} (no capacity before then): the first {shape} frees then, leaving "
                 f"{capacity.hours(left)} of the {capacity.hours(budget)} budget; a {size} needs ≥ "
                 f"{capacity.hours(plan.min_s)}")
-
-
-def decide(task_type: TaskType, model: str, hours: float, params: int | None, settings) -> Decision:
-    """Capability check without a queue (an idle cluster of this machine's or MINER_CLUSTER's
-    shape): the old entry point, for callers that have no control plane."""
-    from .knowledge import local_config
-    from .ledger import initial_view
-
-    adm = Admission(Scheduler(initial_view(settings.use_gpu, settings.num_workers)),
-                    limits=Limits(settings.min_hours, settings.max_hours, settings.num_workers))
-    return adm.decide(Request("capability-check", task_type, model, hours, params,
-                              local_config(model, settings.model_cache_dir)))
 
 
 def _clock(t: float) -> str:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
+
+from tuning.priors import param_count_from_config
 
 GIB = 1024**3
 # Bytes per parameter of the training state, per training-recipes.md §3.3.
@@ -88,39 +91,43 @@ CPU_TIMING = Timing(download_fixed_s=5, download_bps=50e6, load_bps=200e6, save_
 
 @dataclass(frozen=True)
 class Plan:
-    """A job's shape and time: `gpus` devices of `gpu_type` on one node, `workers` Train workers."""
-    task_type: str
-    params: int
-    method: str                 # full | lora | lora_zero3
-    gpu_type: str
-    gpus: int                   # devices held (0 in CPU mode)
-    workers: int                # Ray Train workers (one per GPU; CPU mode: settings.num_workers)
-    cpus_per_worker: float
-    mem_per_gpu_gib: float
-    tokens_per_s: float         # whole job
-    min_s: float                # shortest useful run, overheads and margin included
-    target_s: float             # what the job uses when time allows (capped later by the deadline)
-    overhead_s: float           # download + load + save + upload + fixed margin
+    """A job's shape and time: `gpus` devices of `gpu_type` on one node, `workers` Train workers;
+    once dispatched, also where and when (`node_id`, `planned_*`). The one plan type from the
+    planner through the queue, the store (as JSON), the Ray Job runner and job_main to the
+    knowledge base. Defaults are what a missing field meant in the old dict rows."""
+    task_type: str = ""
+    params: int = 0
+    method: str = ""            # full | lora | lora_zero3 ("": a row stored before plans were)
+    gpu_type: str = "CPU"
+    gpus: int = 0               # devices held (0 in CPU mode)
+    workers: int = 0            # Ray Train workers (one per GPU; 0: settings.num_workers)
+    cpus_per_worker: float = 1.0
+    mem_per_gpu_gib: float = 0.0
+    tokens_per_s: float = 0.0   # whole job
+    min_s: float = 0.0          # shortest useful run, overheads and margin included
+    target_s: float = 0.0       # what the job uses when time allows (capped later by the deadline)
+    overhead_s: float = 0.0     # download + load + save + upload + fixed margin
     post_s: float = 0.0         # save + upload + fixed margin: kept back from the end of the window
     publish_s: float = 0.0      # nominal save + upload (post_s is its high quantile + margin)
+    # Set by dispatch: the node the ledger placed the job on and its window there.
+    node_id: str | None = None
+    planned_start: float | None = None
+    planned_end: float | None = None
+    pinned: bool = False        # node_id is a Ray node id (a live view): the driver asks for it
 
-    @property
-    def strategy(self) -> str:
-        return "STRICT_PACK"
-
-    def bundles(self) -> list[dict]:
-        """The placement-group bundles Ray Train creates for this plan (one per worker)."""
-        return [self.worker_resources() for _ in range(self.workers)]
-
-    def worker_resources(self) -> dict:
-        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.gpus else {})}
+    def placed(self, node_id: str | None, start: float, end: float, pinned: bool) -> "Plan":
+        return replace(self, node_id=node_id, planned_start=start, planned_end=end, pinned=pinned)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @staticmethod
-    def from_dict(d: dict) -> "Plan":
-        return Plan(**{k: d[k] for k in Plan.__dataclass_fields__ if k in d})
+    def from_dict(d: "dict | Plan | None") -> "Plan | None":
+        """A stored plan (JSON dict, old rows included: unknown keys are ignored, missing ones
+        take the defaults); None stays None."""
+        if d is None or isinstance(d, Plan):
+            return d
+        return Plan(**{k: d[k] for k in Plan.__dataclass_fields__ if d.get(k) is not None})
 
 
 def shape_from_params(params: float) -> tuple[int, int]:
@@ -254,35 +261,29 @@ def method_and_min_gpus(params: float, task_type: str, dev: Device, max_gpus: in
     return None, 0
 
 
-def with_speedup(plan: Plan, speedup: float, timing: Timing | None = None) -> Plan:
-    """The same shape with throughput scaled by a measured/predicted ratio."""
-    tps = plan.tokens_per_s * speedup
-    lo, hi, over = durations(plan.params, plan.method, tps,
-                             timing or (CPU_TIMING if plan.gpu_type == "CPU" else GPU_TIMING))
-    return replace(plan, tokens_per_s=tps, min_s=lo, target_s=hi, overhead_s=over)
-
-
 def params_from_config(cfg: dict) -> int | None:
-    """A parameter count from a config.json dict (same estimate as tuning.priors)."""
+    """A parameter count from a config.json dict, None when it names no width or depth. The
+    estimate itself is tuning.priors' (one formula for admission and job_main); this only reads
+    the dict: a multimodal model's text_config, GPT-2's n_embd/n_layer names."""
     cfg = cfg.get("text_config", cfg)
     h, layers = cfg.get("hidden_size") or cfg.get("n_embd"), cfg.get("num_hidden_layers") or cfg.get("n_layer")
     if not h or not layers:
         return None
-    inter = cfg.get("intermediate_size") or 4 * h
-    vocab = cfg.get("vocab_size") or 0
-    tied = cfg.get("tie_word_embeddings", False)
-    return int(layers * (4 * h * h + 3 * h * inter) + vocab * h * (1 if tied else 2))
+    return param_count_from_config(SimpleNamespace(
+        hidden_size=h, num_hidden_layers=layers, intermediate_size=cfg.get("intermediate_size"),
+        vocab_size=cfg.get("vocab_size"), tie_word_embeddings=cfg.get("tie_word_embeddings", False)))
 
 
-def placement(plan: dict) -> dict:
+def placement(plan: Plan | None) -> dict:
     """Where a planned job runs. The driver holds no GPU (its Train workers hold the plan's
-    `workers` × {GPU: 1, CPU: c}, STRICT_PACK, the same shape as `Plan.bundles()`): it only asks
-    for the planned GPU type's marker and, when the ledger placed it on a Ray node, that node."""
-    gpu_type = plan.get("gpu_type")
-    typed = bool(plan.get("gpus")) and gpu_type not in (None, "CPU", "GPU")
-    pinned = bool(plan.get("pinned") and plan.get("node_id"))
+    `workers` × {GPU: 1, CPU: c}, STRICT_PACK, one node): it only asks for the planned GPU
+    type's marker and, when the ledger placed it on a Ray node, that node."""
+    plan = plan or Plan()
+    gpu_type = plan.gpu_type
+    typed = bool(plan.gpus) and gpu_type not in (None, "CPU", "GPU")
+    pinned = bool(plan.pinned and plan.node_id)
     return {"driver_resources": {f"accelerator_type:{gpu_type}": 0.001} if typed else {},
-            "label_selector": {"ray.io/node-id": plan["node_id"]} if pinned else {},
+            "label_selector": {"ray.io/node-id": plan.node_id} if pinned else {},
             "accelerator_type": gpu_type if typed else None}
 
 

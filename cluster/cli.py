@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from .settings import Settings, load_settings
+from .settings import Settings, env, load_settings
 from .store import JobStore
 
 DEMO_TASK = Path(__file__).parent / "demo_task"
@@ -19,7 +19,7 @@ DEMO_TASK = Path(__file__).parent / "demo_task"
 
 def _settings_with_metagraph() -> Settings:
     """Settings, with MINER_METAGRAPH_FILE defaulting to <state>/metagraph.json."""
-    if not os.environ.get("MINER_METAGRAPH_FILE"):
+    if not env("MINER_METAGRAPH_FILE"):  # set for the Serve replica and jobs too (Settings.as_env)
         os.environ["MINER_METAGRAPH_FILE"] = str(load_settings().state_dir / "metagraph.json")
     return load_settings()
 
@@ -226,7 +226,7 @@ def _ray_job_info(submission_id: str) -> dict | None:
     try:
         from ray.job_submission import JobSubmissionClient
 
-        info = JobSubmissionClient(os.environ.get("RAY_API_SERVER_ADDRESS")).get_job_info(submission_id)
+        info = JobSubmissionClient(env("RAY_API_SERVER_ADDRESS")).get_job_info(submission_id)
     except Exception:
         return None
     return {"status": str(getattr(info.status, "value", info.status)), "start_time": info.start_time,
@@ -245,7 +245,7 @@ def cmd_status(args) -> int:
     print(f"metagraph: {status_line(settings)}")
     print(f"publishing to: {'Hugging Face as ' + settings.hf_username if settings.publishes_to_hf else settings.hub_dir}")
     print("jobs: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"))
-    url = os.environ.get("MINER_API_URL", "http://127.0.0.1:7999")
+    url = env("MINER_API_URL", "http://127.0.0.1:7999")
     print(f"API {url}: {'up' if _miner_running(url) else 'not reachable'}")
     return 0
 

@@ -19,7 +19,6 @@ Crash rules (issue #8, proven in tests/faults/):
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -68,9 +67,9 @@ class ControlPlane:
         self.store = store or JobStore(settings.db_path)
         self.offers = OfferLog(self.store)  # offer decisions: answered from memory, written in batches
         self._runner = runner
-        self._fixed_view = view is not None or bool(os.environ.get("MINER_CLUSTER"))
-        self.scheduler = Scheduler(view or initial_view(settings.use_gpu, settings.num_workers),
-                                   reservation_ttl_s=float(os.environ.get("MINER_RESERVATION_TTL_S", "3600")))
+        self._fixed_view = view is not None or bool(settings.cluster_shape)
+        self.scheduler = Scheduler(view or initial_view(settings.use_gpu, settings.num_workers, settings.cluster_shape),
+                                   reservation_ttl_s=settings.reservation_ttl_s)
         self.knowledge = Knowledge(self.store)
         self.admission = Admission(self.scheduler, self.knowledge,
                                    Limits(settings.min_hours, settings.max_hours, settings.num_workers))
@@ -104,7 +103,7 @@ class ControlPlane:
                                     d.placement.node_id))
         self.offers.record(Offer(offer.task_id, offer.task_type.value, offer.model,
                                  offer.hours_to_complete, d.accepted, d.message, now,
-                                 d.plan.to_dict() if d.plan else None, expires))
+                                 d.plan, expires))
         metrics.record_offer(d.accepted, d.message, time.perf_counter() - started)
         return MinerTaskResponse(message=d.message, accepted=d.accepted)
 
@@ -155,7 +154,7 @@ class ControlPlane:
                   dataset_type=dataset_type.model_dump(), file_format=req.file_format.value,
                   expected_repo_name=req.expected_repo_name or str(uuid.uuid4()),
                   hours_to_complete=req.hours_to_complete, created_at=now,
-                  deadline=now + req.hours_to_complete * 3600, plan=plan.to_dict())
+                  deadline=now + req.hours_to_complete * 3600, plan=plan)
         self.store.add_job(job)
         self.scheduler.add(Item(job.task_id, plan, job.deadline, JOB, node_hint=hint))
         self.dispatch()
@@ -170,8 +169,7 @@ class ControlPlane:
             if job is None or job.status != QUEUED:
                 self.scheduler.finish(item.task_id)
                 continue
-            placed = {**item.plan.to_dict(), "node_id": where.node_id, "planned_start": where.start,
-                      "planned_end": where.end, "pinned": self.scheduler.view.source == "ray"}
+            placed = item.plan.placed(where.node_id, where.start, where.end, self.scheduler.view.source == "ray")
             self.store.update_job(job.task_id, only_if_status=(QUEUED,), plan=placed, started_at=now)
             self.scheduler.start(job.task_id, where.node_id, now, where.end, item.units)
             job.plan, job.started_at = placed, now
@@ -278,6 +276,4 @@ class ControlPlane:
     def _learn_failure(self, job: Job, reason: str) -> None:
         family = family_of(local_config(job.model, self.settings.model_cache_dir))
         if family:
-            plan = job.plan or {}
-            self.knowledge.record(Run(family, FAILED, job.task_id, job.model, plan.get("params"), job.task_type,
-                                      plan.get("method"), plan.get("gpus"), plan.get("gpu_type"), reason=reason))
+            self.knowledge.record(Run.of(family, FAILED, job, reason=reason))

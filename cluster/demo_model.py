@@ -4,14 +4,15 @@ demo task's text. Nothing is downloaded."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from .settings import env
 
 BENCH_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "models" / "pico-llama"
 
 
 def demo_model(state_dir: Path, task_dir: Path) -> Path:
-    override = os.environ.get("MINER_DEMO_MODEL")
+    override = env("MINER_DEMO_MODEL")
     if override:
         return Path(override)
     if (BENCH_MODEL / "config.json").exists():

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .settings import load_settings
+from .settings import env as env_var, load_settings  # `env` is also deploy()'s argument
 
 APP_IMPORT_PATH = "serve_app.app:build_app"
 APP_NAME = "miner"
@@ -33,8 +33,8 @@ def ensure_ray(num_cpus: int | None = None) -> str:
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], namespace="miner")
+        if env_var("RAY_ADDRESS"):
+            ray.init(address=env_var("RAY_ADDRESS"), namespace="miner")
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", namespace="miner")
     url = ray._private.worker.get_dashboard_url() or "127.0.0.1:8265"
@@ -89,7 +89,7 @@ def deploy(host: str = "127.0.0.1", port: int = 7999, env: dict | None = None,
     import ray
     from ray import serve
 
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+    if not ray.is_initialized() and not env_var("RAY_ADDRESS"):
         # A fresh local head: nothing of ours may hold the port, so leftovers of a crash go.
         reaped = reap_orphaned_haproxy()
         if reaped:

@@ -20,25 +20,27 @@ from trainers.config import TrainConfig
 from trainers.formats import tokenize_task
 from trainers.instruct_format import DatasetError
 from trainers.modeling import load_tokenizer
-from tuning.priors import default_hparams, param_count_from_config
+from tuning.priors import default_hparams, param_count_from_config, refine_lr_prior
 from tuning.search import SearchPlan, tune_hyperparameters
 
-from .capacity import placement, training_stop_s
+from .capacity import Plan, placement, training_stop_s
 from .dataset_checks import check_rows
 from .fetch import FetchLimits, InputError, download_dataset, resolve_model
-from .knowledge import Knowledge, learn
+from .knowledge import Knowledge, family_of, learn, local_config
 from .metrics import TrainingMonitor, record_final_slack
 from .model_check import model_dir_problem
-from .publish import best_checkpoint, checkpoint_bytes, publish
+from .publish import best_checkpoint, checkpoint_bytes, mark_published, publish
 from .reports import PROGRESS_FILE, PhaseTimer, write_job_report, write_timings
 from .settings import Settings, load_settings
-from .store import FAILED, PUBLISHED, PUBLISHING, QUEUED, RUNNING, SUBMITTED, TERMINAL, Job, JobStore
+from .store import FAILED, PUBLISHING, QUEUED, RUNNING, SUBMITTED, TERMINAL, Job, JobStore
 
 MIN_SEARCH_S = 60.0  # below this share of the window, no LR search (short demo/test jobs)
 
 
-def plan(job: Job, settings: Settings, model_dir: Path, train_file: Path, rows: list, run_dir: Path) -> TrainConfig:
-    """Hyperparameters from the priors, the training deadline from the job's deadline."""
+def plan(job: Job, settings: Settings, model_dir: Path, train_file: Path, rows: list, run_dir: Path,
+         knowledge: Knowledge | None = None) -> TrainConfig:
+    """Hyperparameters from the priors (the LR refined by the knowledge base's record, when
+    given), the training deadline from the job's deadline."""
     hf_config = AutoConfig.from_pretrained(model_dir)
     n_params = param_count_from_config(hf_config)
     # Tokenise once here, in the driver, with the task type's validator format: bad data fails
@@ -53,32 +55,49 @@ def plan(job: Job, settings: Settings, model_dir: Path, train_file: Path, rows: 
     # so the next queued job starts on time, never after the deadline.
     shape, end = plan_shape(job, settings)
     budget = end - (job.started_at or job.created_at)
-    reserve = training_stop_s(float((job.plan or {}).get("post_s") or 0), budget)
+    reserve = training_stop_s(job.plan.post_s if job.plan else 0.0, budget)
     hp = default_hparams(n_params, job.task_type, shape.pop("method"))
+    lr_prior = starting_lr(hp["lr"], job, model_dir, n_params, hp["method"], knowledge)
+    hp["lr"] = lr_prior["lr"]
+    extra = {"plan": job.plan.to_dict() if job.plan else None, "lr_prior": lr_prior}
     # the operator's MINER_TRAIN_OPTIONS (cluster/settings.py) over the planner's hyperparameters
     return TrainConfig(model_path=str(model_dir), train_file=str(train_file), dataset_type=job.dataset_type,
                        task_type=job.task_type, run_dir=str(run_dir), run_name=f"ft-{job.task_id}",
-                       train_deadline=end - reserve, n_params=n_params, extra={"plan": job.plan},
+                       train_deadline=end - reserve, n_params=n_params, extra=extra,
                        **shape, **{**hp, **settings.train_options})
+
+
+def starting_lr(recipe_lr: float, job: Job, model_dir: Path, n_params: int, method: str,
+                knowledge: Knowledge | None) -> dict:
+    """The recipe's LR pulled towards the LRs that published before on this family, size class,
+    task type and method. Done here, not only in the search, so that a job too short to search
+    still starts from what worked. Keyed as knowledge.learn records runs: the family from the
+    model's config.json, size and method from the job's plan."""
+    known: list[float] = []
+    if knowledge is not None:
+        plan_ = job.plan
+        known = knowledge.winning_lrs(family_of(local_config(str(model_dir), None)),
+                                      (plan_.params if plan_ else 0) or n_params, job.task_type,
+                                      (plan_.method if plan_ else "") or method)
+    return {"recipe": recipe_lr, "known_lrs": known, "lr": refine_lr_prior(recipe_lr, known)}
 
 
 def plan_shape(job: Job, settings: Settings) -> tuple[dict, float]:
     """(TrainConfig resources and method, end of the training window) from the job's plan."""
-    plan = job.plan or {}
-    where = placement(plan)
-    gpus = int(plan.get("gpus") or 0)
-    shape = {"num_workers": int(plan.get("workers") or settings.num_workers),
-             "use_gpu": settings.use_gpu and (gpus > 0 or not plan),
-             "cpus_per_worker": float(plan.get("cpus_per_worker") or 1.0),
+    plan_ = job.plan or Plan()
+    where = placement(plan_)
+    shape = {"num_workers": int(plan_.workers or settings.num_workers),
+             "use_gpu": settings.use_gpu and (plan_.gpus > 0 or not plan_.method),  # unplanned: settings
+             "cpus_per_worker": float(plan_.cpus_per_worker or 1.0),
              "accelerator_type": where["accelerator_type"], "label_selector": where["label_selector"],
-             "method": "full" if plan.get("method") == "full" else "lora",
-             "zero_stage": 3 if plan.get("method") == "lora_zero3" else 0}  # trainers/engines.py
-    return shape, min(job.deadline, float(plan.get("planned_end") or job.deadline))
+             "method": "full" if plan_.method == "full" else "lora",
+             "zero_stage": 3 if plan_.method == "lora_zero3" else 0}  # trainers/engines.py
+    return shape, min(job.deadline, float(plan_.planned_end or job.deadline))
 
 
-def search_hparams(cfg: TrainConfig, job: Job, settings: Settings, job_dir: Path) -> TrainConfig:
+def search_hparams(cfg: TrainConfig, settings: Settings, job_dir: Path) -> TrainConfig:
     """LR (and LoRA rank) from a range test + ASHA on this job's model and data, within
-    `settings.search_share` of the training window; the prior refined by the knowledge base.
+    `settings.search_share` of the training window, around the (already refined) prior cfg.lr.
     Curves and plots go to job_dir (search.json, range_test.*, search_trials.png); the chosen
     values and time spent ride in the config's `search`, so the job record (hparams) keeps them."""
     window_s = cfg.train_deadline - time.time()
@@ -86,21 +105,11 @@ def search_hparams(cfg: TrainConfig, job: Job, settings: Settings, job_dir: Path
         return cfg  # a few seconds of search on a few batches is noise: train at the prior
     hf_config = AutoConfig.from_pretrained(cfg.model_path)
     plan_ = SearchPlan(share=settings.search_share, job_gpus=cfg.num_workers if cfg.use_gpu else 0)
-    known = _known_lrs(hf_config.model_type, cfg.n_params, job.task_type, cfg.method)
-    tuned, search = tune_hyperparameters(cfg, job_dir, window_s=window_s, prior_lr=cfg.lr,
-                                         known_lrs=known, plan=plan_, hidden_size=getattr(hf_config, "hidden_size", None))
+    # known_lrs=None: plan() refined cfg.lr with them already; a second pull would count them twice
+    tuned, search = tune_hyperparameters(cfg, job_dir, window_s=window_s, prior_lr=cfg.lr, known_lrs=None,
+                                         plan=plan_, hidden_size=getattr(hf_config, "hidden_size", None))
     tuned.search = search.brief()
     return tuned
-
-
-def _known_lrs(family: str, n_params: int, task_type: str, method: str) -> list[float]:
-    """LRs that won before on this family/size/task, from cluster/knowledge.py once it exists."""
-    try:
-        from . import knowledge
-    except ImportError:
-        return []
-    lookup = getattr(knowledge, "winning_lrs", None)
-    return list(lookup(family=family, n_params=n_params, task_type=task_type, method=method) or []) if lookup else []
 
 
 def run_job(task_id: str, settings: Settings) -> int:
@@ -128,6 +137,7 @@ def run_job(task_id: str, settings: Settings) -> int:
     timings = PhaseTimer()
     phase = timings.phase
     model_dir, cfg = None, None
+    knowledge = Knowledge(store)  # read for the LR prior, written with the outcome
 
     try:
         rows = _fetch_rows(job, job_dir / "train_data.json", settings)
@@ -137,11 +147,11 @@ def run_job(task_id: str, settings: Settings) -> int:
         if problem:
             raise InputError(problem)
         phase("fetch_model")
-        cfg = plan(job, settings, model_dir, job_dir / "train_data.json", rows, job_dir / "runs")
+        cfg = plan(job, settings, model_dir, job_dir / "train_data.json", rows, job_dir / "runs", knowledge)
         cfg.label_selector = {**settings.train_labels, **cfg.label_selector}  # operator's labels + planned node
         cfg.progress_file = str(job_dir / PROGRESS_FILE)
         phase("plan")
-        cfg = search_hparams(cfg, job, settings, job_dir)
+        cfg = search_hparams(cfg, settings, job_dir)
         phase("search")
         (job_dir / "hparams.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         store.update_job(task_id, hparams=cfg.to_dict())
@@ -158,7 +168,7 @@ def run_job(task_id: str, settings: Settings) -> int:
         traceback.print_exc()
         outcome = _fallback_outcome(job_dir, exc)
         if outcome is None:
-            learn(Knowledge(store), job, model_dir, cfg, None, f"training failed: {type(exc).__name__}: {exc}")
+            learn(knowledge, job, model_dir, cfg, None, f"training failed: {type(exc).__name__}: {exc}")
             return _fail(store, job_dir, task_id, f"training failed: {type(exc).__name__}: {exc}", timings)
         phase("train_failed_fallback")
 
@@ -170,17 +180,16 @@ def run_job(task_id: str, settings: Settings) -> int:
         phase("publish_and_hash")
     except Exception as exc:
         traceback.print_exc()
-        learn(Knowledge(store), job, model_dir, cfg, None, f"publishing failed: {type(exc).__name__}: {exc}")
+        learn(knowledge, job, model_dir, cfg, None, f"publishing failed: {type(exc).__name__}: {exc}")
         return _fail(store, job_dir, task_id, f"publishing failed: {type(exc).__name__}: {exc}", timings,
                      from_states=(PUBLISHING,))
     # The submission is the promise: record it first; reports and learning must never undo it.
-    store.update_job(task_id, only_if_status=(PUBLISHING,), status=PUBLISHED, repo=repo, model_hash=model_hash,
-                     reason=None)
+    mark_published(store, task_id, repo, model_hash)
     record_final_slack(task_id, job.deadline)
     try:
         write_job_report(job_dir, outcome.summary, timings, selected=outcome.checkpoint_metrics)
         upload = (checkpoint_bytes(outcome.model_dir), timings.durations["publish_and_hash"])  # sizes later reserves
-        learn(Knowledge(store), job, model_dir, cfg, outcome.summary, None, upload)
+        learn(knowledge, job, model_dir, cfg, outcome.summary, None, upload)
     except Exception:  # a plotting or bookkeeping bug: the model is published either way
         traceback.print_exc()
     print(f"[job] published {repo} hash={model_hash} slack={job.deadline - time.time():.0f} s", flush=True)

@@ -23,7 +23,8 @@ from .store import FAILED, PUBLISHED, Job
 STATUS_STYLE = {"queued": "yellow", "submitted": "yellow", "running": "cyan", "publishing": "cyan",
                 PUBLISHED: "green", FAILED: "red"}
 HPARAM_KEYS = ("method", "lr", "lora_r", "lora_alpha", "epochs", "batch_tokens", "max_batch", "grad_accum",
-               "warmup_fraction", "min_lr_ratio", "max_seq_len", "num_workers", "use_gpu", "label_selector")
+               "warmup_fraction", "min_lr_ratio", "max_seq_len", "num_workers", "use_gpu", "label_selector", "n_params",
+               "search")
 
 
 def _read_json(path: Path):

@@ -3,7 +3,8 @@
 A family is `config.json`'s `model_type` (else its first architecture), never the repo name.
 Admission reads it in memory: a family that failed twice here since its last success is
 declined; measured tokens/s over the planner's prediction scales later time estimates; measured
-publish speed (bytes / seconds of upload + verification) sizes the reserve kept for publishing.
+publish speed (bytes / seconds of upload + verification) sizes the reserve kept for publishing;
+the learning rates of published jobs refine the next similar job's LR prior (`winning_lrs`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ PUBLISH_SAMPLES = 5            # measured publishes before they replace the plan
 PUBLISH_WINDOW = 50            # latest publishes used (all families: it is this site's network)
 MIN_PUBLISH_SIGMA = 0.3        # a few steady uploads must not shrink the reserve to nothing
 MIN_PUBLISH_BYTES = 256 * 1024**2  # smaller publishes measure the hub's latency, not the bandwidth
+LR_WINDOW = 20                 # latest winning LRs used per (family, task type, method, size class)
+SIZE_CLASS_RATIO = 2.0         # "same size": within this factor of the job's parameter count
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS knowledge (
@@ -71,6 +74,13 @@ class Run:
     reason: str | None = None
     recorded_at: float = field(default_factory=time.time)
 
+    @staticmethod
+    def of(family: str, outcome: str, job, **measured) -> "Run":
+        """A run of `job` (a store.Job), keyed by its plan's shape; `measured`: the other fields."""
+        p = job.plan
+        shape = dict(params=p.params or None, method=p.method or None, gpus=p.gpus, gpu_type=p.gpu_type) if p else {}
+        return Run(family, outcome, job.task_id, job.model, task_type=job.task_type, **shape, **measured)
+
 
 @dataclass
 class FamilyStats:
@@ -96,6 +106,7 @@ class Knowledge:
         self._lock = threading.Lock()
         self._stats: dict[str, FamilyStats] = {}
         self._publish_bps: list[float] = []
+        self._wins: list[Run] = []   # published runs with a recorded LR, oldest first
         if store is not None:
             with store.transaction() as c:
                 for statement in filter(str.strip, _SCHEMA.split(";")):
@@ -108,12 +119,14 @@ class Knowledge:
             return
         stats: dict[str, FamilyStats] = {}
         bps: list[float] = []
+        wins: list[Run] = []
         for row in self.store.query("SELECT * FROM knowledge ORDER BY recorded_at, id"):
             run = Run(**{f.name: row[f.name] for f in fields(Run)})
             stats.setdefault(run.family, FamilyStats()).add(run)
             bps = _add_publish(bps, run)
+            wins = _add_win(wins, run)
         with self._lock:
-            self._stats, self._publish_bps = stats, bps
+            self._stats, self._publish_bps, self._wins = stats, bps, wins
 
     def record(self, run: Run) -> None:
         if self.store is not None:
@@ -124,6 +137,11 @@ class Knowledge:
         with self._lock:
             self._stats.setdefault(run.family, FamilyStats()).add(run)
             self._publish_bps = _add_publish(self._publish_bps, run)
+            self._wins = _add_win(self._wins, run)
+
+    def advice(self, family: str | None) -> "Advice":
+        """What admission needs from the record of this family, read once per request."""
+        return Advice(self.blocked(family), self.speedup(family), self._publish_bps)
 
     def blocked(self, family: str | None) -> str | None:
         """Why this family is declined here, or None."""
@@ -143,14 +161,42 @@ class Knowledge:
         return min(hi, max(lo, statistics.median(ratios)))
 
     def publish_timing(self, base):
+        return Advice(None, 1.0, self._publish_bps).timing(base)
+
+
+    def winning_lrs(self, family: str | None, n_params: int | None, task_type: str, method: str) -> list[float]:
+        """LRs of the latest published jobs of this family, task type and method whose size is
+        within SIZE_CLASS_RATIO of `n_params` (tuning.priors.refine_lr_prior pulls the prior
+        towards them). A published job is the only "win" this miner observes itself."""
+        if not family or not n_params or n_params <= 0:
+            return []
+        same = [r.lr for r in self._wins if r.family == family and r.task_type == task_type and r.method == method
+                and r.params and abs(math.log(r.params / n_params)) <= math.log(SIZE_CLASS_RATIO)]
+        return same[-LR_WINDOW:]
+
+
+@dataclass(frozen=True)
+class Advice:
+    """The knowledge base's word on one family, for one admission decision."""
+    blocked: str | None          # why this family is declined here, or None
+    speedup: float               # measured / predicted throughput
+    publish_bps: list[float]     # measured publish speeds (all families: this site's network)
+
+    def timing(self, base):
         """The planner's Timing with upload speed and spread as measured here (median bytes/s and
         the spread of log speed over the latest publishes), once there are enough of them."""
-        bps = self._publish_bps
+        bps = self.publish_bps
         if len(bps) < PUBLISH_SAMPLES:
             return base
         logs = [math.log(b) for b in bps]
         return replace(base, upload_bps=statistics.median(bps),
                        publish_sigma=max(MIN_PUBLISH_SIGMA, statistics.stdev(logs)))
+
+
+def _add_win(wins: list[Run], run: Run) -> list[Run]:
+    if run.outcome == SUCCESS and run.lr and run.lr > 0 and math.isfinite(run.lr):
+        return wins + [run]
+    return wins
 
 
 def _add_publish(bps: list[float], run: Run) -> list[float]:
@@ -202,10 +248,11 @@ def learn(knowledge: Knowledge, job, model_dir: Path | None, cfg, summary: dict 
     family = family_of(config)
     if family is None:
         return  # nothing to key it by: the failure happened before the model was on disk
-    plan, summary = job.plan or {}, summary or {}
+    summary = summary or {}
+    upload_bytes, upload_s = upload or (None, None)
     tps = summary["tokens"] / summary["train_seconds"] if summary.get("tokens") and summary.get("train_seconds") else None
-    peak = summary.get("peak_mem_gib")
-    knowledge.record(Run(family, FAILURE if failure else SUCCESS, job.task_id, job.model, plan.get("params"),
-                         job.task_type, plan.get("method"), plan.get("gpus"), plan.get("gpu_type"),
-                         getattr(cfg, "lr", None), getattr(cfg, "lora_r", None), tps, plan.get("tokens_per_s"),
-                         peak, *(upload or (None, None)), reason=failure))
+    knowledge.record(Run.of(family, FAILURE if failure else SUCCESS, job, lr=getattr(cfg, "lr", None),
+                            lora_r=getattr(cfg, "lora_r", None), tokens_per_s=tps,
+                            predicted_tokens_per_s=(job.plan.tokens_per_s or None) if job.plan else None,
+                            peak_mem_gib=summary.get("peak_mem_gib"), upload_bytes=upload_bytes, upload_s=upload_s,
+                            reason=failure))

@@ -90,9 +90,9 @@ def view_from_ray(cpu_workers: int = 1) -> ClusterView:
     return view_from_ray_nodes(ray.nodes(), cpu_workers)
 
 
-def initial_view(use_gpu: bool, cpu_workers: int) -> ClusterView:
-    """Before Ray answers: MINER_CLUSTER if declared, else this machine."""
-    spec = os.environ.get("MINER_CLUSTER")
+def initial_view(use_gpu: bool, cpu_workers: int, spec: str | None = None) -> ClusterView:
+    """Before Ray answers: the declared shape (settings.cluster_shape, MINER_CLUSTER) if any,
+    else this machine."""
     if spec:
         return parse_shape(spec)
     if use_gpu:

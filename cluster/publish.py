@@ -11,7 +11,7 @@ from pathlib import Path
 from .hub import Hub, PartialUpload, RetryPolicy, call_with_retries, hub_from_settings, point_adapter_at_base, repo_owner
 from .model_hash import calculate_model_hash
 from .settings import Settings
-from .store import Job
+from .store import PUBLISHED, PUBLISHING, Job, JobStore
 
 CHECKPOINT_METRICS = "metrics.json"  # written by the trainers next to each checkpoint's weights
 
@@ -34,6 +34,13 @@ def publish(model_dir: Path, job: Job, settings: Settings, hub: Hub | None = Non
     # Leave a little of the deadline for the answer itself; retries never end past it.
     call_with_retries(upload_and_verify, deadline=job.deadline - 5, policy=policy, what=f"upload of {repo}")
     return repo, expected
+
+
+def mark_published(store: JobStore, task_id: str, repo: str, model_hash: str) -> bool:
+    """The one place a job becomes PUBLISHED (its driver, or the deadline watchdog): only from
+    PUBLISHING, the state whoever publishes claimed first, so the two never both report."""
+    return store.update_job(task_id, only_if_status=(PUBLISHING,), status=PUBLISHED, repo=repo,
+                            model_hash=model_hash, reason=None)
 
 
 def checkpoint_is_complete(path: Path) -> bool:

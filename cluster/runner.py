@@ -11,7 +11,7 @@ import time
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from .capacity import placement
-from .settings import Settings
+from .settings import RAY_TRAIN_ENV, Settings
 from .store import Job
 
 
@@ -22,17 +22,17 @@ class RayJobRunner:
     def submit(self, job: Job, settings: Settings, entrypoint: str | None = None) -> str:
         # Use this interpreter: the cluster PATH's `python` may not have the miner installed.
         entrypoint = entrypoint or f"{sys.executable} -m cluster.job_main --task-id {job.task_id}"
-        shape = placement(job.plan or {})
+        shape = placement(job.plan)
         metadata = {
             "kind": "miner-finetune", "task_id": job.task_id, "task_type": job.task_type,
             "model": job.model[:200], "expected_repo_name": job.expected_repo_name,
             "deadline": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(job.deadline)),
-            **{k: str(v) for k, v in (job.plan or {}).items()
+            **{k: str(v) for k, v in (job.plan.to_dict() if job.plan else {}).items()
                if k in ("method", "gpus", "gpu_type", "workers", "node_id") and v is not None},
         }
         return self.client.submit_job(
             entrypoint=entrypoint, submission_id=job.submission_id, metadata=metadata,
-            runtime_env={"env_vars": settings.as_env()}, entrypoint_num_cpus=0, entrypoint_num_gpus=0,
+            runtime_env={"env_vars": {**settings.as_env(), **RAY_TRAIN_ENV}}, entrypoint_num_cpus=0, entrypoint_num_gpus=0,
             entrypoint_resources=shape["driver_resources"] or None,
             entrypoint_label_selector=shape["label_selector"] or None)
 

@@ -242,15 +242,14 @@ def restore(scheduler: Scheduler, store, now: float, plan_for) -> None:
     from .store import ACTIVE, QUEUED
 
     for job in store.list_jobs(ACTIVE):
-        plan_d = job.plan or {}
-        plan = Plan.from_dict(plan_d) if "method" in plan_d else plan_for(job)
+        plan = job.plan if job.plan is not None and job.plan.method else plan_for(job)
         if plan is None:
             continue
-        if job.started_at and plan_d.get("node_id"):
-            scheduler.start(job.task_id, plan_d["node_id"], job.started_at,
-                            plan_d.get("planned_end", job.deadline), plan.gpus or 1)
+        if job.started_at and job.plan is not None and job.plan.node_id:
+            scheduler.start(job.task_id, job.plan.node_id, job.started_at, job.plan.planned_end or job.deadline,
+                            plan.gpus or 1)
         elif job.status == QUEUED:
             scheduler.add(Item(job.task_id, plan, job.deadline, JOB))
     for offer in store.reserved_offers(now):
-        scheduler.add(Item(offer.task_id, Plan.from_dict(offer.plan), offer.created_at + offer.hours_to_complete * 3600,
+        scheduler.add(Item(offer.task_id, offer.plan, offer.created_at + offer.hours_to_complete * 3600,
                            OFFER, offer.expires_at))

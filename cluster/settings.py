@@ -10,9 +10,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def _env(name: str, default: str | None = None) -> str | None:
+# Ray Train V2 (Ray 2.60) patches print() in its workers to log through the root logger, and
+# also prints the line itself when sys.stdout is not sys.__stdout__, which in a Ray worker it
+# never is (Ray wraps it in Unbuffered): every training-worker line came out twice. Off, print
+# is print. Set in the runtime_env of every Ray Job and local Ray instance that trains, so it
+# reaches the driver, the Train controller and the workers alike.
+RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """One environment variable, empty counting as unset. The only reader of os.environ in the
+    miner: process-level switches that are not Settings fields (Ray's address, the demo model,
+    the access log) read it through here, so every variable the miner honours is found here."""
     value = os.environ.get(name)
     return value if value not in (None, "") else default
+
+
+_env = env
+
+
+def env_subset(names) -> dict[str, str]:
+    """The named variables as set (empty ones too): what a child process inherits on purpose."""
+    return {k: v for k, v in os.environ.items() if k in names}
 
 
 @dataclass(frozen=True)
@@ -48,6 +67,8 @@ class Settings:
     training_github_token: str | None = None  # only for a private training repo (MINER_TRAINING_GITHUB_TOKEN_FILE)
     hf_offline: bool = False           # HF_HUB_OFFLINE=1: never reach for the Hub (the tournament container)
     tmp_dir: str = "/tmp"              # TMPDIR: Ray's session files in the tournament container
+    cluster_shape: str | None = None   # MINER_CLUSTER: a declared shape ("2x8xH100"), fixed; None: ask Ray
+    reservation_ttl_s: float = 3600.0  # MINER_RESERVATION_TTL_S: how long an accepted offer holds its GPUs
 
     def training_repo_problem(self) -> str | None:
         """Why /training_repo/text cannot be answered (None: it can)."""
@@ -147,6 +168,8 @@ def load_settings() -> Settings:
         prefetch_jobs=int(_env("MINER_PREFETCH_JOBS", "2")),
         prefetch_models=_env("MINER_PREFETCH_MODELS", "1") in ("1", "true"),
         train_options=parse_train_options(_env("MINER_TRAIN_OPTIONS", "")),
+        cluster_shape=_env("MINER_CLUSTER"),
+        reservation_ttl_s=float(_env("MINER_RESERVATION_TTL_S", "3600")),
     )
 
 
@@ -216,7 +239,7 @@ def load_tournament_env() -> TournamentEnv:
 # What the planner and the job decide (data, deadline, placement): not an operator's option.
 _NOT_OPTIONS = {"model_path", "train_file", "dataset_type", "task_type", "run_dir", "run_name", "train_deadline",
                 "progress_file", "num_workers", "use_gpu", "cpus_per_worker", "accelerator_type", "label_selector",
-                "extra", "zero_stage"}
+                "extra", "zero_stage", "n_params", "search", "search_trial", "grpo"}
 
 
 def parse_train_options(text: str) -> dict:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
+from .capacity import Plan
+
 # Life of a job. `published` and `failed` are terminal.
 QUEUED, SUBMITTED, RUNNING, PUBLISHING, PUBLISHED, FAILED = (
     "queued", "submitted", "running", "publishing", "published", "failed")
@@ -79,7 +81,7 @@ class Job:
     model_hash: str | None = None
     hparams: dict | None = None
     updated_at: float = 0.0
-    plan: dict | None = None          # capacity.Plan + node_id/planned_start/planned_end once placed
+    plan: Plan | None = None          # the capacity plan; where and when once dispatched
     started_at: float | None = None
     attempts: int = 0                  # how many times a job driver has started on it
     faults: list | None = None         # what went wrong and was survived (worker crash, watchdog, ...)
@@ -98,11 +100,18 @@ class Offer:
     accepted: bool
     message: str
     created_at: float
-    plan: dict | None = None          # what an accepted offer reserved, until `expires_at`
+    plan: Plan | None = None          # what an accepted offer reserved, until `expires_at`
     expires_at: float | None = None
 
 
 _JSON_COLUMNS = ("dataset_type", "hparams", "plan", "faults")
+
+
+def _to_json(value) -> str | None:
+    """A JSON column's text: plans as their dict (old rows stored the same dict)."""
+    if value is None:
+        return None
+    return json.dumps(value.to_dict() if isinstance(value, Plan) else value)
 
 
 class JobStore:
@@ -160,7 +169,7 @@ class JobStore:
         job.updated_at = time.time()
         row = {f.name: getattr(job, f.name) for f in fields(Job)}
         for col in _JSON_COLUMNS:
-            row[col] = json.dumps(row[col]) if row[col] is not None else None
+            row[col] = _to_json(row[col])
         cols = ", ".join(row)
         marks = ", ".join("?" for _ in row)
         with self._tx() as c:
@@ -183,8 +192,8 @@ class JobStore:
     def update_job(self, task_id: str, *, only_if_status: tuple[str, ...] | None = None, **changes) -> bool:
         """Applies `changes`; with `only_if_status`, only when the job is in one of those states."""
         for col in _JSON_COLUMNS:
-            if col in changes and changes[col] is not None:
-                changes[col] = json.dumps(changes[col])
+            if col in changes:
+                changes[col] = _to_json(changes[col])
         changes["updated_at"] = time.time()
         sets = ", ".join(f"{k} = ?" for k in changes)
         args = list(changes.values()) + [task_id]
@@ -224,7 +233,7 @@ class JobStore:
             c.executemany("INSERT OR REPLACE INTO offers (task_id, task_type, model, hours_to_complete, accepted, "
                           "message, created_at, plan, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                           [(o.task_id, o.task_type, o.model, o.hours_to_complete, int(o.accepted), o.message,
-                            o.created_at, json.dumps(o.plan) if o.plan else None, o.expires_at) for o in offers])
+                            o.created_at, _to_json(o.plan), o.expires_at) for o in offers])
 
     def get_offer(self, task_id: str) -> Offer | None:
         row = self._conn.execute("SELECT * FROM offers WHERE task_id = ?", (task_id,)).fetchone()
@@ -242,7 +251,7 @@ class JobStore:
 
 def _offer_from_row(row: sqlite3.Row) -> Offer:
     data = dict(row)
-    data["plan"] = json.loads(data["plan"]) if data.get("plan") else None
+    data["plan"] = Plan.from_dict(json.loads(data["plan"])) if data.get("plan") else None
     return Offer(**{**data, "accepted": bool(row["accepted"])})
 
 
@@ -250,4 +259,5 @@ def _job_from_row(row: sqlite3.Row) -> Job:
     data = dict(row)
     for col in _JSON_COLUMNS:
         data[col] = json.loads(data[col]) if data[col] else None
+    data["plan"] = Plan.from_dict(data["plan"])
     return Job(**data)

@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .capacity import CPU_MAX_PARAMS, Device, method_and_min_gpus, device, memory_per_gpu_gib, preferred_gpus
+from .capacity import CPU_MAX_PARAMS, Device, Plan, device, memory_per_gpu_gib, method_and_min_gpus, preferred_gpus
+from .settings import RAY_TRAIN_ENV
 
 GIB = 1024**3
 RAY_OBJECT_STORE_MAX = 2 * GIB  # training passes no large objects through Ray: keep shm for NCCL/dataloaders
@@ -44,10 +45,10 @@ class RunPlan:
     cpus_per_worker: float
     why: list[str] = field(default_factory=list)
 
-    def job_plan(self) -> dict:
-        """The `Job.plan` dict the offer-era runner also reads (cluster/job_main.plan_shape)."""
-        return {"method": self.method, "workers": self.workers, "gpus": self.workers if self.use_gpu else 0,
-                "cpus_per_worker": self.cpus_per_worker, "gpu_type": "GPU" if self.use_gpu else "CPU"}
+    def job_plan(self) -> Plan:
+        """The `Job.plan` the offer-era runner also reads (cluster/job_main.plan_shape)."""
+        return Plan(method=self.method, workers=self.workers, gpus=self.workers if self.use_gpu else 0,
+                    cpus_per_worker=self.cpus_per_worker, gpu_type="GPU" if self.use_gpu else "CPU")
 
 
 def short_gpu_name(name: str) -> str:
@@ -116,7 +117,8 @@ def ray_init_kwargs(hw: Hardware, temp_dir: str | None = None) -> dict:
     if hw.mem_bytes:
         store = min(store, hw.mem_bytes // 10)
     kwargs = {"num_cpus": max(1, hw.cpus), "num_gpus": hw.gpus, "object_store_memory": max(100 * 1024**2, store),
-              "include_dashboard": True, "dashboard_host": "127.0.0.1", "log_to_driver": True}
+              "include_dashboard": True, "dashboard_host": "127.0.0.1", "log_to_driver": True,
+              "runtime_env": {"env_vars": dict(RAY_TRAIN_ENV)}}  # one line per worker print (settings.py)
     if temp_dir:
         kwargs["_temp_dir"] = temp_dir
     return kwargs

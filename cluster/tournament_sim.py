@@ -24,6 +24,7 @@ from pathlib import Path
 from .container import (APP_CHECKPOINTS, CACHE, Sandbox, cache_model_name, ensure_mountpoints, lay_out_cache,
                         model_folders, run_with_limit, sandbox_problem, upload_candidate)
 from .hub import point_adapter_at_base
+from .settings import env_subset
 from .simulate import TaskSpec
 
 DOCKERFILE = Path(__file__).resolve().parents[1] / "ops" / "docker" / "standalone-text-trainer.dockerfile"
@@ -96,7 +97,7 @@ def run_container(spec: TaskSpec, model_dir: Path, model_id: str, run: Container
     lay_out_cache(cache, task_id, model_dir, spec.path / "train.json", model_name)
     _scrub_identity(cache / "models" / model_name)
     model_arg = model_name if run.salt else model_id
-    env = {k: v for k, v in os.environ.items() if k in KEEP_ENV}
+    env = env_subset(KEEP_ENV)
     env.update(image_env())
     env.update({"TMPDIR": str(tmp), "HOME": str(tmp / "home"), "XDG_CACHE_HOME": str(tmp / "cache"),
                 "HF_HOME": str(tmp / "hf"), "TRITON_CACHE_DIR": str(tmp / "triton"), "MINER_STATE_DIR": str(tmp / "miner"),

@@ -17,9 +17,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from .publish import best_checkpoint, checkpoint_bytes, publish, upload_estimate_s
+from .publish import best_checkpoint, checkpoint_bytes, mark_published, publish, upload_estimate_s
 from .settings import Settings
-from .store import ACTIVE, FAILED, PUBLISHED, PUBLISHING, QUEUED, RUNNING, SUBMITTED, Job, JobStore
+from .store import ACTIVE, FAILED, PUBLISHING, QUEUED, RUNNING, SUBMITTED, Job, JobStore
 
 log = logging.getLogger("miner.watchdog")
 MIN_MARGIN_S = 3.0
@@ -79,8 +79,7 @@ class Watchdog:
         self.store.add_fault(job.task_id, {"kind": "watchdog_publish", "why": why, "checkpoint": checkpoint.name,
                                            "upload_s": round(time.time() - started, 2),
                                            "slack_s": round(job.deadline - time.time(), 2)})
-        self.store.update_job(job.task_id, only_if_status=(PUBLISHING,), status=PUBLISHED, repo=repo,
-                              model_hash=model_hash, reason=None)
+        mark_published(self.store, job.task_id, repo, model_hash)
 
     def wait(self, timeout: float | None = None) -> None:
         """Waits for the uploads in flight (tests, shutdown)."""

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 from ray import serve
 
 from cluster import metrics
 from cluster.control import ControlPlane
 from cluster.identity import miner_hotkey
-from cluster.settings import load_settings
+from cluster.settings import env, load_settings
 
 from .api import api
 from .wiring import install
@@ -26,7 +25,7 @@ log = logging.getLogger("miner.serve")
 @serve.deployment(num_replicas=1, max_ongoing_requests=200, ray_actor_options={"num_cpus": 0},
                   health_check_period_s=10, health_check_timeout_s=30,
                   # validators poll submissions; per-request access lines drown the job logs
-                  logging_config={"enable_access_log": os.environ.get("MINER_ACCESS_LOG") == "1"})
+                  logging_config={"enable_access_log": env("MINER_ACCESS_LOG") == "1"})
 @serve.ingress(api)
 class MinerIngress:
     def __init__(self, reconcile_interval_s: float = 10.0):

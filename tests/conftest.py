@@ -101,3 +101,22 @@ def short_fit():
         return fit(cfg, tmp_path / name)
 
     return run
+
+
+@pytest.fixture()
+def idle_decide():
+    """Admission of one request on an idle cluster of this machine's (or MINER_CLUSTER's) shape:
+    no queue, no knowledge, the config only from disk (the capability check that
+    cluster.admission.decide was, before the control plane owned every admission)."""
+    from cluster.admission import Admission, Limits, Request
+    from cluster.knowledge import local_config
+    from cluster.ledger import initial_view
+    from cluster.scheduling import Scheduler
+
+    def decide(task_type, model, hours, settings):
+        adm = Admission(Scheduler(initial_view(settings.use_gpu, settings.num_workers, settings.cluster_shape)),
+                        limits=Limits(settings.min_hours, settings.max_hours, settings.num_workers))
+        return adm.decide(Request("capability-check", task_type, model, hours, None,
+                                  local_config(model, settings.model_cache_dir)))
+
+    return decide

@@ -134,7 +134,7 @@ def test_reservations_expire_and_free_their_devices():
 
 def test_planner_memory_and_shapes():
     full = capacity.plan_options(1 * B, "InstructTextTask", "H100", 8)[0]
-    assert (full.method, full.gpus, full.bundles()) == ("full", 1, [{"CPU": 1.0, "GPU": 1.0}])
+    assert (full.method, full.gpus, full.workers, full.cpus_per_worker) == ("full", 1, 1, 1.0)
     dpo_full = capacity.memory_per_gpu_gib(3 * B, "DpoTask", "full", 1, capacity.device("H100"))
     sft_full = capacity.memory_per_gpu_gib(3 * B, "InstructTextTask", "full", 1, capacity.device("H100"))
     assert dpo_full > sft_full + 5   # the reference model and chosen+rejected activations
@@ -143,7 +143,7 @@ def test_planner_memory_and_shapes():
     big = capacity.plan_options(70 * B, "InstructTextTask", "H100", 8)
     assert [p.gpus for p in big] == [8, 4] and all(p.method == "lora_zero3" for p in big)
     assert all(p.mem_per_gpu_gib <= 80 for p in big) and big[0].min_s < big[1].min_s
-    assert big[0].bundles() == [{"CPU": 1.0, "GPU": 1.0}] * 8 and big[0].strategy == "STRICT_PACK"
+    assert (big[0].workers, big[0].cpus_per_worker) == (8, 1.0)   # Ray Train: 8 × {GPU: 1, CPU: 1}, one node
 
 
 def test_ray_view_counts_gpus_not_accelerator_markers():
@@ -159,15 +159,14 @@ def test_ray_view_counts_gpus_not_accelerator_markers():
         parse_shape("8 H100")
 
 
-def test_stateless_decide_keeps_the_old_entry_point(tmp_path, monkeypatch):
-    from cluster import admission
+def test_idle_cluster_of_the_configured_shape_decides_by_capability(tmp_path, monkeypatch, idle_decide):
     from cluster.settings import load_settings
 
     monkeypatch.setenv("MINER_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("MINER_CLUSTER", "1x1xH100")
     settings = load_settings()
-    assert admission.decide(I, "org/model-1B", 2.0, None, settings).accepted
-    big = admission.decide(I, "org/model-70B", 2.0, None, settings)
+    assert idle_decide(I, "org/model-1B", 2.0, settings).accepted
+    big = idle_decide(I, "org/model-70B", 2.0, settings)
     assert not big.accepted and "parameters is over" in big.message and "1×1×H100" in big.message
 
 

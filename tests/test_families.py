@@ -7,7 +7,6 @@ import math
 
 import pytest
 
-from cluster import admission
 from cluster.demo_model import FAMILIES, build_tiny_model, texts_from_task
 from cluster.protocol import MinerTaskOffer, TaskType
 from cluster.settings import load_settings
@@ -60,7 +59,7 @@ def test_family_trains_saves_and_reloads_every_task_type(family, family_root, de
             assert base == pytest.approx(math.log(2), abs=1e-5)  # the base is its own reference
 
 
-def test_models_needing_remote_code_are_declined_at_offer_time(tmp_path, tiny_models):
+def test_models_needing_remote_code_are_declined_at_offer_time(tmp_path, tiny_models, idle_decide):
     settings = load_settings()
     config = json.loads((tiny_models["qwen2"] / "config.json").read_text())
     cases = {"native": config, "auto_map": {**config, "auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}},
@@ -71,7 +70,7 @@ def test_models_needing_remote_code_are_declined_at_offer_time(tmp_path, tiny_mo
         d.mkdir()
         (d / "config.json").write_text(json.dumps(cfg))
         offer = MinerTaskOffer(model=str(d), hours_to_complete=2, task_id="t", task_type=TaskType.DPOTASK)
-        answers[name] = admission.decide(offer.task_type, offer.model, offer.hours_to_complete, None, settings)
+        answers[name] = idle_decide(offer.task_type, offer.model, offer.hours_to_complete, settings)
     assert answers["native"].accepted, answers["native"].message
     assert not answers["auto_map"].accepted and "trust_remote_code" in answers["auto_map"].message
     assert not answers["unknown_type"].accepted and "trust_remote_code" in answers["unknown_type"].message

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from cluster import admission, metrics
+from cluster import metrics
 from cluster.cli import main as miner_cli
 from cluster.protocol import TaskType
 from cluster.reports import PROGRESS_FILE, PhaseTimer, write_job_report, write_timings
@@ -139,7 +139,7 @@ def test_projected_slack_and_monitor_without_ray(tmp_path):
     assert monitor.poll()["step"] == 4 and monitor._counted_s == HISTORY[3]["elapsed_s"] * 4  # no Ray: no-op, no error
 
 
-def test_offer_reasons_are_a_small_fixed_set_from_real_admission_messages():
+def test_offer_reasons_are_a_small_fixed_set_from_real_admission_messages(idle_decide):
     settings = load_settings()
     cases = {(TaskType.IMAGETASK, "org/m", 1.0): "unsupported_task_type",
              (TaskType.INSTRUCTTEXTTASK, "org/m", 0.001): "too_short",
@@ -148,7 +148,7 @@ def test_offer_reasons_are_a_small_fixed_set_from_real_admission_messages():
              (TaskType.INSTRUCTTEXTTASK, "org/model-70B", 1.0): "model_too_large",
              (TaskType.INSTRUCTTEXTTASK, "org/model-0.1B", 1.0): "accepted"}
     for (task_type, model, hours), reason in cases.items():
-        d = admission.decide(task_type, model, hours, None, settings)
+        d = idle_decide(task_type, model, hours, settings)
         assert metrics.offer_reason(d.accepted, d.message) == reason, d.message
 
 

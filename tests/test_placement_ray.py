@@ -67,11 +67,11 @@ class ProbeRunner(RayJobRunner):
     probe instead of a fine-tune."""
 
     def submit(self, job, settings, entrypoint=None):
-        from cluster.capacity import Plan, placement
+        from cluster.capacity import placement
 
-        plan = Plan.from_dict(job.plan)
-        where = placement(job.plan)
-        bundles = [{**b, f"accelerator_type:{plan.gpu_type}": 0.001} for b in plan.bundles()]
+        plan = job.plan
+        where = placement(plan)   # Ray Train's bundles: one {GPU: 1, CPU: c} per worker
+        bundles = [{"CPU": plan.cpus_per_worker, "GPU": 1.0, f"accelerator_type:{plan.gpu_type}": 0.001}] * plan.workers
         shape = json.dumps({"bundles": bundles, "label_selector": where["label_selector"], "name": job.task_id})
         return super().submit(job, settings, f"{sys.executable} -c {shlex.quote(PROBE.format(shape=shape))}")
 
@@ -86,8 +86,8 @@ def test_two_shapes_are_placed_on_their_planned_nodes(cluster):
     big = _offer_and_train(cp, 70e9, 6)     # LoRA + ZeRO-3 on 8 H100s
     mid = _offer_and_train(cp, 14e9, 6)     # H100s are taken: 4 A100s finish it sooner than waiting
     plans = {t: cp.store.get_job(t).plan for t in (big, mid)}
-    assert (plans[big]["gpu_type"], plans[big]["gpus"], plans[big]["node_id"]) == ("H100", 8, cluster["H100"])
-    assert (plans[mid]["gpu_type"], plans[mid]["gpus"], plans[mid]["node_id"]) == ("A100", 4, cluster["A100"])
+    assert (plans[big].gpu_type, plans[big].gpus, plans[big].node_id) == ("H100", 8, cluster["H100"])
+    assert (plans[mid].gpu_type, plans[mid].gpus, plans[mid].node_id) == ("A100", 4, cluster["A100"])
 
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -98,11 +98,11 @@ def test_two_shapes_are_placed_on_their_planned_nodes(cluster):
     assert {n: p.state for n, p in pgs.items()} == {big: "CREATED", mid: "CREATED"}
     for task_id, pg in pgs.items():
         plan = plans[task_id]
-        assert len(pg.bundles) == plan["gpus"]
-        assert {b["node_id"] for b in pg.bundles} == {plan["node_id"]}
+        assert len(pg.bundles) == plan.gpus
+        assert {b["node_id"] for b in pg.bundles} == {plan.node_id}
         assert all(b["unit_resources"]["GPU"] == 1 for b in pg.bundles)
         info = cp.runner.client.get_job_info(f"miner-{task_id}")
-        assert info.driver_node_id == plan["node_id"] and info.metadata["gpus"] == str(plan["gpus"])
+        assert info.driver_node_id == plan.node_id and info.metadata["gpus"] == str(plan.gpus)
     import ray
 
     assert ray.available_resources().get("GPU", 0) == 0     # 8 + 4 held, exactly the plans

@@ -59,13 +59,13 @@ def test_queue_dispatches_in_deadline_order_and_survives_restart(settings):
     train(cp, b, hours=1.5)
     train(cp, a, hours=1.0)
     ja, jb = cp.store.get_job(a), cp.store.get_job(b)
-    assert ja.started_at and ja.plan["node_id"] == "H100-0" and ja.plan["planned_end"] <= ja.deadline
+    assert ja.started_at and ja.plan.node_id == "H100-0" and ja.plan.planned_end <= ja.deadline
     assert jb.started_at is None and jb.status == QUEUED      # waits for its turn, not for Ray
 
     fetched = []
     again = plane(settings, prefetch=lambda job: fetched.append(job.task_id))  # a restart: same promises
     assert set(again.scheduler.ledger.holds) == {a} and set(again.scheduler.queue) == {b}
-    assert again.scheduler.ledger.holds[a].end == pytest.approx(ja.plan["planned_end"])
+    assert again.scheduler.ledger.holds[a].end == pytest.approx(ja.plan.planned_end)
     _, rc2 = offer(again, hours=1.0)
     assert not rc2.accepted and "busy until" in rc2.message
     again.reconcile()
@@ -74,11 +74,12 @@ def test_queue_dispatches_in_deadline_order_and_survives_restart(settings):
     cp.store.update_job(a, status="published")               # a finishes: b starts on reconcile
     again.reconcile()
     jb = again.store.get_job(b)
-    assert jb.started_at and jb.plan["node_id"] == "H100-0" and a not in again.scheduler.ledger.holds
+    assert jb.started_at and jb.plan.node_id == "H100-0" and a not in again.scheduler.ledger.holds
 
 
 def test_reservation_of_an_accepted_offer_survives_restart_and_expires(settings, monkeypatch):
     monkeypatch.setenv("MINER_RESERVATION_TTL_S", "1")
+    settings = load_settings()
     cp = plane(settings)
     a, ra = offer(cp, params=3e9, hours=2.0)
     assert ra.accepted
@@ -137,7 +138,7 @@ def test_finished_jobs_teach_the_knowledge_base_by_family(settings, tmp_path):
     a, _ = offer(cp, hours=1.0)
     train(cp, a, hours=1.0)
     job = cp.store.get_job(a)
-    predicted = job.plan["tokens_per_s"]
+    predicted = job.plan.tokens_per_s
     learn(cp.knowledge, job, base_model, None, {"tokens": predicted * 50, "train_seconds": 100.0}, None)
     again = plane(settings)                           # read back from SQLite after a restart
     assert again.knowledge.speedup("llama") == 0.5    # keyed by config.json's model_type

@@ -58,3 +58,29 @@ def test_offer_log_answers_from_memory_and_writes_in_batches(tmp_path):
     log.close()  # closing flushes
     reopened = JobStore(tmp_path / "m.db")
     assert reopened.get_offer("t4").accepted is True and reopened.get_offer("t49") is not None
+
+
+def test_plans_round_trip_as_json_and_old_dict_rows_still_load(tmp_path):
+    import json
+
+    from cluster.capacity import Plan, plan_options
+
+    store = JobStore(tmp_path / "m.db")
+    plan = plan_options(1_000_000_000, "InstructTextTask", "H100", 8)[0]
+    job = _job()
+    job.plan = plan
+    store.add_job(job)
+    assert store.get_job("t1").plan == plan
+    placed = plan.placed("node-a", 10.0, 20.0, True)
+    store.update_job("t1", plan=placed)
+    assert store.get_job("t1").plan == placed and json.loads(store.query("SELECT plan FROM jobs")[0][0])["node_id"] == "node-a"
+    # A row written before plans were typed: the dict, placement keys merged in, maybe a key since dropped.
+    old = {**{k: v for k, v in plan.to_dict().items() if k not in ("node_id", "planned_start", "planned_end", "pinned")},
+           "node_id": "node-b", "planned_start": 1.0, "planned_end": 2.0, "pinned": False, "strategy": "STRICT_PACK"}
+    with store.transaction() as c:
+        c.execute("UPDATE jobs SET plan = ? WHERE task_id = 't1'", (json.dumps(old),))
+    loaded = store.get_job("t1").plan
+    assert isinstance(loaded, Plan) and (loaded.method, loaded.gpus, loaded.node_id, loaded.planned_end) == (
+        plan.method, plan.gpus, "node-b", 2.0)
+    store.record_offer(Offer("o1", "InstructTextTask", "m", 1.0, True, "accepted", time.time(), plan, time.time() + 60))
+    assert store.get_offer("o1").plan == plan
