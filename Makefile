@@ -28,6 +28,7 @@ demo-tournament: $(BIN)/.installed
 	RAY_AUTH_MODE=disabled MINER_STATE_DIR=.miner-demo $(BIN)/miner simulate --tournament --minutes 3 $(SANDBOX)
 
 test: $(BIN)/.installed
+	$(BIN)/ruff check .
 	RAY_AUTH_MODE=disabled OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q --durations=12 tests
 
 clean:

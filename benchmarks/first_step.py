@@ -95,7 +95,7 @@ def e2e(model_dir: str, task_dir: str, out: str, limit_s: float) -> dict:
     meta = json.loads((Path(task_dir) / "task.json").read_text())
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
-    progress = outp / "checkpoints" / "first-step" / ".work" / "progress.json"  # cluster/tournament.py writes it
+    progress = outp / "checkpoints" / "first-step" / ".work" / "progress.json"  # cluster/jobs/tournament.py writes it
     cmd = [sys.executable, "-m", "trainers.tournament", "--task-id", "first-step", "--model", model_dir,
            "--dataset", str(Path(task_dir) / "train.json"), "--dataset-type", json.dumps(meta["dataset_type"]),
            "--task-type", meta["task_type"], "--expected-repo-name", "first-step",

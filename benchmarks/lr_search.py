@@ -121,7 +121,6 @@ def bench_task(task: str, model: Path, args, work: Path) -> dict:
     print(f"[{task}] {costs.per_epoch} batches/epoch, full run = {args.steps} steps, prior lr {hp['lr']:.2e}", flush=True)
 
     grid_lrs = [args.grid_lo * (args.grid_hi / args.grid_lo) ** (i / 7) for i in range(8)]
-    t0 = time.time()
     grid = _cached(work / task / "grid.json", lambda: [full_run(cfg, lr, work / task / "grid") for lr in grid_lrs])
     grid_s = sum(r["seconds"] for r in grid)
     best = min(grid, key=lambda r: r["dev_loss"])
@@ -200,7 +199,7 @@ def write_markdown(report: dict, path: Path) -> None:
     for t in report["tasks"]:
         lines.append(f"- {t['task']}: " + ", ".join(f"{r['lr']:.1e}: {r['dev_loss']:.4f}" for r in t["grid"]))
         rt = t["search"]["range_test"]
-        lines.append(f"  - range test: " + ", ".join(f"{k} {v:.2e}" for k, v in rt["candidates"].items())
+        lines.append("  - range test: " + ", ".join(f"{k} {v:.2e}" for k, v in rt["candidates"].items())
                      + f" (stopped: {rt['stopped_by']}); ASHA trials: " + ", ".join(
                          f"{x['lr']:.1e}{' (stopped)' if x['stopped_early'] else ''}"
                          for x in t["search"]["trials"]))

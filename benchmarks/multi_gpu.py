@@ -30,6 +30,7 @@ import torch
 
 from benchmarks.throughput import SHAPES
 
+
 def random_model(shape: str, tokenizer_dir: Path, out: Path, device: str) -> Path:
     """A random-initialised model of `shape` (bf16, built on the GPU: seconds, not minutes), in
     a child process: this driver never holds a CUDA context the workers' memory would lose."""

@@ -32,7 +32,7 @@ MODELS = ["unsloth/Llama-3.2-1B", "Qwen/Qwen2.5-0.5B", "NousResearch/Meta-Llama-
 
 
 def signed_offers(n: int, validator: Keypair, miner_ss58: str) -> list[tuple[bytes, dict]]:
-    from cluster.signing import signed_headers
+    from cluster.protocol.signing import signed_headers
 
     out = []
     for i in range(n):
@@ -125,7 +125,7 @@ def cpu_by_component(load_pids: set[int] = frozenset()) -> dict[str, float]:
     """CPU seconds used so far by this process's descendants (Ray's daemons and actors, HAProxy,
     the load generator's `load_pids`), grouped by what they are (Linux /proc). Other users of the
     machine are left out: the numbers say where one request's CPU goes."""
-    from cluster.embedded import proc_stat
+    from cluster.console.embedded import proc_stat
 
     tick = os.sysconf("SC_CLK_TCK")
     procs: dict[int, tuple[int, str, float]] = {}
@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     validator, miner = (Keypair.create_from_mnemonic(Keypair.generate_mnemonic()) for _ in range(2))
     os.environ.update({"MINER_STATE_DIR": str(state), "MINER_METAGRAPH_FILE": str(state / "metagraph.json"),
                        "MINER_HOTKEY": miner.ss58_address, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")})
-    from cluster.embedded import deploy
-    from cluster.simulate import register_validator
+    from cluster.console.embedded import deploy
+    from cluster.console.simulate import register_validator
 
     register_validator(state / "metagraph.json", validator.ss58_address, 10_000)
     ends = deploy(port=args.port, reconcile_interval_s=args.reconcile_interval)

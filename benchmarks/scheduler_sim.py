@@ -1,7 +1,7 @@
 """Discrete-event simulation of a week of Gradients offers against the cluster brain (no Ray).
 
-The SAME admission and queue code as the miner (cluster.admission.Admission over
-cluster.scheduling.Scheduler) decides every offer and dispatches every job; the simulation only
+The SAME admission and queue code as the miner (cluster.planning.admission.Admission over
+cluster.planning.scheduling.Scheduler) decides every offer and dispatches every job; the simulation only
 supplies the clock, the offers and how long jobs really take. Compared with the reference
 miner's rule (llama in the name, < 13 h, not busy for more than an hour, one job at a time).
 
@@ -32,11 +32,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster import capacity  # noqa: E402
-from cluster.admission import PLANNABLE, Admission, Limits, Request  # noqa: E402
-from cluster.ledger import parse_shape  # noqa: E402
-from cluster.protocol import TaskType  # noqa: E402
-from cluster.scheduling import JOB, Item, Scheduler  # noqa: E402
+from cluster.planning import capacity  # noqa: E402
+from cluster.planning.admission import PLANNABLE, Admission, Limits, Request  # noqa: E402
+from cluster.planning.ledger import parse_shape  # noqa: E402
+from cluster.planning.scheduling import JOB, Item, Scheduler  # noqa: E402
+from cluster.protocol.wire import TaskType  # noqa: E402
 
 WEEK = 7 * 24 * 3600.0
 T0 = 1_800_000_000.0

@@ -42,13 +42,13 @@ def main() -> None:
                       MINER_MODEL_LOOKUP="off", MINER_SEARCH_SHARE="0", MINER_PREFETCH_MODELS="0")
     from ray.util.state import list_placement_groups
 
+    from cluster.console.embedded import ensure_ray
+    from cluster.console.simulate import DatasetServer
     from cluster.control import ControlPlane
-    from cluster.embedded import ensure_ray
-    from cluster.protocol import MinerTaskOffer, TaskType, TrainRequestText
-    from cluster.runner import RayJobRunner
+    from cluster.jobs.runner import RayJobRunner
+    from cluster.protocol.wire import MinerTaskOffer, TaskType, TrainRequestText
     from cluster.settings import load_settings
-    from cluster.simulate import DatasetServer
-    from cluster.store import TERMINAL
+    from cluster.state.store import TERMINAL
 
     cp = ControlPlane(load_settings(), runner=RayJobRunner(ensure_ray()))
     cp.refresh_view()

@@ -260,10 +260,10 @@ def run_ours(model, cfg, samples, per_step: int, warm: int, timed: int, compile_
 def run_case(case: str, lengths: str, warm: int, timed: int, variants: list[str]) -> dict:
     import tempfile
 
-    from benchmarks.throughput_trl import TRL_VARIANTS, run_trl
-
     import torch
     import transformers
+
+    from benchmarks.throughput_trl import TRL_VARIANTS, run_trl
     name, method = case.rsplit("-", 1)
     pairs = json.loads(Path(lengths).read_text())["pairs"]
     micro, accum = HF_MICRO[name]

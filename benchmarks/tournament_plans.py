@@ -3,7 +3,7 @@
     python -m benchmarks.tournament_plans [--model DIR ...] [--task-type DpoTask ...] [--gpu-gib 79.2]
 
 Prints a Markdown table: the GPUs the validator would grant (gpu_requirements.py), then for each
-GPU count the method, the workers and the planner's reason (cluster/tournament_plan.py), for the
+GPU count the method, the workers and the planner's reason (cluster/jobs/tournament_plan.py), for the
 named model folders and for real model shapes (config fields only).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from cluster.tournament_plan import Hardware, plan_run, validator_gpus
+from cluster.jobs.tournament_plan import Hardware, plan_run, validator_gpus
 from tuning.priors import param_count_from_config
 
 SHAPES = {  # config.json fields of real models (no weights)

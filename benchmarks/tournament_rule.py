@@ -130,9 +130,9 @@ def key(r: dict) -> tuple:
 def ours_config(runs, task: str) -> dict:
     """The challenger is what the tournament entrypoint trains on this machine: the planner's
     hyperparameters (benchmarks/quality.py's e_kept) for the method the capacity planner picks for
-    the visible GPUs (cluster/tournament_plan.py: a full fine-tune for a small model on a GPU, LoRA on
+    the visible GPUs (cluster/jobs/tournament_plan.py: a full fine-tune for a small model on a GPU, LoRA on
     the CPU), not the LoRA-only, techniques-off `ours` of the quality table."""
-    from cluster.tournament_plan import detect_hardware, plan_run
+    from cluster.jobs.tournament_plan import detect_hardware, plan_run
     from tuning.priors import default_hparams
 
     task_type = runs.task_type(task)

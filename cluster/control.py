@@ -23,20 +23,27 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from . import metrics
-from .admission import Admission, Decision, Limits, Request
-from .capacity import Plan
-from .dataset_checks import check_request
-from .knowledge import Knowledge, Run, family_of, local_config
-from .ledger import ClusterView, initial_view, view_from_ray
-from .model_check import HubConfigSource, ModelChecker
-from .offer_log import OfferLog
-from .protocol import (MinerSubmission, MinerTaskOffer, MinerTaskResponse, TaskType, TrainRequestText,
-                       TrainResponse, parse_dataset_type, task_type_of)
-from .scheduling import JOB, OFFER, Item, Scheduler, restore
-from .settings import Settings
-from .store import ACTIVE, FAILED, PUBLISHED, PUBLISHING, QUEUED, SUBMITTED, TERMINAL, Job, JobStore, Offer
-from .watchdog import Watchdog
+from cluster.jobs.watchdog import Watchdog
+from cluster.plan import Plan
+from cluster.planning.admission import Admission, Decision, Limits, Request
+from cluster.planning.dataset_checks import check_request
+from cluster.planning.knowledge import Knowledge, Run, family_of, local_config
+from cluster.planning.ledger import ClusterView, initial_view, view_from_ray
+from cluster.planning.model_check import HubConfigSource, ModelChecker
+from cluster.planning.scheduling import JOB, OFFER, Item, Scheduler, restore
+from cluster.protocol.wire import (
+    MinerSubmission,
+    MinerTaskOffer,
+    MinerTaskResponse,
+    TaskType,
+    TrainRequestText,
+    TrainResponse,
+    task_type_of,
+)
+from cluster.settings import Settings
+from cluster.state import metrics
+from cluster.state.offer_log import OfferLog
+from cluster.state.store import ACTIVE, FAILED, PUBLISHED, PUBLISHING, QUEUED, SUBMITTED, TERMINAL, Job, JobStore, Offer
 
 log = logging.getLogger("miner.control")
 RESUBMIT_GRACE_S = 15.0
@@ -60,7 +67,7 @@ class ControlPlane:
         self.settings = settings
         # prefetch(job) downloads the data/model of a job queued next while others train
         if prefetch is None and settings.prefetch_jobs > 0:
-            from .prefetch import Prefetcher
+            from cluster.jobs.prefetch import Prefetcher
 
             prefetch = Prefetcher(settings)
         self.prefetch = prefetch
@@ -82,7 +89,7 @@ class ControlPlane:
     @property
     def runner(self):
         if self._runner is None:  # created lazily: it needs a running Ray cluster
-            from .runner import RayJobRunner
+            from cluster.jobs.runner import RayJobRunner
 
             self._runner = RayJobRunner()
         return self._runner
@@ -224,7 +231,7 @@ class ControlPlane:
                 self._reconcile_job(job)
         if time.time() - self._cache_cleaned_at > CACHE_CLEAN_EVERY_S:
             self._cache_cleaned_at = time.time()
-            from .cache import clean
+            from cluster.state.cache import clean
 
             for path in clean(self.settings, self.store):
                 log.info("cache: evicted %s", path)

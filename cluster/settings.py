@@ -9,7 +9,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 # Ray Train V2 (Ray 2.60) patches print() in its workers to log through the root logger, and
 # also prints the line itself when sys.stdout is not sys.__stdout__, which in a Ray worker it
 # never is (Ray wraps it in Unbuffered): every training-worker line came out twice. Off, print

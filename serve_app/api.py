@@ -9,8 +9,17 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from cluster.control import ControlPlane, Refused
-from cluster.protocol import (MinerSubmission, MinerTaskOffer, MinerTaskResponse, TaskType, TournamentType, TrainingRepoResponse,
-                              TrainRequestImage, TrainRequestText, TrainResponse)
+from cluster.protocol.wire import (
+    MinerSubmission,
+    MinerTaskOffer,
+    MinerTaskResponse,
+    TaskType,
+    TournamentType,
+    TrainingRepoResponse,
+    TrainRequestImage,
+    TrainRequestText,
+    TrainResponse,
+)
 
 from .auth import SignedRequests
 from .wiring import control_plane

@@ -10,14 +10,14 @@ import logging
 
 from ray import serve
 
-from cluster import metrics
 from cluster.control import ControlPlane
-from cluster.identity import miner_hotkey
+from cluster.protocol.identity import miner_hotkey
 from cluster.settings import env, load_settings
+from cluster.state import metrics
 
 from .api import api
-from .wiring import install
 from .auth import Authenticator
+from .wiring import install
 
 log = logging.getLogger("miner.serve")
 

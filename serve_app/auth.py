@@ -12,9 +12,9 @@ import json
 from fastapi import HTTPException
 from starlette.datastructures import Headers
 
-from cluster.metagraph import Metagraph, metagraph_from_settings
+from cluster.protocol.metagraph import Metagraph, metagraph_from_settings
+from cluster.protocol.signing import NonceManager, signing_message, verify_signature
 from cluster.settings import Settings
-from cluster.signing import NonceManager, signing_message, verify_signature
 
 from .wiring import authenticator
 

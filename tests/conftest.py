@@ -26,7 +26,7 @@ def demo_task() -> dict:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny random models of several families, built from configs (no hub)."""
-    from cluster.demo_model import build_tiny_model, texts_from_task
+    from cluster.console.demo_model import build_tiny_model, texts_from_task
 
     root = tmp_path_factory.mktemp("tiny")
     texts = texts_from_task(DEMO_TASK)
@@ -48,9 +48,9 @@ def api_env(tmp_path, monkeypatch, base_model):
     from fastapi.testclient import TestClient
     from substrateinterface import Keypair
 
+    from cluster.console.simulate import register_validator
     from cluster.control import ControlPlane
     from cluster.settings import load_settings
-    from cluster.simulate import register_validator
     from serve_app.api import api
     from serve_app.auth import Authenticator
     from serve_app.wiring import install
@@ -107,11 +107,11 @@ def short_fit():
 def idle_decide():
     """Admission of one request on an idle cluster of this machine's (or MINER_CLUSTER's) shape:
     no queue, no knowledge, the config only from disk (the capability check that
-    cluster.admission.decide was, before the control plane owned every admission)."""
-    from cluster.admission import Admission, Limits, Request
-    from cluster.knowledge import local_config
-    from cluster.ledger import initial_view
-    from cluster.scheduling import Scheduler
+    cluster.planning.admission.decide was, before the control plane owned every admission)."""
+    from cluster.planning.admission import Admission, Limits, Request
+    from cluster.planning.knowledge import local_config
+    from cluster.planning.ledger import initial_view
+    from cluster.planning.scheduling import Scheduler
 
     def decide(task_type, model, hours, settings):
         adm = Admission(Scheduler(initial_view(settings.use_gpu, settings.num_workers, settings.cluster_shape)),

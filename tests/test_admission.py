@@ -5,12 +5,12 @@ import uuid
 
 import pytest
 
-from cluster import capacity
-from cluster.admission import PLANNABLE, Admission, Request
-from cluster.knowledge import Knowledge, Run
-from cluster.ledger import Hold, parse_shape, view_from_ray_nodes
-from cluster.protocol import TaskType
-from cluster.scheduling import JOB, Item, Scheduler
+from cluster.planning import capacity
+from cluster.planning.admission import PLANNABLE, Admission, Request
+from cluster.planning.knowledge import Knowledge, Run
+from cluster.planning.ledger import Hold, parse_shape, view_from_ray_nodes
+from cluster.planning.scheduling import JOB, Item, Scheduler
+from cluster.protocol.wire import TaskType
 
 NOW = 1_800_000_000.0
 B = 1_000_000_000

@@ -6,7 +6,7 @@ import uuid
 import pytest
 from substrateinterface import Keypair
 
-from cluster.signing import make_nonce, signed_headers
+from cluster.protocol.signing import make_nonce, signed_headers
 
 
 @pytest.fixture()

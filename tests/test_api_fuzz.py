@@ -11,7 +11,7 @@ from urllib.parse import quote
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.signing import make_nonce, signed_headers
+from cluster.protocol.signing import make_nonce, signed_headers
 
 N_REQUESTS = 1100
 ENDPOINTS = [("POST", "/task_offer/"), ("POST", "/task_offer_image/"), ("POST", "/start_training/"),

@@ -3,14 +3,13 @@ tokenizer's own jinja template, rendered as axolotl renders it (apply_chat_templ
 without added special tokens), labels on assistant turns + the EOS the template writes after
 them. Expectations are assembled piece by piece here, not with the renderer's helpers."""
 import pytest
+from conftest import BENCH
 
-from cluster.dataset_checks import check_request
+from cluster.planning.dataset_checks import check_request
 from trainers.chat_format import tokenize_chat, tokenize_rows
 from trainers.formats import tokenize_task
 from trainers.instruct_format import IGNORE, DatasetError
 from trainers.modeling import load_tokenizer
-
-from conftest import BENCH
 
 PICO = BENCH / "models" / "pico-llama"
 pytestmark = pytest.mark.skipif(not (PICO / "config.json").exists(), reason="needs ../shared/bench")

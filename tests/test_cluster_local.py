@@ -20,12 +20,12 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from conftest import BENCH, REPO
 from substrateinterface import Keypair
 
-from cluster import metrics
-from cluster.cli import main as miner_cli
-from cluster.simulate import DatasetServer, ValidatorClient, register_validator
-from conftest import BENCH, REPO
+from cluster.console.cli import main as miner_cli
+from cluster.console.simulate import DatasetServer, ValidatorClient, register_validator
+from cluster.state import metrics
 
 pytestmark = pytest.mark.ray
 GCS_PORT, DASHBOARD_PORT, SERVE_PORT = 6391, 8266, 8125

@@ -6,9 +6,9 @@ import re
 
 import pytest
 import yaml
-
 from conftest import REPO
-from cluster.embedded import APP_IMPORT_PATH, APP_NAME
+
+from cluster.console.embedded import APP_IMPORT_PATH, APP_NAME
 from cluster.settings import parse_labels
 
 CLUSTER = yaml.safe_load((REPO / "cluster.yaml").read_text())

@@ -1,5 +1,5 @@
 """A DPO task through the control plane on a real local Ray: offer -> start_training -> one Ray
-Job (cluster.job_main dispatching on the task type) -> Ray Train DPO recipe -> publish to the
+Job (cluster.jobs.job_main dispatching on the task type) -> Ray Train DPO recipe -> publish to the
 local hub -> the published adapter beats the base on held-out pairs by the validator's DPO loss."""
 import json
 import math
@@ -9,12 +9,12 @@ import uuid
 import pytest
 from substrateinterface import Keypair
 
-from cluster.hub import LocalHub
-from cluster.model_hash import calculate_model_hash
-from cluster.protocol import MinerTaskOffer, TaskType, TrainRequestText
+from cluster.console.simulate import DatasetServer
+from cluster.jobs.hub import LocalHub
+from cluster.jobs.model_hash import calculate_model_hash
+from cluster.protocol.wire import MinerTaskOffer, TaskType, TrainRequestText
 from cluster.settings import load_settings
-from cluster.simulate import DatasetServer
-from cluster.store import FAILED, PUBLISHED
+from cluster.state.store import FAILED, PUBLISHED
 from trainers.evaluate import evaluate_path
 
 pytestmark = pytest.mark.ray
@@ -38,9 +38,9 @@ def _pairs(rows):
 def test_dpo_job_through_the_control_plane(tmp_path, monkeypatch, base_model, demo_task):
     import ray
 
+    from cluster.console.embedded import ensure_ray
     from cluster.control import ControlPlane
-    from cluster.embedded import ensure_ray
-    from cluster.runner import RayJobRunner
+    from cluster.jobs.runner import RayJobRunner
 
     monkeypatch.setenv("MINER_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("MINER_HOTKEY", Keypair.create_from_mnemonic(Keypair.generate_mnemonic()).ss58_address)

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import BENCH
 from tokenizers import processors
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -17,8 +18,6 @@ from trainers.batching import make_batches
 from trainers.dpo import dpo_per_sample, fill_reference
 from trainers.formats import sequence_lengths, tokenize_task
 from trainers.modeling import load_tokenizer
-
-from conftest import BENCH
 
 PICO = BENCH / "models" / "pico-llama"
 pytestmark = pytest.mark.skipif(not (PICO / "config.json").exists(), reason="needs ../shared/bench")

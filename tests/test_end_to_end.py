@@ -13,11 +13,11 @@ import httpx
 import pytest
 from substrateinterface import Keypair
 
-from cluster.hub import LocalHub
-from cluster.model_hash import calculate_model_hash
+from cluster.console.simulate import DatasetServer, ValidatorClient, register_validator
+from cluster.jobs.hub import LocalHub
+from cluster.jobs.model_hash import calculate_model_hash
 from cluster.settings import load_settings
-from cluster.simulate import DatasetServer, ValidatorClient, register_validator
-from cluster.store import FAILED, JobStore
+from cluster.state.store import FAILED, JobStore
 from trainers.evaluate import evaluate_path
 
 pytestmark = pytest.mark.ray
@@ -58,7 +58,7 @@ def test_offer_train_publish_and_signed_get(state, base_model, demo_task):
     from ray import serve
     from ray.job_submission import JobSubmissionClient
 
-    from cluster.embedded import deploy
+    from cluster.console.embedded import deploy
 
     ends = deploy(host="127.0.0.1", port=PORT, reconcile_interval_s=2.0, num_cpus=4)
     try:
@@ -126,7 +126,7 @@ def test_submission_survives_killing_and_restarting_miner_serve(state):
     task_id, sub = state["submission"]
     client = ValidatorClient(f"http://127.0.0.1:{PORT + 1}", state["validator"], state["env"]["MINER_HOTKEY"])
     for attempt in range(2):  # start, kill, start again: the answer never changes
-        proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--host", "127.0.0.1",
+        proc = subprocess.Popen([sys.executable, "-m", "cluster.console.cli", "serve", "--host", "127.0.0.1",
                                  "--port", str(PORT + 1)], env={**os.environ, **state["env"]},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

@@ -6,13 +6,12 @@ import math
 
 import pytest
 import torch
+from conftest import BENCH
 
 from trainers.chat_format import tokenize_chat
 from trainers.dpo_format import dpo_loss, sequences, tokenize_pair
 from trainers.instruct_format import IGNORE, tokenize_instruct
 from trainers.modeling import load_tokenizer
-
-from conftest import BENCH
 
 PICO = BENCH / "models" / "pico-llama"
 pytestmark = pytest.mark.skipif(not (PICO / "config.json").exists(), reason="needs ../shared/bench")

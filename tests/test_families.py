@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from cluster.demo_model import FAMILIES, build_tiny_model, texts_from_task
-from cluster.protocol import MinerTaskOffer, TaskType
+from cluster.console.demo_model import FAMILIES, build_tiny_model, texts_from_task
+from cluster.protocol.wire import MinerTaskOffer, TaskType
 from cluster.settings import load_settings
 from trainers.config import TrainConfig
 from trainers.evaluate import evaluate_path

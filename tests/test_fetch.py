@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from cluster.fetch import InputError, download_dataset, resolve_model
+from cluster.jobs.fetch import InputError, download_dataset, resolve_model
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

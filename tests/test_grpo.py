@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_api_auth import _post, env  # noqa: F401 - the signed-API fixture
 
-from cluster.reports import write_job_report
+from cluster.jobs.reports import write_job_report
 from trainers.config import GrpoSettings, TrainConfig
 from trainers.grpo import check_grpo_task
 from trainers.grpo_eval import evaluate_grpo_path, grpo_rows, grpo_score, prompt_kl

@@ -6,8 +6,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainers.config import TrainConfig
 from trainers.formats import length_candidates, sequence_lengths, tokenize_task
-from trainers.instruct_format import (IGNORE, DatasetError, eval_sequence_length, render_prompt, tokenize_instruct,
-                                      tokenize_rows)
+from trainers.instruct_format import (
+    IGNORE,
+    DatasetError,
+    eval_sequence_length,
+    render_prompt,
+    tokenize_instruct,
+    tokenize_rows,
+)
 from trainers.launch import fit
 from trainers.modeling import load_tokenizer
 

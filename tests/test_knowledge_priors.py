@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoConfig
 
-from cluster.capacity import Plan
-from cluster.knowledge import Knowledge, Run, learn
+from cluster.plan import Plan
+from cluster.planning.knowledge import Knowledge, Run, learn
 from cluster.settings import load_settings
-from cluster.store import Job, JobStore
+from cluster.state.store import Job, JobStore
 from tuning.priors import param_count_from_config
 
 
@@ -23,7 +23,7 @@ def _job(demo_task, plan: Plan, task_type="InstructTextTask") -> Job:
 
 
 def test_a_recorded_win_moves_the_next_jobs_lr_prior(tmp_path, monkeypatch, tiny_models, demo_task):
-    from cluster.job_main import plan
+    from cluster.jobs.job_main import plan
 
     monkeypatch.setenv("MINER_STATE_DIR", str(tmp_path))
     monkeypatch.delenv("MINER_TRAIN_OPTIONS", raising=False)

@@ -2,9 +2,9 @@
 import logging
 import time
 
-from cluster.metagraph import ChainMetagraph, FileMetagraph, read_nodes_file, status_line
+from cluster.protocol.metagraph import ChainMetagraph, FileMetagraph, read_nodes_file, status_line
+from cluster.protocol.signing import NONCE_WINDOW_NS, NonceManager, make_nonce
 from cluster.settings import load_settings
-from cluster.signing import NONCE_WINDOW_NS, NonceManager, make_nonce
 
 
 def _wait_for(predicate, timeout=5.0):

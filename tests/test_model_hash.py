@@ -1,6 +1,6 @@
 import hashlib
 
-from cluster.model_hash import calculate_model_hash, is_valid_hash
+from cluster.jobs.model_hash import calculate_model_hash, is_valid_hash
 
 
 def _write(folder, files):

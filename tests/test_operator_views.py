@@ -6,14 +6,14 @@ import time
 import uuid
 
 import pytest
-
-from cluster import metrics
-from cluster.cli import main as miner_cli
-from cluster.protocol import TaskType
-from cluster.reports import PROGRESS_FILE, PhaseTimer, write_job_report, write_timings
-from cluster.settings import load_settings, parse_labels
-from cluster.store import FAILED, PUBLISHED, RUNNING, Job, JobStore
 from conftest import REPO
+
+from cluster.console.cli import main as miner_cli
+from cluster.jobs.reports import PROGRESS_FILE, PhaseTimer, write_job_report, write_timings
+from cluster.protocol.wire import TaskType
+from cluster.settings import load_settings, parse_labels
+from cluster.state import metrics
+from cluster.state.store import FAILED, PUBLISHED, RUNNING, Job, JobStore
 from trainers.progress import ProgressFile, read_progress
 
 HISTORY = [{"step": s, "epoch": 0, "loss": 3.0 - 0.1 * s, "lr": 1e-4 * min(1, s / 3), "elapsed_s": s * 0.5,
@@ -168,7 +168,7 @@ def test_train_labels_setting():
 
 
 def test_train_options_reach_every_jobs_config_and_bad_ones_stop_start_up(tmp_path, monkeypatch, tiny_models, demo_task):
-    from cluster.job_main import plan
+    from cluster.jobs.job_main import plan
 
     monkeypatch.setenv("MINER_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("MINER_TRAIN_OPTIONS", '{"dev_pass": true, "lora_layer_rank": "probe", "lr": 1}')

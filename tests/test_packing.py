@@ -9,8 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from trainers.batching import per_sample_loss
 from trainers.instruct_format import IGNORE, Example
-from trainers.packing import (CausalLMLoss, collate_packed, collate_padded, enable_packed_attention,
-                              pack_batches)
+from trainers.packing import CausalLMLoss, collate_packed, collate_padded, enable_packed_attention, pack_batches
 
 
 def _tiny(family: str):

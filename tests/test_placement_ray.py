@@ -12,8 +12,8 @@ import uuid
 import pytest
 
 from cluster.control import ControlPlane
-from cluster.protocol import MinerTaskOffer, TaskType, TrainRequestText
-from cluster.runner import RayJobRunner
+from cluster.jobs.runner import RayJobRunner
+from cluster.protocol.wire import MinerTaskOffer, TaskType, TrainRequestText
 from cluster.settings import load_settings
 
 pytestmark = pytest.mark.ray
@@ -67,7 +67,7 @@ class ProbeRunner(RayJobRunner):
     probe instead of a fine-tune."""
 
     def submit(self, job, settings, entrypoint=None):
-        from cluster.capacity import placement
+        from cluster.planning.capacity import placement
 
         plan = job.plan
         where = placement(plan)   # Ray Train's bundles: one {GPU: 1, CPU: c} per worker

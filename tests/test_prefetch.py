@@ -7,15 +7,15 @@ import logging
 import uuid
 
 import pytest
-
-from cluster.control import ControlPlane
-from cluster.fetch import InputError, download_dataset, prefetched_path
-from cluster.ledger import parse_shape
-from cluster.prefetch import DATASET_FILE, Prefetcher
-from cluster.protocol import MinerTaskOffer, TaskType, TrainRequestText
-from cluster.simulate import DatasetServer
-from cluster.store import QUEUED
 from test_scheduling import RayDown, settings  # noqa: F401 - the runner without Ray, the settings fixture
+
+from cluster.console.simulate import DatasetServer
+from cluster.control import ControlPlane
+from cluster.jobs.fetch import InputError, download_dataset, prefetched_path
+from cluster.jobs.prefetch import DATASET_FILE, Prefetcher
+from cluster.planning.ledger import parse_shape
+from cluster.protocol.wire import MinerTaskOffer, TaskType, TrainRequestText
+from cluster.state.store import QUEUED
 
 
 def queue_job(cp, url, hours, model):

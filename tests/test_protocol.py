@@ -1,8 +1,16 @@
 import pytest
 from pydantic import ValidationError
 
-from cluster.protocol import (ChatTemplateDatasetType, DpoDatasetType, GrpoDatasetType, InstructTextDatasetType,
-                              TaskType, TrainRequestText, parse_dataset_type, task_type_of)
+from cluster.protocol.wire import (
+    ChatTemplateDatasetType,
+    DpoDatasetType,
+    GrpoDatasetType,
+    InstructTextDatasetType,
+    TaskType,
+    TrainRequestText,
+    parse_dataset_type,
+    task_type_of,
+)
 
 INSTRUCT = {"system_prompt": "", "system_format": "{system}", "field_system": None, "field_instruction": "instruct",
             "field_input": "input", "field_output": "output", "format": None, "no_input_format": None, "field": None}

@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import BENCH
 
 from trainers.config import TrainConfig
 from tuning.priors import refine_lr_prior
 from tuning.range_test import RangeTestConfig, RangeTestResult, lr_range_test, run_range_test, suggest, sweep_lrs
 from tuning.search import inconclusive
-
-from conftest import BENCH
 
 
 @pytest.fixture(scope="module")

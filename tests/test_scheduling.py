@@ -6,12 +6,12 @@ import uuid
 
 import pytest
 
-from cluster.capacity import GPU_TIMING
 from cluster.control import ControlPlane
-from cluster.ledger import parse_shape
-from cluster.protocol import MinerTaskOffer, TaskType, TrainRequestText
+from cluster.planning.capacity import GPU_TIMING
+from cluster.planning.ledger import parse_shape
+from cluster.protocol.wire import MinerTaskOffer, TaskType, TrainRequestText
 from cluster.settings import load_settings
-from cluster.store import QUEUED, JobStore
+from cluster.state.store import QUEUED, JobStore
 
 
 class RayDown:
@@ -129,7 +129,7 @@ def test_older_database_migrates_in_place(tmp_path):
 def test_finished_jobs_teach_the_knowledge_base_by_family(settings, tmp_path):
     import json
 
-    from cluster.knowledge import learn
+    from cluster.planning.knowledge import learn
 
     base_model = tmp_path / "model"
     base_model.mkdir()
@@ -159,7 +159,7 @@ def test_a_short_cpu_job_that_was_admitted_is_dispatched(settings):
 def test_publish_measurements_persist_and_older_knowledge_tables_migrate(settings, tmp_path):
     import json
 
-    from cluster.knowledge import learn
+    from cluster.planning.knowledge import learn
 
     settings.db_path.parent.mkdir(parents=True, exist_ok=True)
     old = sqlite3.connect(settings.db_path)

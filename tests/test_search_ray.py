@@ -4,13 +4,12 @@ import json
 import time
 
 import pytest
+from conftest import BENCH
 
 from trainers.config import TrainConfig
 from tuning.asha import AshaConfig, run_asha
 from tuning.range_test import RangeTestConfig
 from tuning.search import SearchPlan, tune_hyperparameters
-
-from conftest import BENCH
 
 pytestmark = pytest.mark.ray
 

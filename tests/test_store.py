@@ -1,6 +1,6 @@
 import time
 
-from cluster.store import FAILED, PUBLISHED, QUEUED, SUBMITTED, Job, JobStore, Offer
+from cluster.state.store import FAILED, PUBLISHED, QUEUED, SUBMITTED, Job, JobStore, Offer
 
 
 def _job(task_id="t1"):
@@ -47,7 +47,7 @@ def test_offers_are_recorded(tmp_path):
 
 
 def test_offer_log_answers_from_memory_and_writes_in_batches(tmp_path):
-    from cluster.offer_log import OfferLog
+    from cluster.state.offer_log import OfferLog
 
     store = JobStore(tmp_path / "m.db")
     log = OfferLog(store, flush_interval_s=3600)  # no background flush during the test
@@ -63,7 +63,8 @@ def test_offer_log_answers_from_memory_and_writes_in_batches(tmp_path):
 def test_plans_round_trip_as_json_and_old_dict_rows_still_load(tmp_path):
     import json
 
-    from cluster.capacity import Plan, plan_options
+    from cluster.plan import Plan
+    from cluster.planning.capacity import plan_options
 
     store = JobStore(tmp_path / "m.db")
     plan = plan_options(1_000_000_000, "InstructTextTask", "H100", 8)[0]

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster.container import model_folders, upload_candidate
-from cluster.publish import checkpoint_is_complete
+from cluster.jobs.container import model_folders, upload_candidate
+from cluster.jobs.publish import checkpoint_is_complete
+from cluster.jobs.tournament import main, parse_args, prepare
+from cluster.jobs.tournament_plan import Hardware, ray_init_kwargs, validator_gpus
 from cluster.settings import TournamentEnv, load_settings, load_tournament_env
-from cluster.tournament import main, parse_args, prepare
-from cluster.tournament_plan import Hardware, ray_init_kwargs, validator_gpus
 from trainers.launch import export_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,7 +231,7 @@ def test_the_uploader_would_take_a_checkpoint_sub_folder_over_the_top_level(tmp_
 
 
 def test_the_image_runs_this_module_where_the_validator_looks():
-    from cluster.registration import DOCKERFILES
+    from cluster.console.registration import DOCKERFILES
 
     primary, legacy = (REPO / p for p in DOCKERFILES)
     assert primary.is_file() and legacy.resolve() == primary.resolve()
@@ -242,7 +242,6 @@ def test_the_image_pins_what_pyproject_allows_and_phones_nowhere():
     """Every dependency of pyproject.toml is pinned in the image at a version its range allows; the
     image keeps Ray's usage stats, the Hugging Face libraries and W&B offline."""
     import tomllib
-
     from packaging.requirements import Requirement
 
     wanted = {Requirement(r).name.lower(): Requirement(r) for r in
@@ -256,7 +255,7 @@ def test_the_image_pins_what_pyproject_allows_and_phones_nowhere():
     for name, req in wanted.items():
         assert req.specifier.contains(pins[name], prereleases=True), (name, pins[name], str(req.specifier))
     assert "wandb" not in pins
-    from cluster.tournament_sim import image_env
+    from cluster.console.tournament_sim import image_env
 
     env = image_env()
     assert env["RAY_USAGE_STATS_ENABLED"] == "0" and env["HF_HUB_OFFLINE"] == "1" and env["HOME"].startswith("/tmp")

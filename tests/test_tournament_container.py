@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from cluster.container import model_folders, sandbox_problem
-from cluster.publish import checkpoint_is_complete
-from cluster.simulate import load_task
-from cluster.tournament_sim import ContainerRun, run_container, simulate_tournament
+from cluster.console.simulate import load_task
+from cluster.console.tournament_sim import ContainerRun, run_container, simulate_tournament
+from cluster.jobs.container import model_folders, sandbox_problem
+from cluster.jobs.publish import checkpoint_is_complete
 from trainers.evaluate import evaluate_path
 
 pytestmark = [pytest.mark.ray, pytest.mark.skipif(sandbox_problem() is not None, reason=str(sandbox_problem()))]

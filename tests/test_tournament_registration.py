@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import main as miner
-from cluster.registration import normalized
-from cluster.signing import signed_headers
+from cluster.console.cli import main as miner
+from cluster.console.registration import normalized
+from cluster.protocol.signing import signed_headers
 
 REPO = Path(__file__).resolve().parents[1]
 GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",

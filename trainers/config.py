@@ -94,7 +94,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    accelerator_type: str | None = None   # the planned GPU type (cluster.capacity)
+    accelerator_type: str | None = None   # the planned GPU type (cluster.planning.capacity)
     label_selector: dict = field(default_factory=dict)  # node labels the workers must run on (planned node too)
     progress_file: str = ""            # rank 0 writes live progress here (trainers/progress.py)
     cpu_threads: int = 0               # GRPO on CPU: torch threads per worker (0: the CPUs / workers)

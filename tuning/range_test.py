@@ -96,7 +96,6 @@ def lr_range_test(model, batches: list[dict], lrs: list[float], *, smoothing: fl
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().to("cpu", copy=True) for p in params]
     optimizer = torch.optim.AdamW(params, lr=lrs[0], weight_decay=weight_decay)
-    device = params[0].device
     t0, losses, used, stopped_by, best = time.time(), [], [], "end", math.inf
     # Each cached batch's loss at the starting weights: the curve is loss relative to it (times
     # the mean), so a hard batch coming round does not look like a rise in the curve.

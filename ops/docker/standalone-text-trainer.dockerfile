@@ -28,6 +28,6 @@ COPY cluster ./cluster
 COPY tuning ./tuning
 COPY trainers ./trainers
 # the pins above are the environment; the package itself adds no dependency resolution
-RUN pip install --no-deps . && python -c "import cluster.tournament, trainers.instruct, trainers.dpo, trainers.grpo"
+RUN pip install --no-deps . && python -c "import cluster.jobs.tournament, trainers.instruct, trainers.dpo, trainers.grpo"
 
 ENTRYPOINT ["python", "-m", "trainers.tournament"]

@@ -8,6 +8,7 @@ import pytest
 
 from cluster.settings import load_settings
 
+
 class Hostile(http.server.BaseHTTPRequestHandler):
     """Each path is a misbehaviour; `routes` maps a path to (behaviour, argument)."""
     routes: dict = {}
@@ -99,7 +100,7 @@ def miner_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MINER_MODEL_LOOKUP", "off")
     for k in ("HUGGINGFACE_TOKEN", "HUGGINGFACE_USERNAME", "MINER_HUB_DIR"):
         monkeypatch.delenv(k, raising=False)
-    from cluster.store import JobStore
+    from cluster.state.store import JobStore
 
     settings = load_settings()
     return settings, JobStore(settings.db_path)

@@ -3,7 +3,7 @@ import json
 import time
 import uuid
 
-from cluster.store import Job
+from cluster.state.store import Job
 
 INSTRUCT = {"field_instruction": "instruct", "field_input": "input", "field_output": "output",
             "system_prompt": "", "system_format": "{system}"}

@@ -10,11 +10,11 @@ import uuid
 import pytest
 
 from cluster.control import ControlPlane, Refused
-from cluster.dataset_checks import MAX_ROW_CHARS, check_request, check_rows
-from cluster.fetch import FetchLimits, InputError, download_dataset
-from cluster.job_main import run_job
-from cluster.protocol import TaskType, TrainRequestText
-from cluster.store import FAILED, SUBMITTED
+from cluster.jobs.fetch import FetchLimits, InputError, download_dataset
+from cluster.jobs.job_main import run_job
+from cluster.planning.dataset_checks import MAX_ROW_CHARS, check_request, check_rows
+from cluster.protocol.wire import TaskType, TrainRequestText
+from cluster.state.store import FAILED, SUBMITTED
 from faults.conftest import Hostile
 from faults.helpers import INSTRUCT, dumps, good_rows, make_job
 from trainers.instruct_format import DatasetError, tokenize_rows

@@ -8,11 +8,17 @@ import uuid
 import pytest
 
 from cluster.control import ControlPlane, Refused
-from cluster.job_main import run_job
-from cluster.model_check import (HubConfigSource, LookupUnavailable, ModelChecker, ModelGated, ModelMissing,
-                                 model_dir_problem)
-from cluster.protocol import MinerTaskOffer, TaskType, TrainRequestText
-from cluster.store import FAILED
+from cluster.jobs.job_main import run_job
+from cluster.planning.model_check import (
+    HubConfigSource,
+    LookupUnavailable,
+    ModelChecker,
+    ModelGated,
+    ModelMissing,
+    model_dir_problem,
+)
+from cluster.protocol.wire import MinerTaskOffer, TaskType, TrainRequestText
+from cluster.state.store import FAILED
 from faults.conftest import Hostile
 from faults.helpers import INSTRUCT, dumps, good_rows, make_job
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 
 from cluster import control as control_module
+from cluster.console.simulate import DatasetServer
 from cluster.control import ControlPlane
-from cluster.hub import LocalHub
-from cluster.model_hash import calculate_model_hash
-from cluster.protocol import MinerTaskOffer, TaskType, TrainRequestText
-from cluster.runner import RayJobRunner
+from cluster.jobs.hub import LocalHub
+from cluster.jobs.model_hash import calculate_model_hash
+from cluster.jobs.runner import RayJobRunner
+from cluster.protocol.wire import MinerTaskOffer, TaskType, TrainRequestText
 from cluster.settings import load_settings
-from cluster.simulate import DatasetServer
-from cluster.store import FAILED, PUBLISHED, SUBMITTED, JobStore
+from cluster.state.store import FAILED, PUBLISHED, SUBMITTED
 from faults.helpers import make_job
 
 pytestmark = pytest.mark.ray
@@ -224,7 +224,7 @@ def test_head_and_control_plane_crash_lose_no_job(head, pico, demo_task, tmp_pat
         # (no reconcile pass before the crash: the queued job must still be unsubmitted then)
         _wait(lambda: _checkpoint_step(control.settings, running) > 0, 120, "a checkpoint")
         lost_after = _checkpoint_step(control.settings, running)
-        head.crash(also_kill=f"cluster.job_main --task-id {running}")
+        head.crash(also_kill=f"cluster.jobs.job_main --task-id {running}")
         del control
         crashed_at = time.time()
 

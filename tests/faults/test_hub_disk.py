@@ -13,11 +13,11 @@ import httpx2
 import pytest
 from huggingface_hub.utils import hf_raise_for_status
 
-from cluster import cache
-from cluster.hub import LocalHub, PartialUpload, RetryPolicy
-from cluster.model_hash import calculate_model_hash
-from cluster.publish import best_checkpoint, checkpoint_is_complete, publish
-from cluster.store import FAILED, PUBLISHED, RUNNING
+from cluster.jobs.hub import LocalHub, PartialUpload, RetryPolicy
+from cluster.jobs.model_hash import calculate_model_hash
+from cluster.jobs.publish import best_checkpoint, checkpoint_is_complete, publish
+from cluster.state import cache
+from cluster.state.store import FAILED, PUBLISHED, RUNNING
 from faults.helpers import make_job
 
 FAST = RetryPolicy(attempts=6, base_s=0.05, max_s=0.5)
@@ -104,7 +104,7 @@ def test_a_partial_upload_is_uploaded_again_and_never_reported(miner_env, model_
 
 def test_publish_failure_leaves_the_job_failed_not_published(hostile, miner_env, pico, tmp_path, monkeypatch):
     """The watchdog path end to end: every upload fails; the job ends FAILED with the reason."""
-    from cluster.watchdog import Watchdog
+    from cluster.jobs.watchdog import Watchdog
 
     settings, store = miner_env
     job = make_job(model=pico, status=RUNNING)

@@ -9,14 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster.store import ACTIVE, PUBLISHED, TERMINAL, JobStore
+from cluster.state.store import ACTIVE, PUBLISHED, TERMINAL, JobStore
 
 REPO = Path(__file__).resolve().parents[2]
 LIFE = ["queued", "submitted", "running", "publishing", "published"]
 
 DRIVER = """
 import os, random, sys, threading, time
-from cluster.store import Job, JobStore, Offer
+from cluster.state.store import Job, JobStore, Offer
 db, seed, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 random.seed(seed)
 store = JobStore(db)

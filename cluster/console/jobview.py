@@ -14,11 +14,10 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from cluster.jobs.reports import PROGRESS_FILE
+from cluster.settings import Settings
+from cluster.state.store import FAILED, PUBLISHED, Job
 from trainers.progress import read_progress
-
-from .reports import PROGRESS_FILE
-from .settings import Settings
-from .store import FAILED, PUBLISHED, Job
 
 STATUS_STYLE = {"queued": "yellow", "submitted": "yellow", "running": "cyan", "publishing": "cyan",
                 PUBLISHED: "green", FAILED: "red"}

@@ -14,9 +14,7 @@ from pathlib import Path
 
 import httpx
 
-
-class InputError(ValueError):
-    """A job input that cannot be used; the message is the job's failure reason."""
+from cluster.planning.dataset_checks import InputError
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ PREFETCH_DIR = "prefetch"
 
 
 def prefetched_path(dest: Path) -> Path:
-    """Where cluster/prefetch.py leaves the dataset of a job queued next (whole or absent:
+    """Where cluster/jobs/prefetch.py leaves the dataset of a job queued next (whole or absent:
     downloads land by an atomic rename)."""
     return dest.parent / PREFETCH_DIR / dest.name
 
@@ -188,7 +186,7 @@ def resolve_model(model: str, cache_dir: Path, token: str | None = None) -> Path
                                                  "tokenizer*"])
     except Exception as exc:
         raise InputError(f"cannot fetch base model {model!r}: {type(exc).__name__}: {exc}") from exc
-    from .cache import hf_cache_entry, touch
+    from cluster.state.cache import hf_cache_entry, touch
 
     touch(hf_cache_entry(cache_dir, model))  # most recently used: the last the cache evicts
     return Path(path)

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from .hub import hub_from_settings
-from .model_hash import calculate_model_hash
-from .protocol import TaskType
-from .settings import Settings
-from .signing import signed_headers
+from cluster.jobs.hub import hub_from_settings
+from cluster.jobs.model_hash import calculate_model_hash
+from cluster.protocol.signing import signed_headers
+from cluster.protocol.wire import TaskType
+from cluster.settings import Settings
 
 if TYPE_CHECKING:  # the chain SDK is imported where a key is made (validator_keypair)
     from substrateinterface import Keypair
@@ -140,7 +140,7 @@ def validator_keypair(settings: Settings) -> Keypair:
 
 
 def register_validator(metagraph_file: Path, hotkey: str, stake: float) -> None:
-    from .metagraph import read_nodes_file, write_nodes_file
+    from cluster.protocol.metagraph import read_nodes_file, write_nodes_file
 
     write_nodes_file(metagraph_file, {**read_nodes_file(metagraph_file), hotkey: stake})
 

@@ -12,8 +12,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .settings import Settings
-from .store import ACTIVE, JobStore
+from cluster.settings import Settings
+from cluster.state.store import ACTIVE, JobStore
 
 JOB_BULK = ("runs", "model", "model.partial", "train_data.json", "prefetch")
 

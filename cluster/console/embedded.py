@@ -10,7 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .settings import env as env_var, load_settings  # `env` is also deploy()'s argument
+from cluster.settings import env as env_var  # `env` is also deploy()'s argument
+from cluster.settings import load_settings
 
 APP_IMPORT_PATH = "serve_app.app:build_app"
 APP_NAME = "miner"

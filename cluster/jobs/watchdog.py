@@ -17,9 +17,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from .publish import best_checkpoint, checkpoint_bytes, mark_published, publish, upload_estimate_s
-from .settings import Settings
-from .store import ACTIVE, FAILED, PUBLISHING, QUEUED, RUNNING, SUBMITTED, Job, JobStore
+from cluster.jobs.publish import best_checkpoint, checkpoint_bytes, mark_published, publish, upload_estimate_s
+from cluster.settings import Settings
+from cluster.state.store import ACTIVE, FAILED, PUBLISHING, QUEUED, RUNNING, SUBMITTED, Job, JobStore
 
 log = logging.getLogger("miner.watchdog")
 MIN_MARGIN_S = 3.0

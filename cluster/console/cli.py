@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from .settings import Settings, env, load_settings
-from .store import JobStore
+from cluster.settings import Settings, env, load_settings
+from cluster.state.store import JobStore
 
 DEMO_TASK = Path(__file__).parent / "demo_task"
 
@@ -25,9 +25,8 @@ def _settings_with_metagraph() -> Settings:
 
 
 def cmd_serve(args) -> int:
-    from .embedded import deploy
-
-    from .metagraph import chain_sync_available, status_line
+    from cluster.console.embedded import deploy
+    from cluster.protocol.metagraph import chain_sync_available, status_line
 
     try:
         settings = load_settings()
@@ -43,7 +42,7 @@ def cmd_serve(args) -> int:
     except RuntimeError as err:
         print(f"miner serve: {err}", file=sys.stderr)
         return 2
-    from .identity import miner_hotkey
+    from cluster.protocol.identity import miner_hotkey
 
     print(f"miner API:   {ends.api_url}   (hotkey {miner_hotkey(settings)})")
     print(f"dashboard:   {ends.dashboard_url}")
@@ -74,13 +73,13 @@ def cmd_simulate_tournament(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .simulate import load_task
-    from .tournament_sim import ContainerRun, default_work_dir, simulate_tournament
+    from cluster.console.simulate import load_task
+    from cluster.console.tournament_sim import ContainerRun, default_work_dir, simulate_tournament
 
     settings = _settings_with_metagraph()
     tasks = [load_task(Path(t), args.minutes) for t in (args.task or [str(DEMO_TASK)])]
     if args.model is None:
-        from .demo_model import demo_model
+        from cluster.console.demo_model import demo_model
 
         model = Path(demo_model(settings.state_dir, DEMO_TASK))
     else:
@@ -117,13 +116,13 @@ def cmd_simulate(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .identity import miner_hotkey
-    from .simulate import ValidatorClient, load_task, run_simulation, validator_keypair
+    from cluster.console.simulate import ValidatorClient, load_task, run_simulation, validator_keypair
+    from cluster.protocol.identity import miner_hotkey
 
     settings = _settings_with_metagraph()
     tasks = [load_task(Path(t), args.minutes) for t in (args.task or [str(DEMO_TASK)])]
     if not _miner_running(args.miner_url):
-        from .embedded import deploy
+        from cluster.console.embedded import deploy
 
         port = int(args.miner_url.rsplit(":", 1)[1].split("/")[0])
         print(f"no miner at {args.miner_url}: starting an embedded one ...", flush=True)
@@ -131,7 +130,7 @@ def cmd_simulate(args) -> int:
         print(f"embedded miner API {ends.api_url}, dashboard {ends.dashboard_url}", flush=True)
     model = args.model
     if model is None and any("model" not in json.loads((t.path / "task.json").read_text()) for t in tasks):
-        from .demo_model import demo_model
+        from cluster.console.demo_model import demo_model
 
         model = str(demo_model(settings.state_dir, DEMO_TASK))
         print(f"base model: {model}")
@@ -182,8 +181,8 @@ def cmd_jobs(args) -> int:
     """Every job with a progress bar from the trainer's progress file; --watch refreshes live."""
     from rich.live import Live
 
-    from .jobview import jobs_table
-    from .store import ACTIVE
+    from cluster.console.jobview import jobs_table
+    from cluster.state.store import ACTIVE
 
     settings = load_settings()
     store = JobStore(settings.db_path)
@@ -208,7 +207,7 @@ def cmd_jobs(args) -> int:
 
 def cmd_job(args) -> int:
     """One job's story: timeline, hyperparameters, losses, outcome or failure reason."""
-    from .jobview import job_story
+    from cluster.console.jobview import job_story
 
     settings = load_settings()
     job = JobStore(settings.db_path).get_job(args.task_id)
@@ -239,7 +238,7 @@ def cmd_status(args) -> int:
     counts: dict[str, int] = {}
     for j in store.list_jobs():
         counts[j.status] = counts.get(j.status, 0) + 1
-    from .metagraph import status_line
+    from cluster.protocol.metagraph import status_line
 
     print(f"state dir: {settings.state_dir}")
     print(f"metagraph: {status_line(settings)}")
@@ -252,7 +251,7 @@ def cmd_status(args) -> int:
 
 def cmd_tournament_check(args) -> int:
     """What a validator checks before enrolling the repository, each with pass/fail; non-zero while one fails."""
-    from .registration import fix_legal_files, run_checks, validator_checkout
+    from cluster.console.registration import fix_legal_files, run_checks, validator_checkout
 
     repo = Path(args.repo).resolve()
     checkout, tmp = (None, None)

@@ -40,8 +40,12 @@ class HubConfigSource:
 
     def config(self, model: str) -> dict:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
-                                            RepositoryNotFoundError)
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
 
         try:
             path = hf_hub_download(model, "config.json", token=self.token, etag_timeout=self.timeout_s,

@@ -23,16 +23,16 @@ import time
 import traceback
 from pathlib import Path
 
-from .container import cache_model_name
-from .dataset_checks import check_rows
-from .fetch import InputError, download_dataset, parse_rows
-from .hub import point_adapter_at_base
-from .job_main import plan
-from .protocol import TaskType, parse_dataset_type, task_type_of
-from .publish import best_checkpoint
-from .settings import Settings, TournamentEnv, load_settings, load_tournament_env
-from .store import Job
-from .tournament_plan import Hardware, RunPlan, detect_hardware, plan_run, ray_init_kwargs
+from cluster.jobs.container import cache_model_name
+from cluster.jobs.fetch import InputError, download_dataset, parse_rows
+from cluster.jobs.hub import point_adapter_at_base
+from cluster.jobs.job_main import plan
+from cluster.jobs.publish import best_checkpoint
+from cluster.jobs.tournament_plan import Hardware, RunPlan, detect_hardware, plan_run, ray_init_kwargs
+from cluster.planning.dataset_checks import check_rows
+from cluster.protocol.wire import TaskType, parse_dataset_type, task_type_of
+from cluster.settings import Settings, TournamentEnv, load_settings, load_tournament_env
+from cluster.state.store import Job
 
 KL_WEIGHTED = ("InstructTextTask", "ChatTask")  # the validator's instruct_text evaluator adds the KL term
 
@@ -93,7 +93,7 @@ def locate_model(model: str, cache_root: Path, settings: Settings) -> Path:
     if settings.hf_offline:
         looked = ", ".join(str(p) for p in candidates[1:])
         raise InputError(f"model {model!r} is not in the cache (looked in {looked}) and the Hub is offline")
-    from .fetch import resolve_model
+    from cluster.jobs.fetch import resolve_model
 
     return resolve_model(model, settings.model_cache_dir, settings.hf_token)
 

@@ -14,17 +14,24 @@ import json
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from cluster.protocol.wire import (
+    ChatTemplateDatasetType,
+    DpoDatasetType,
+    GrpoDatasetType,
+    InstructTextDatasetType,
+    parse_dataset_type,
+)
 from trainers import chat_format
 from trainers.instruct_format import DatasetError
-
-from .fetch import InputError
-from .protocol import (ChatTemplateDatasetType, DpoDatasetType, GrpoDatasetType, InstructTextDatasetType,
-                       parse_dataset_type)
 
 # A row this long (in characters) is far beyond 4096 tokens in any tokenizer: drop it before
 # tokenising, which would take long and be thrown away.
 MAX_ROW_CHARS = 200_000
 MIN_DISTINCT_ROWS = 8
+
+
+class InputError(ValueError):
+    """A job input that cannot be used; the message is the job's failure reason."""
 
 
 @dataclass(frozen=True)

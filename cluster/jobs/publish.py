@@ -8,10 +8,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .hub import Hub, PartialUpload, RetryPolicy, call_with_retries, hub_from_settings, point_adapter_at_base, repo_owner
-from .model_hash import calculate_model_hash
-from .settings import Settings
-from .store import PUBLISHED, PUBLISHING, Job, JobStore
+from cluster.jobs.hub import (
+    Hub,
+    PartialUpload,
+    RetryPolicy,
+    call_with_retries,
+    hub_from_settings,
+    point_adapter_at_base,
+    repo_owner,
+)
+from cluster.jobs.model_hash import calculate_model_hash
+from cluster.settings import Settings
+from cluster.state.store import PUBLISHED, PUBLISHING, Job, JobStore
 
 CHECKPOINT_METRICS = "metrics.json"  # written by the trainers next to each checkpoint's weights
 

@@ -13,11 +13,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import capacity
-from .capacity import Plan, Timing
-from .knowledge import Advice, Knowledge, family_of, needs_remote_code
-from .protocol import TaskType
-from .scheduling import OFFER, Placement, Scheduler
+from cluster.plan import Plan
+from cluster.planning import capacity
+from cluster.planning.capacity import Timing
+from cluster.planning.knowledge import Advice, Knowledge, family_of, needs_remote_code
+from cluster.planning.scheduling import OFFER, Placement, Scheduler
+from cluster.protocol.wire import TaskType
 
 # Task types with a trainer; other helpers add theirs here. The planner sizes all of PLANNABLE.
 SUPPORTED_TASK_TYPES = {TaskType.INSTRUCTTEXTTASK, TaskType.CHATTASK, TaskType.DPOTASK, TaskType.GRPOTASK}

@@ -10,9 +10,9 @@ import time
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from .capacity import placement
-from .settings import RAY_TRAIN_ENV, Settings
-from .store import Job
+from cluster.planning.capacity import placement
+from cluster.settings import RAY_TRAIN_ENV, Settings
+from cluster.state.store import Job
 
 
 class RayJobRunner:
@@ -21,7 +21,7 @@ class RayJobRunner:
 
     def submit(self, job: Job, settings: Settings, entrypoint: str | None = None) -> str:
         # Use this interpreter: the cluster PATH's `python` may not have the miner installed.
-        entrypoint = entrypoint or f"{sys.executable} -m cluster.job_main --task-id {job.task_id}"
+        entrypoint = entrypoint or f"{sys.executable} -m cluster.jobs.job_main --task-id {job.task_id}"
         shape = placement(job.plan)
         metadata = {
             "kind": "miner-finetune", "task_id": job.task_id, "task_type": job.task_type,

@@ -21,13 +21,23 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .container import (APP_CHECKPOINTS, CACHE, Sandbox, cache_model_name, ensure_mountpoints, lay_out_cache,
-                        model_folders, run_with_limit, sandbox_problem, upload_candidate)
-from .hub import point_adapter_at_base
-from .settings import env_subset
-from .simulate import TaskSpec
+from cluster.console.simulate import TaskSpec
+from cluster.jobs.container import (
+    APP_CHECKPOINTS,
+    CACHE,
+    Sandbox,
+    cache_model_name,
+    ensure_mountpoints,
+    lay_out_cache,
+    model_folders,
+    run_with_limit,
+    sandbox_problem,
+    upload_candidate,
+)
+from cluster.jobs.hub import point_adapter_at_base
+from cluster.settings import env_subset
 
-DOCKERFILE = Path(__file__).resolve().parents[1] / "ops" / "docker" / "standalone-text-trainer.dockerfile"
+DOCKERFILE = Path(__file__).resolve().parents[2] / "ops" / "docker" / "standalone-text-trainer.dockerfile"
 KEEP_ENV = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
             "RAY_AUTH_MODE", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
 
@@ -175,7 +185,7 @@ def _scrub_identity(model_dir: Path) -> None:
 
 
 def _repo_root() -> str:
-    return str(Path(__file__).resolve().parents[1])
+    return str(Path(__file__).resolve().parents[2])
 
 
 def _last_line(log: str) -> str:

@@ -12,8 +12,8 @@ import heapq
 import threading
 from dataclasses import dataclass, field
 
-from .capacity import Plan
-from .ledger import RESERVATION_TTL_S, ClusterView, Hold, Ledger
+from cluster.plan import Plan
+from cluster.planning.ledger import RESERVATION_TTL_S, ClusterView, Hold, Ledger
 
 JOB, OFFER = "job", "offer"
 MIN_LATE_TRAIN_S = 60.0   # a job pushed late (an anomaly) still runs if this much training fits
@@ -239,7 +239,7 @@ def restore(scheduler: Scheduler, store, now: float, plan_for) -> None:
     """Rebuilds the queue and the holds from the store after a restart: dispatched jobs hold
     their node until their planned end, queued jobs and live reservations queue again.
     `plan_for(job)` plans jobs stored before plans were (older databases)."""
-    from .store import ACTIVE, QUEUED
+    from cluster.state.store import ACTIVE, QUEUED
 
     for job in store.list_jobs(ACTIVE):
         plan = job.plan if job.plan is not None and job.plan.method else plan_for(job)

@@ -15,9 +15,9 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from .fetch import FetchLimits, fetch_file, prefetched_path, resolve_model
-from .settings import Settings
-from .store import Job
+from cluster.jobs.fetch import FetchLimits, fetch_file, prefetched_path, resolve_model
+from cluster.settings import Settings
+from cluster.state.store import Job
 
 log = logging.getLogger("miner.prefetch")
 DATASET_FILE = "train_data.json"     # the name job_main downloads a job's dataset to

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .settings import env
+from cluster.settings import env
 
-BENCH_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "models" / "pico-llama"
+BENCH_MODEL = Path(__file__).resolve().parents[2].parent / "shared" / "bench" / "models" / "pico-llama"
 
 
 def demo_model(state_dir: Path, task_dir: Path) -> Path:

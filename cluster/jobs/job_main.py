@@ -1,4 +1,4 @@
-"""The Ray Job entrypoint for one training job: `python -m cluster.job_main --task-id ID`.
+"""The Ray Job entrypoint for one training job: `python -m cluster.jobs.job_main --task-id ID`.
 
 fetch inputs -> validate the data -> plan hyperparameters and the deadline -> Ray Train fit
 -> publish -> hash the published snapshot once -> record. Every phase is timed and written
@@ -16,23 +16,23 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
+from cluster.jobs.fetch import FetchLimits, InputError, download_dataset, resolve_model
+from cluster.jobs.publish import best_checkpoint, checkpoint_bytes, mark_published, publish
+from cluster.jobs.reports import PROGRESS_FILE, PhaseTimer, write_job_report, write_timings
+from cluster.plan import Plan
+from cluster.planning.capacity import placement, training_stop_s
+from cluster.planning.dataset_checks import check_rows
+from cluster.planning.knowledge import Knowledge, family_of, learn, local_config
+from cluster.planning.model_check import model_dir_problem
+from cluster.settings import Settings, load_settings
+from cluster.state.metrics import TrainingMonitor, record_final_slack
+from cluster.state.store import FAILED, PUBLISHING, QUEUED, RUNNING, SUBMITTED, TERMINAL, Job, JobStore
 from trainers.config import TrainConfig
 from trainers.formats import tokenize_task
 from trainers.instruct_format import DatasetError
 from trainers.modeling import load_tokenizer
 from tuning.priors import default_hparams, param_count_from_config, refine_lr_prior
 from tuning.search import SearchPlan, tune_hyperparameters
-
-from .capacity import Plan, placement, training_stop_s
-from .dataset_checks import check_rows
-from .fetch import FetchLimits, InputError, download_dataset, resolve_model
-from .knowledge import Knowledge, family_of, learn, local_config
-from .metrics import TrainingMonitor, record_final_slack
-from .model_check import model_dir_problem
-from .publish import best_checkpoint, checkpoint_bytes, mark_published, publish
-from .reports import PROGRESS_FILE, PhaseTimer, write_job_report, write_timings
-from .settings import Settings, load_settings
-from .store import FAILED, PUBLISHING, QUEUED, RUNNING, SUBMITTED, TERMINAL, Job, JobStore
 
 MIN_SEARCH_S = 60.0  # below this share of the window, no LR search (short demo/test jobs)
 
@@ -51,7 +51,7 @@ def plan(job: Job, settings: Settings, model_dir: Path, train_file: Path, rows: 
         check_grpo_task(rows, job.dataset_type)
     else:
         tokenize_task(job.task_type, rows, job.dataset_type, load_tokenizer(str(model_dir)), hf_config)
-    # The capacity plan (cluster.capacity) sets the shape and the window: stop by the planned end
+    # The capacity plan (cluster.planning.capacity) sets the shape and the window: stop by the planned end
     # so the next queued job starts on time, never after the deadline.
     shape, end = plan_shape(job, settings)
     budget = end - (job.started_at or job.created_at)

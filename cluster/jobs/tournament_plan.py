@@ -14,8 +14,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .capacity import CPU_MAX_PARAMS, Device, Plan, device, memory_per_gpu_gib, method_and_min_gpus, preferred_gpus
-from .settings import RAY_TRAIN_ENV
+from cluster.plan import Plan
+from cluster.planning.capacity import (
+    CPU_MAX_PARAMS,
+    Device,
+    device,
+    memory_per_gpu_gib,
+    method_and_min_gpus,
+    preferred_gpus,
+)
+from cluster.settings import RAY_TRAIN_ENV
 
 GIB = 1024**3
 RAY_OBJECT_STORE_MAX = 2 * GIB  # training passes no large objects through Ray: keep shm for NCCL/dataloaders
@@ -38,7 +46,7 @@ class Hardware:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """How one tournament run trains: the job plan `cluster.job_main.plan` turns into a TrainConfig."""
+    """How one tournament run trains: the job plan `cluster.jobs.job_main.plan` turns into a TrainConfig."""
     method: str            # full | lora | lora_zero3
     workers: int           # Ray Train workers (one per GPU; CPU: 1)
     use_gpu: bool

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from .store import JobStore, Offer
+from cluster.state.store import JobStore, Offer
 
 log = logging.getLogger("miner.offers")
 

@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from .settings import Settings
+from cluster.settings import Settings
 
 log = logging.getLogger("miner.identity")
 

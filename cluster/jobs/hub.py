@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from .settings import Settings
+from cluster.settings import Settings
 
 
 class Hub(Protocol):

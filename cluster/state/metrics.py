@@ -98,7 +98,7 @@ def record_offer(accepted: bool, message: str, seconds: float) -> None:
 
 def record_jobs_by_state(store) -> dict[str, int]:
     """Sets the jobs gauge for every state (0 included, so finished states drop back)."""
-    from .store import ACTIVE, TERMINAL
+    from cluster.state.store import ACTIVE, TERMINAL
 
     counts = {state: 0 for state in (*ACTIVE, *TERMINAL)}
     for job in store.list_jobs():

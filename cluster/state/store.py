@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
-from .capacity import Plan
+from cluster.plan import Plan
 
 # Life of a job. `published` and `failed` are terminal.
 QUEUED, SUBMITTED, RUNNING, PUBLISHING, PUBLISHED, FAILED = (
