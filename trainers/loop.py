@@ -17,10 +17,12 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import ray.train
 import torch
+from transformers import AutoConfig
 
 from . import instruct
 from .averaging import Selection
@@ -28,7 +30,7 @@ from .batching import split_dev
 from .config import TrainConfig
 from .deadline import DeadlinePlan, saves_within, spread
 from .dev_pass import DevPass
-from .engines import make_engine, zero3_loading, zero3_supported
+from .engines import make_engine, zero3, zero3_loading, zero3_supported
 from .formats import tokenize_task
 from .instruct import Recipe, Steps, _any_rank, kl_reference, lr_at
 from .layerwise import probe_ranks
@@ -71,6 +73,21 @@ class Setup:
             print(*args, flush=True, **kwargs)
 
 
+def _start_loading(cfg: TrainConfig, device: torch.device) -> Future:
+    """The base weights, loading in a thread (I/O and copies, mostly outside the GIL) while the
+    caller reads and tokenises the rows: the two longest start-up steps overlap. On a GPU they go
+    straight onto it. ZeRO-3 loads here, in this thread: its partitioning runs collectives."""
+    if zero3(cfg):
+        done: Future = Future()
+        with zero3_loading(cfg, device):  # each rank holds 1/world of every weight from here on
+            done.set_result(load_base_model(cfg.model_path, device))
+        return done
+    pool = ThreadPoolExecutor(1, thread_name_prefix="load-base")
+    loading = pool.submit(load_base_model, cfg.model_path, device, True)
+    pool.shutdown(wait=False)
+    return loading
+
+
 def setup(cfg: TrainConfig, recipe: Recipe) -> Setup:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -83,12 +100,13 @@ def setup(cfg: TrainConfig, recipe: Recipe) -> Setup:
     cfg = zero3_supported(cfg, recipe, log=log)
 
     tokenizer = load_tokenizer(cfg.model_path)
-    with zero3_loading(cfg, device):  # ZeRO-3: each rank holds 1/world of every weight from here on
-        base = load_base_model(cfg.model_path, device)
+    loading = _start_loading(cfg, device)
     with open(cfg.train_file) as f:
         rows = json.load(f)
     # the validator's length for these rows (doubled when none fits the first), logged below
-    data = tokenize_task(cfg.task_type, rows, cfg.dataset_type, tokenizer, base.config, cfg.max_seq_len, log=log)
+    data = tokenize_task(cfg.task_type, rows, cfg.dataset_type, tokenizer, AutoConfig.from_pretrained(cfg.model_path),
+                         cfg.max_seq_len, log=log)
+    base = loading.result()
     train, dev = split_dev(data.examples, cfg.dev_fraction * recipe.dev_scale,
                            int(cfg.max_dev_rows * recipe.dev_scale), cfg.seed)
     shard = train[rank::world]

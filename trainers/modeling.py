@@ -33,11 +33,15 @@ def load_submission(path: str | Path):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
 
 
-def load_base_model(model_path: str, device: torch.device):
+def load_base_model(model_path: str, device: torch.device, onto_device: bool = False):
     """The base model in `device`'s training dtype, left on the CPU: the caller moves it (after
-    wrapping it for training; under ZeRO-3 it is already partitioned and must not be moved)."""
+    wrapping it for training; under ZeRO-3 it is already partitioned and must not be moved).
+    `onto_device` (a GPU, no ZeRO-3): the weights go from the safetensors straight onto the GPU,
+    without a whole CPU copy first (an 8B model: 16 GB less host memory, one copy less)."""
     # bf16 weights on GPU (as evaluated); fp32 on CPU, where bf16 matmuls are slow.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if onto_device and device.type == "cuda":
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map=str(device))
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
 
 
