@@ -309,6 +309,7 @@ def run_case(case: str, lengths: str, warm: int, timed: int, variants: list[str]
 
 
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
     from benchmarks.throughput_report import VARIANTS, report, summary_line
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -335,8 +336,10 @@ def main() -> None:
         return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    jsonl = out / "throughput.jsonl"
     for case in a.cases.split(","):
         t, res = time.time(), {"case": case}
+        before = jsonl.read_text() if jsonl.exists() else ""
         # one process per variant: Liger patches modules in place, compilation stays with its process
         for variant in a.variants.split(","):
             proc = subprocess.run([sys.executable, __file__, "run", "--one", "--lengths", a.lengths, "--cases", case,
@@ -348,11 +351,10 @@ def main() -> None:
             res = {**one, **res, variant: one.get(variant, {"error": "no result"})}
             if "check" in one:
                 res["check"] = one["check"]
-        res["wall_s"] = round(time.time() - t, 1)
-        with (out / "throughput.jsonl").open("a") as f:
-            f.write(json.dumps(res) + "\n")
+            res["wall_s"] = round(time.time() - t, 1)
+            # the case so far, rewritten after every variant: a run stopped at its time limit keeps what it measured
+            jsonl.write_text(before + json.dumps(res) + "\n")
         print(summary_line(res), flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MINER_PREFETCH_MODELS", "0")   # prefetch never reaches for the Hub in tests
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_TASK = REPO / "cluster" / "demo_task"
+DEMO_TASK = REPO / "cluster" / "console" / "demo_task"
 BENCH = REPO.parent / "shared" / "bench"
 
 

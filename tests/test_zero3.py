@@ -14,7 +14,7 @@ from trainers.dpo import DPO
 from trainers.engines import ds_config, zero3_supported
 from trainers.instruct import SFT
 
-DEMO = Path(__file__).resolve().parent.parent / "cluster" / "demo_task"
+DEMO = Path(__file__).resolve().parent.parent / "cluster" / "console" / "demo_task"
 
 
 def _cfg(model: Path, tmp_path: Path, **kw) -> TrainConfig:

@@ -6,7 +6,7 @@ the steps that fit before the deadline, less what the end keeps back (the remain
 their measured cost, the final selection, a dev pass), and the save points are spread again over
 what remains. A recipe stops when one more step and its last save would end past the deadline.
 
-The SFT/DPO loop (instruct.py) and the GRPO callback (grpo.py) both drive a `DeadlinePlan`; where
+The SFT/DPO loop (loop.py) and the GRPO callback (grpo.py) both drive a `DeadlinePlan`; where
 they differ (a warm-up step excluded from the probe, whether the step being re-planned can still
 save) is a parameter here, so each keeps the schedule it had.
 """
