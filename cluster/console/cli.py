@@ -137,6 +137,8 @@ def cmd_simulate(args) -> int:
     client = ValidatorClient(args.miner_url, validator_keypair(settings), miner_hotkey(settings))
     outcomes = run_simulation(tasks, model, client, settings)
 
+    time.sleep(1.0)  # Ray's log stream (job supervisor, workers) drains before the result, not into it
+    Console(width=130).rule("result")
     table = Table(title="miner simulate")
     # the validator's metric: a loss, or for GRPO a reward (higher is better)
     for col in ("task", "type", "accepted", "status", "base metric", "submission metric", "hash ok"):

@@ -13,6 +13,7 @@ import json
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -198,8 +199,13 @@ def _await_and_verify(spec: TaskSpec, out: Outcome, base_model: str, deadline: f
         return
     snapshot = hub_from_settings(settings).snapshot(submission["repo"])
     out.hash_ok = calculate_model_hash(snapshot) == submission.get("model_hash")
+    from transformers.utils import logging as hf_logging
+
     from trainers.evaluate import METRICS, evaluate_path
 
+    hf_logging.disable_progress_bar()  # the scoring's weight-loading bars and warnings would land on the table
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes, not ours to act on
     if spec.task_type.value in METRICS:
         test = spec.path / "test.json"
         kind = spec.task_type.value
