@@ -13,6 +13,11 @@ def _note(v: str, x: dict) -> str:
     return f"{x['micro_batch']} x {x['accum']} samples, {100 * x['padding_fraction']:.0f}% padding"
 
 
+def _paths(r: dict):
+    """(variant, its result) for the paths a case ran, in the table's order."""
+    return [(v, r[v]) for v in VARIANTS if r.get(v)]
+
+
 def trl_best(r: dict) -> str | None:
     """The fastest TRL variant of a case (without / with Liger): the reference a speed-minded miner runs."""
     done = [v for v in VARIANTS if v.startswith("trl") and "tokens_per_s" in r.get(v, {})]
@@ -26,10 +31,7 @@ def report(results: list[dict]) -> str:
         base = r.get("hf", {}).get("tokens_per_s")
         best = trl_best(r)
         ref = r[best]["tokens_per_s"] if best else None
-        for v in VARIANTS:
-            x = r.get(v)
-            if not x:
-                continue
+        for v, x in _paths(r):
             if "error" in x:
                 rows.append(f"| {r['case']} | | {v} | {x['error'][-60:]!r} | | | | | | |")
                 continue
@@ -55,10 +57,7 @@ def summary_line(r: dict) -> str:
     if r.get("check"):
         parts[0] += f" check={'ok' if r['check']['ok'] else 'FAIL'}(mean|d|={r['check']['mean_abs_diff']:.3g})"
     base = r.get("hf", {}).get("tokens_per_s")
-    for v in VARIANTS:
-        x = r.get(v)
-        if not x:
-            continue
+    for v, x in _paths(r):
         if "error" in x:
             parts.append(f"{v}: {x['error'][-80:]}")
             continue
