@@ -11,7 +11,7 @@ from ray.train.torch import TorchTrainer
 
 from .config import TrainConfig
 from .fault_log import FaultLog
-from .paths import NOT_PUBLISHED, RunPaths
+from .paths import NOT_PUBLISHED, RunPaths, best_by_dev
 
 # Worker-group restarts Ray Train makes on its own (worker process died, node lost) before
 # fit() gives up; each resumes from the run's last checkpoint.
@@ -118,9 +118,7 @@ def _exchange(a: Path, b: Path) -> bool:
 def latest_good_checkpoint(result):
     """The checkpoint with the lowest dev loss (the latest one when there is no dev split)."""
     ranked = [(c, m) for c, m in (result.best_checkpoints or []) if m]
-    with_dev = [(c, m) for c, m in ranked if m.get("dev_loss") is not None]
-    if with_dev:
-        return min(with_dev, key=lambda cm: cm[1]["dev_loss"])
-    if ranked:
-        return max(ranked, key=lambda cm: cm[1].get("step", 0))
+    best = best_by_dev(ranked, lambda cm: cm[1].get("dev_loss"), lambda cm: cm[1].get("step", 0))
+    if best:
+        return best
     return (result.checkpoint, result.metrics or {}) if result.checkpoint else None

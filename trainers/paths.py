@@ -22,6 +22,17 @@ CHECKPOINT_GLOB = "checkpoint_*"     # Ray Train's checkpoint folders inside a r
 NOT_PUBLISHED = (TRAIN_STATE, CHECKPOINT_METRICS)
 
 
+def best_by_dev(candidates: list, dev_loss, order):
+    """The one checkpoint choice: the candidate with the lowest dev loss, the latest (by `order`)
+    among equals; the latest when none has a dev loss (no dev split); None when there is none."""
+    if not candidates:
+        return None
+    scored = [c for c in candidates if dev_loss(c) is not None]
+    if scored:
+        return min(scored, key=lambda c: (dev_loss(c), -order(c)))
+    return max(candidates, key=order)
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """One Ray Train run: `storage` is its storage_path (TrainConfig.run_dir), `name` its name."""

@@ -17,6 +17,7 @@ from rich.text import Text
 from cluster.jobs.reports import PROGRESS_FILE
 from cluster.settings import Settings
 from cluster.state.store import FAILED, PUBLISHED, Job
+from trainers.paths import JobPaths
 from trainers.progress import read_progress
 
 STATUS_STYLE = {"queued": "yellow", "submitted": "yellow", "running": "cyan", "publishing": "cyan",
@@ -115,7 +116,7 @@ def _timeline(job: Job, d: Path, ray_info: dict | None) -> Table:
 
 
 def _hparams(job: Job, d: Path, per_row: int = 4) -> Table | None:
-    hp = job.hparams or _read_json(d / "hparams.json")
+    hp = job.hparams or _read_json(JobPaths(d).hparams)
     if not hp:
         return None
     pairs = [(k, hp[k]) for k in HPARAM_KEYS if k in hp] + list((hp.get("extra") or {}).items())

@@ -31,6 +31,7 @@ from trainers.config import TrainConfig
 from trainers.formats import tokenize_task
 from trainers.instruct_format import DatasetError
 from trainers.modeling import load_tokenizer
+from trainers.paths import JobPaths
 from tuning.priors import default_hparams, param_count_from_config, refine_lr_prior
 from tuning.search import SearchPlan, tune_hyperparameters
 
@@ -147,13 +148,13 @@ def run_job(task_id: str, settings: Settings) -> int:
         if problem:
             raise InputError(problem)
         phase("fetch_model")
-        cfg = plan(job, settings, model_dir, job_dir / "train_data.json", rows, job_dir / "runs", knowledge)
+        cfg = plan(job, settings, model_dir, job_dir / "train_data.json", rows, JobPaths(job_dir).runs, knowledge)
         cfg.label_selector = {**settings.train_labels, **cfg.label_selector}  # operator's labels + planned node
         cfg.progress_file = str(job_dir / PROGRESS_FILE)
         phase("plan")
         cfg = search_hparams(cfg, settings, job_dir)
         phase("search")
-        (job_dir / "hparams.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        JobPaths(job_dir).hparams.write_text(json.dumps(cfg.to_dict(), indent=2))
         store.update_job(task_id, hparams=cfg.to_dict())
         from trainers.launch import fit
 
@@ -228,7 +229,7 @@ def _fallback_outcome(job_dir: Path, exc: Exception):
     """Deadlines are sacred: if training died after saving a checkpoint, publish that."""
     from trainers.launch import TrainOutcome, export_checkpoint
 
-    checkpoint = best_checkpoint(job_dir / "runs")
+    checkpoint = best_checkpoint(JobPaths(job_dir).runs)
     if checkpoint is None:
         return None
     print(f"[job] training failed ({type(exc).__name__}); publishing last checkpoint {checkpoint}", flush=True)

@@ -20,8 +20,7 @@ from cluster.jobs.hub import (
 from cluster.jobs.model_hash import calculate_model_hash
 from cluster.settings import Settings
 from cluster.state.store import PUBLISHED, PUBLISHING, Job, JobStore
-
-CHECKPOINT_METRICS = "metrics.json"  # written by the trainers next to each checkpoint's weights
+from trainers.paths import CHECKPOINT_GLOB, CHECKPOINT_METRICS, best_by_dev
 
 
 def publish(model_dir: Path, job: Job, settings: Settings, hub: Hub | None = None,
@@ -83,17 +82,14 @@ def _check_safetensors(path: Path) -> None:
 def best_checkpoint(run_dir: Path) -> Path | None:
     """The complete checkpoint with the lowest dev loss (the newest when none has one) among a
     job's Ray Train runs: what the fallback and the deadline watchdog publish."""
-    found = [p for p in Path(run_dir).glob("*/checkpoint_*") if p.is_dir() and checkpoint_is_complete(p)]
-    if not found:
-        return None
+    found = [p for p in Path(run_dir).glob(f"*/{CHECKPOINT_GLOB}") if p.is_dir() and checkpoint_is_complete(p)]
 
-    def rank(p: Path):
+    def dev_loss(p: Path):
         try:
-            dev = json.loads((p / CHECKPOINT_METRICS).read_text()).get("dev_loss")
+            return json.loads((p / CHECKPOINT_METRICS).read_text()).get("dev_loss")
         except (OSError, ValueError):
-            dev = None
-        return (dev is None, dev if dev is not None else 0.0, -p.stat().st_mtime)
-    return min(found, key=rank)
+            return None
+    return best_by_dev(found, dev_loss, lambda p: p.stat().st_mtime)
 
 
 def checkpoint_bytes(path: Path) -> int:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainers.paths import JobPaths
 from tuning.plots import pyplot, save_figure
 
 PROGRESS_FILE = "progress.json"  # written live by the trainer's rank 0 (trainers/progress.py)
@@ -65,7 +66,7 @@ def write_timings(job_dir: Path, timings: dict | PhaseTimer) -> dict:
 def write_index(job_dir: Path) -> dict:
     lr_range = sorted(str(p.relative_to(job_dir)) for g in LR_RANGE_TEST_GLOBS for p in job_dir.glob(g))
     report = {
-        "hyperparameters": _read_json(job_dir / "hparams.json"),
+        "hyperparameters": _read_json(JobPaths(job_dir).hparams),
         "timings_s": _read_json(job_dir / "timings.json"),
         "selected_checkpoint": (_read_json(job_dir / "summary.json") or {}).get("selected_checkpoint"),
         "lr_range_test": lr_range,

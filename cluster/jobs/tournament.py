@@ -33,6 +33,7 @@ from cluster.planning.dataset_checks import check_rows
 from cluster.protocol.wire import TaskType, parse_dataset_type, task_type_of
 from cluster.settings import Settings, TournamentEnv, load_settings, load_tournament_env
 from cluster.state.store import Job
+from trainers.paths import JobPaths
 
 KL_WEIGHTED = ("InstructTextTask", "ChatTask")  # the validator's instruct_text evaluator adds the KL term
 
@@ -191,7 +192,7 @@ def prepare(args: argparse.Namespace, settings: Settings, env: TournamentEnv, hw
               dataset_type=dataset_type.model_dump(), file_format=args.file_format,
               expected_repo_name=args.expected_repo_name, hours_to_complete=args.hours_to_complete,
               created_at=start, deadline=start + args.hours_to_complete * 3600, plan=run_plan.job_plan())
-    cfg = plan(job, settings, model_dir, work / "train_data.json", report.rows, work / "runs")
+    cfg = plan(job, settings, model_dir, work / "train_data.json", report.rows, JobPaths(work).runs)
     cfg.use_gpu, cfg.num_workers = run_plan.use_gpu, run_plan.workers  # what this container has, not the settings'
     cfg.early_save = True  # a model in the output folder minutes after the start, not at the first planned save
     cfg.progress_file = str(work / "progress.json")  # live step, loss, tokens/s (rank 0), for whoever watches
@@ -217,14 +218,14 @@ def run(args: argparse.Namespace, settings: Settings, env: TournamentEnv) -> int
     print(f"[tournament] plan: {run_plan.method}, {run_plan.workers} worker(s), "
           f"{'GPU' if run_plan.use_gpu else 'CPU'}; training stops {deadline - cfg.train_deadline:.0f} s "
           f"before the {args.hours_to_complete * 3600:.0f} s limit", flush=True)
-    (work / "hparams.json").write_text(json.dumps({**cfg.to_dict(), "run_plan": run_plan.__dict__}, indent=2))
+    JobPaths(work).hparams.write_text(json.dumps({**cfg.to_dict(), "run_plan": run_plan.__dict__}, indent=2))
     import ray
 
     if not ray.is_initialized():
         ray.init(**ray_init_kwargs(hw, temp_dir=str(Path(settings.tmp_dir) / "ray")))
     from trainers.launch import fit
 
-    export = LiveExport(work / "runs", out_dir, args.model, env.export_poll_s).start()
+    export = LiveExport(JobPaths(work).runs, out_dir, args.model, env.export_poll_s).start()
     try:
         outcome = fit(cfg, work / "model")
         export.finish(outcome.model_dir)

@@ -20,6 +20,7 @@ from pathlib import Path
 from cluster.jobs.publish import best_checkpoint, checkpoint_bytes, mark_published, publish, upload_estimate_s
 from cluster.settings import Settings
 from cluster.state.store import ACTIVE, FAILED, PUBLISHING, QUEUED, RUNNING, SUBMITTED, Job, JobStore
+from trainers.paths import JobPaths
 
 log = logging.getLogger("miner.watchdog")
 MIN_MARGIN_S = 3.0
@@ -87,4 +88,4 @@ class Watchdog:
             fut.result(timeout)
 
     def _runs(self, job: Job) -> Path:
-        return self.settings.job_dir(job.task_id) / "runs"
+        return JobPaths(self.settings.job_dir(job.task_id)).runs
