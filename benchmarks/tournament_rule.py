@@ -141,6 +141,25 @@ def ours_config(runs, task: str) -> dict:
     return {**kept, **default_hparams(runs.n_params, task_type, method), "saves": kept["saves"]}
 
 
+# Alternative challengers, trained beside `ours` when asked (--alt): the candidates for a recipe change,
+# judged against the same defenders in the same run. "lr_xK": ours at K x its LR; "lora": the planner's
+# LoRA hyperparameters (what the tournament trains on a CPU, and what the quality benchmark measured).
+def alt_config(runs, task: str, name: str) -> dict:
+    from tuning.priors import default_hparams
+
+    ours = ours_config(runs, task)
+    if name.startswith("lr_x"):
+        return {**ours, "lr": ours["lr"] * float(name[4:])}
+    if name == "lora":
+        kept = runs.configs(task)["e_kept"]
+        return {**kept, **default_hparams(runs.n_params, runs.task_type(task), "lora"), "saves": kept["saves"]}
+    raise SystemExit(f"unknown --alt {name!r}: lr_x<K> or lora")
+
+
+def challenger_config(runs, task: str, name: str) -> dict:
+    return ours_config(runs, task) if name == CHALLENGER else alt_config(runs, task, name.removeprefix("ours_"))
+
+
 def train(args, bench: Path, model: Path, done: dict[tuple, dict]) -> list[dict]:
     """The runs not in the jsonl yet (with their per-example losses), each appended as it ends;
     each model folder kept under --models."""
@@ -152,11 +171,12 @@ def train(args, bench: Path, model: Path, done: dict[tuple, dict]) -> list[dict]
     with tempfile.TemporaryDirectory() as tmp:
         runs = Runs(bench, model, args.rows, 0, Path(tmp))
         # ours and its two opponents one after the other per (task, budget): alike machine load
+        challengers = [CHALLENGER, *(f"ours_{a}" for a in args.alt)]
         todo = [(t, c, s, b) for s in args.seeds for t in args.tasks for b in args.budgets
-                for c in (CHALLENGER, *DEFENDERS) if (t, c, s, float(b)) not in done]
+                for c in (*challengers, *DEFENDERS) if (t, c, s, float(b)) not in done]
         for i, (task, name, seed, budget) in enumerate(todo):
             out = models / model.name / f"{task}-{name}-{budget:g}s-seed{seed}"
-            hp = ours_config(runs, task) if name == CHALLENGER else runs.configs(task)[name]
+            hp = runs.configs(task)[name] if name in DEFENDERS else challenger_config(runs, task, name)
             r = runs.run(task, name, hp, seed, budget, out=out, per_sample=True)
             r["budget_s"] = float(budget)
             if "error" not in r:
@@ -170,17 +190,19 @@ def train(args, bench: Path, model: Path, done: dict[tuple, dict]) -> list[dict]
 
 
 def comparisons(runs: dict[tuple, dict], resamples: int = RESAMPLES) -> list[dict]:
-    """ours (challenger) against each defender, per (task, budget, seed) where both ran."""
+    """ours (and any alternative challenger, ours_*) against each defender, per (task, budget, seed)
+    where both ran."""
     out = []
     for (task, config, seed, budget), ours in sorted(runs.items()):
-        if config != CHALLENGER:
+        if not config.startswith(CHALLENGER):
             continue
         for opponent in DEFENDERS:
             theirs = runs.get((task, opponent, seed, budget))
             if theirs is None:
                 continue
             v = judge(theirs["losses"], ours["losses"], resamples=resamples)  # scalars: the means (no KL here)
-            out.append({"task": task, "budget_s": budget, "seed": seed, "opponent": opponent, "ours": ours["test"],
+            out.append({"task": task, "budget_s": budget, "seed": seed, "challenger": config, "opponent": opponent,
+                        "ours": ours["test"],
                         "theirs": theirs["test"], **asdict(v)})
     return out
 
@@ -202,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where each run's exported model folder is kept")
     parser.add_argument("--out", default=str(RESULTS / "judge_parity_rule"))
     parser.add_argument("--report-only", action="store_true", help="judge the --jsonl runs, train nothing")
+    parser.add_argument("--alt", nargs="*", default=[], help="alternative challengers also trained: lr_x<K>, lora")
     parser.add_argument("--command", default="", help="the command that made the runs, for the report")
     args = parser.parse_args(argv)
     bench = Path(args.bench)

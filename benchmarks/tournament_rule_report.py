@@ -50,15 +50,17 @@ def analyses(comparisons: list[dict], runs: dict[tuple, dict]) -> list[dict]:
     out = []
     for c in comparisons:
         if c["ours"] < c["theirs"] and c["boss"] != ADVANCES:
-            key = (c["task"], CHALLENGER, c["seed"], c["budget_s"])
+            key = (c["task"], c.get("challenger", CHALLENGER), c["seed"], c["budget_s"])
             theirs = runs[(c["task"], c["opponent"], c["seed"], c["budget_s"])]
-            out.append({k: c[k] for k in ("task", "budget_s", "seed", "opponent")} | {"why": why_not(c)}
+            out.append({k: c.get(k, CHALLENGER) for k in ("task", "budget_s", "seed", "challenger", "opponent")}
+                       | {"why": why_not(c)}
                        | losing_samples(runs[key], theirs))
     return out
 
 
 def _row(c: dict, seeds: bool) -> str:
-    cells = [c["task"], f"{c['budget_s']:g}", *([str(c["seed"])] if seeds else []), c["opponent"],
+    cells = [c["task"], f"{c['budget_s']:g}", *([str(c["seed"])] if seeds else []), c.get("challenger", "ours"),
+             c["opponent"],
              f"{c['ours']:.4f} / {c['theirs']:.4f}", f"{c['decided']} of {c['n']}",
              f"{c['win_rate']:.1%} (lb {c['win_rate_lb']:.1%})", f"{c['mean_gap']:+.4f} (lb {c['mean_gap_lb']:+.4f})",
              f"{c['required_gap']:.4f}", c["boss"], c["knockout"]]
@@ -80,7 +82,7 @@ def markdown(comparisons: list[dict], found: list[dict], meta: dict) -> str:
              " the mean gap >= the required gap (max(0.01, 1% of the defender's mean)), and ours is not worse"
              " on the mean."
              " Knockout: the majority of decided samples, unless the majority winner has the higher mean loss.", ""]
-    header = ["task", "budget s", *(["seed"] if seeds else []), "opponent", "mean loss ours / theirs", "decided",
+    header = ["task", "budget s", *(["seed"] if seeds else []), "challenger", "opponent", "mean loss ours / theirs", "decided",
               "share of decided won", "mean gap", "required gap", "boss-round verdict", "knockout verdict"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += [_row(c, seeds) for c in comparisons]
