@@ -108,13 +108,14 @@ def sample_stream(pairs, n: int, vocab: int, seed: int):
 
 
 # ------------------------------------------------------------------ models and FLOPs
-def build(name: str, method: str):
+def build(name: str, method: str, min_vocab: int = 0):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from trainers.config import TrainConfig
     from trainers.modeling import wrap_for_training
     shape = dict(SHAPES[name])
+    shape["vocab_size"] = max(shape["vocab_size"], min_vocab)  # room for a real tokenizer's ids (the tiny shape)
     config = AutoConfig.for_model(shape.pop("model_type"), **shape)
     torch.manual_seed(0)
     with torch.device(DEVICE):
