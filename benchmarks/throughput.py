@@ -71,6 +71,18 @@ def _peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
 
 
+def step_clock(marks: list):
+    """A Trainer callback that appends the time at the end of each optimizer step (the device
+    synced first): every Trainer-based path of the benchmarks is timed by it."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            _sync()
+            marks.append(time.perf_counter())
+    return Clock()
+
+
 def _reset_peak():
     import torch
     if DEVICE == "cuda":
@@ -179,7 +191,7 @@ def correctness(model, samples, device) -> dict:
 
 def run_hf(model, samples, micro: int, accum: int, warm: int, timed: int, tmp: str, grouped: bool = False) -> dict:
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from trainers.instruct_format import IGNORE
     counts, marks = [], []
@@ -195,11 +207,6 @@ def run_hf(model, samples, micro: int, accum: int, warm: int, timed: int, tmp: s
         counts.append((int(mask.sum()), ids.numel()))
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            _sync()
-            marks.append(time.perf_counter())
-
     fields = TrainingArguments.__dataclass_fields__
     sampling = ({} if not grouped else {"train_sampling_strategy": "group_by_length"}
                 if "train_sampling_strategy" in fields else {"group_by_length": True})
@@ -208,7 +215,7 @@ def run_hf(model, samples, micro: int, accum: int, warm: int, timed: int, tmp: s
                              report_to="none", logging_strategy="no", disable_tqdm=True,
                              remove_unused_columns=False, dataloader_num_workers=0)
     data = [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in samples]
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Clock()])
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[step_clock(marks)])
     _reset_peak()
     trainer.train()
     real = sum(c[0] for c in counts[warm * accum:(warm + timed) * accum])

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.throughput import DEVICE, build  # noqa: E402
+from benchmarks.throughput import DEVICE, build, step_clock  # noqa: E402
 
 
 def load_pairs(task: Path, tokenizer, config, n: int):
@@ -66,17 +66,9 @@ def run_ours(model, examples, pad_id: int, per_step: int, warm: int, timed: int)
 
 
 def run_trl(model, tokenizer, raw, per_step: int, warm: int, timed: int, liger: bool) -> dict:
-    import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
     marks = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
-            marks.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as tmp:
         args = DPOConfig(output_dir=tmp, per_device_train_batch_size=per_step, max_steps=warm + timed, beta=0.1,
@@ -86,7 +78,7 @@ def run_trl(model, tokenizer, raw, per_step: int, warm: int, timed: int, liger: 
                          max_length=None)
         t = time.perf_counter()
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(raw[:per_step * (warm + timed)]),
-                             processing_class=tokenizer, callbacks=[Clock()])
+                             processing_class=tokenizer, callbacks=[step_clock(marks)])
         ref_s = time.perf_counter() - t
         trainer.train()
     return {"pairs_per_s": per_step * timed / (marks[warm + timed - 1] - marks[warm - 1]), "ref_s": ref_s}

@@ -25,9 +25,9 @@ def run_trl(model, samples, per_step: int, warm: int, timed: int, tmp: str, vari
     (max_length = the mean tokens of `per_step` samples, one row per optimizer step)."""
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from benchmarks.throughput import step_clock
     from trainers.instruct_format import IGNORE
     from trainers.packing import hf_model_of
     attn = "flex_attention" if "flex" in variant else "sdpa"
@@ -38,18 +38,12 @@ def run_trl(model, samples, per_step: int, warm: int, timed: int, tmp: str, vari
                               for ex in samples])
     counts, marks = [], []
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            marks.append(time.perf_counter())
-
     args = SFTConfig(output_dir=tmp, packing=True, packing_strategy="bfd", max_length=max(tokens_per_step, longest),
                      completion_only_loss=True, per_device_train_batch_size=1, gradient_accumulation_steps=1,
                      max_steps=warm + timed, bf16=device == "cuda", use_cpu=device == "cpu", learning_rate=1e-5,
                      use_liger_kernel=variant.endswith("_liger"), save_strategy="no", report_to="none",
                      logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, dataset_num_proc=None)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=_tokenizer(), callbacks=[Clock()])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=_tokenizer(), callbacks=[step_clock(marks)])
     collate = trainer.data_collator
 
     def counting(rows):  # real tokens of each packed row (padding-free: no pad but to a multiple, if any)

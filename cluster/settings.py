@@ -25,9 +25,6 @@ def env(name: str, default: str | None = None) -> str | None:
     return value if value not in (None, "") else default
 
 
-_env = env
-
-
 def env_subset(names) -> dict[str, str]:
     """The named variables as set (empty ones too): what a child process inherits on purpose."""
     return {k: v for k, v in os.environ.items() if k in names}
@@ -126,49 +123,49 @@ def write_secret(path: Path, value: str) -> Path:
 
 def _secret(name: str, file_variable: str) -> str | None:
     """A secret from its variable, else from the file a parent process handed down."""
-    value, path = _env(name), _env(file_variable)
+    value, path = env(name), env(file_variable)
     if value or not path or not Path(path).is_file():
         return value
     return Path(path).read_text().strip() or None
 
 
 def load_settings() -> Settings:
-    state_dir = Path(_env("MINER_STATE_DIR", "~/.miner")).expanduser().resolve()
-    metagraph = _env("MINER_METAGRAPH_FILE")
+    state_dir = Path(env("MINER_STATE_DIR", "~/.miner")).expanduser().resolve()
+    metagraph = env("MINER_METAGRAPH_FILE")
     return Settings(
         state_dir=state_dir,
         metagraph_file=Path(metagraph).expanduser().resolve() if metagraph else None,
-        miner_hotkey=_env("MINER_HOTKEY"),
-        wallet_name=_env("WALLET_NAME"),
-        hotkey_name=_env("HOTKEY_NAME"),
-        netuid=int(_env("NETUID", "56")),
-        subtensor_network=_env("SUBTENSOR_NETWORK", "finney"),
-        min_stake_threshold=float(_env("MIN_STAKE_THRESHOLD", "1000")),
+        miner_hotkey=env("MINER_HOTKEY"),
+        wallet_name=env("WALLET_NAME"),
+        hotkey_name=env("HOTKEY_NAME"),
+        netuid=int(env("NETUID", "56")),
+        subtensor_network=env("SUBTENSOR_NETWORK", "finney"),
+        min_stake_threshold=float(env("MIN_STAKE_THRESHOLD", "1000")),
         hf_token=_secret("HUGGINGFACE_TOKEN", "MINER_HF_TOKEN_FILE"),
-        hf_username=_env("HUGGINGFACE_USERNAME"),
-        hub_dir=Path(_env("MINER_HUB_DIR", str(state_dir / "hub"))).expanduser().resolve(),
-        max_dataset_bytes=int(_env("MINER_MAX_DATASET_BYTES", str(2 * 1024**3))),
-        num_workers=int(_env("MINER_TRAIN_WORKERS", "1")),
+        hf_username=env("HUGGINGFACE_USERNAME"),
+        hub_dir=Path(env("MINER_HUB_DIR", str(state_dir / "hub"))).expanduser().resolve(),
+        max_dataset_bytes=int(env("MINER_MAX_DATASET_BYTES", str(2 * 1024**3))),
+        num_workers=int(env("MINER_TRAIN_WORKERS", "1")),
         # "1": train on GPUs even when this process (a CPU head's job driver) sees none
-        use_gpu=_env("MINER_USE_GPU", "auto") in ("1", "true") or (_env("MINER_USE_GPU", "auto") == "auto" and _gpu_available()),
-        max_hours=float(_env("MINER_MAX_HOURS", "48")),
-        min_hours=float(_env("MINER_MIN_HOURS", "0.02")),
-        training_repo=_env("MINER_TRAINING_REPO"),
-        training_commit=_commit(_env("MINER_TRAINING_COMMIT")),
+        use_gpu=env("MINER_USE_GPU", "auto") in ("1", "true") or (env("MINER_USE_GPU", "auto") == "auto" and _gpu_available()),
+        max_hours=float(env("MINER_MAX_HOURS", "48")),
+        min_hours=float(env("MINER_MIN_HOURS", "0.02")),
+        training_repo=env("MINER_TRAINING_REPO"),
+        training_commit=_commit(env("MINER_TRAINING_COMMIT")),
         training_github_token=_secret("MINER_TRAINING_GITHUB_TOKEN", "MINER_TRAINING_GITHUB_TOKEN_FILE"),
-        hf_offline=_env("HF_HUB_OFFLINE", "0") in ("1", "true", "True", "yes"),
+        hf_offline=env("HF_HUB_OFFLINE", "0") in ("1", "true", "True", "yes"),
         tmp_dir=tempfile.gettempdir(),
-        train_labels=parse_labels(_env("MINER_TRAIN_LABELS", "")),
-        cache_max_bytes=int(float(_env("MINER_CACHE_MAX_GB", "200")) * 1024**3),
-        upload_bandwidth_bytes_s=float(_env("MINER_UPLOAD_MBPS", "20")) * 1e6,
-        watchdog_margin_s=float(_env("MINER_WATCHDOG_MARGIN_S", "60")),
-        model_lookup=_env("MINER_MODEL_LOOKUP", "hub"),
-        search_share=float(_env("MINER_SEARCH_SHARE", "0.2")),
-        prefetch_jobs=int(_env("MINER_PREFETCH_JOBS", "2")),
-        prefetch_models=_env("MINER_PREFETCH_MODELS", "1") in ("1", "true"),
-        train_options=parse_train_options(_env("MINER_TRAIN_OPTIONS", "")),
-        cluster_shape=_env("MINER_CLUSTER"),
-        reservation_ttl_s=float(_env("MINER_RESERVATION_TTL_S", "3600")),
+        train_labels=parse_labels(env("MINER_TRAIN_LABELS", "")),
+        cache_max_bytes=int(float(env("MINER_CACHE_MAX_GB", "200")) * 1024**3),
+        upload_bandwidth_bytes_s=float(env("MINER_UPLOAD_MBPS", "20")) * 1e6,
+        watchdog_margin_s=float(env("MINER_WATCHDOG_MARGIN_S", "60")),
+        model_lookup=env("MINER_MODEL_LOOKUP", "hub"),
+        search_share=float(env("MINER_SEARCH_SHARE", "0.2")),
+        prefetch_jobs=int(env("MINER_PREFETCH_JOBS", "2")),
+        prefetch_models=env("MINER_PREFETCH_MODELS", "1") in ("1", "true"),
+        train_options=parse_train_options(env("MINER_TRAIN_OPTIONS", "")),
+        cluster_shape=env("MINER_CLUSTER"),
+        reservation_ttl_s=float(env("MINER_RESERVATION_TTL_S", "3600")),
     )
 
 
@@ -200,10 +197,10 @@ class TournamentEnv:
 
 
 def load_tournament_env() -> TournamentEnv:
-    use_kl = _env("USE_KL", "0")
+    use_kl = env("USE_KL", "0")
     if use_kl not in ("0", "1", "true", "false"):
         raise ValueError(f"USE_KL must be 1 or 0, not {use_kl!r}")
-    coef = _env("KL_COEF")
+    coef = env("KL_COEF")
     kl_coef = None
     if coef is not None:
         try:
@@ -213,7 +210,7 @@ def load_tournament_env() -> TournamentEnv:
         if not math.isfinite(kl_coef) or kl_coef < 0:
             raise ValueError(f"KL_COEF must be a finite number >= 0, not {coef!r}")
     stats = None
-    stats_path = _env("BASELINE_STATS_PATH")
+    stats_path = env("BASELINE_STATS_PATH")
     if stats_path:
         try:
             stats = json.loads(Path(stats_path).read_text())
@@ -221,18 +218,18 @@ def load_tournament_env() -> TournamentEnv:
             raise ValueError(f"BASELINE_STATS_PATH {stats_path!r} is not a readable JSON file: {e}") from None
         if not isinstance(stats, dict):
             raise ValueError(f"BASELINE_STATS_PATH {stats_path!r} holds a JSON {type(stats).__name__}, not an object")
-    names = [n.strip() for n in (_env("MINER_DATASETS", "") or "").split(",") if n.strip()]
+    names = [n.strip() for n in (env("MINER_DATASETS", "") or "").split(",") if n.strip()]
     bad = [n for n in names if "/" in n or n in (".", "..")]
     if bad:
         raise ValueError(f"MINER_DATASETS names folders under MINER_DATASETS_DIR; these cannot be folder names: {bad}")
-    datasets_dir = Path(_env("MINER_DATASETS_DIR", "/cache/miner_datasets"))
+    datasets_dir = Path(env("MINER_DATASETS_DIR", "/cache/miner_datasets"))
     return TournamentEnv(
-        output_root=Path(_env("TOURNAMENT_OUTPUT_ROOT", "/app/checkpoints")),
-        cache_root=Path(_env("TOURNAMENT_CACHE_ROOT", "/cache")),
+        output_root=Path(env("TOURNAMENT_OUTPUT_ROOT", "/app/checkpoints")),
+        cache_root=Path(env("TOURNAMENT_CACHE_ROOT", "/cache")),
         use_kl=use_kl in ("1", "true"), kl_coef=kl_coef, baseline_stats=stats,
         miner_datasets=tuple(datasets_dir / n for n in names),
         wandb={k: v for k, v in os.environ.items() if k.startswith("WANDB_")},
-        export_poll_s=float(_env("TOURNAMENT_EXPORT_POLL_S", "5")))
+        export_poll_s=float(env("TOURNAMENT_EXPORT_POLL_S", "5")))
 
 
 # What the planner and the job decide (data, deadline, placement): not an operator's option.

@@ -89,7 +89,7 @@ def test_dev_pass_trains_the_dev_rows_at_the_low_lr_and_is_published(short_fit, 
 
 
 def test_saves_within_the_evaluation_share():
-    from trainers.instruct import saves_within
+    from trainers.deadline import saves_within
 
     assert saves_within(0.1, window_s=100.0, save_s=2.0, saves=8) == 5     # 10 s of evaluations: 5 of 2 s
     assert saves_within(0.1, window_s=100.0, save_s=50.0, saves=8) == 2    # never fewer than a mid-run and the last

@@ -14,12 +14,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from .averaging import DevMetric
 from .batching import collate, make_batches, per_sample_loss
 from .config import TrainConfig
-from .deadline import PROBE_STEPS, saves_within, steps_that_fit  # noqa: F401 (their home before deadline.py)
 from .instruct_format import Example
 from .packing import fast_path
 
@@ -58,15 +56,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is true on one: all ranks must stop on the same step."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import ray.train
 import torch
+import torch.distributed as dist
 from transformers import AutoConfig
 
 from . import instruct
@@ -32,7 +33,7 @@ from .deadline import DeadlinePlan, saves_within, spread
 from .dev_pass import DevPass
 from .engines import make_engine, zero3, zero3_loading, zero3_supported
 from .formats import tokenize_task
-from .instruct import Recipe, Steps, _any_rank, kl_reference, lr_at
+from .instruct import Recipe, Steps, kl_reference, lr_at
 from .layerwise import probe_ranks
 from .modeling import load_base_model, load_tokenizer, wrap_for_training
 from .oom import OomLadder
@@ -275,6 +276,15 @@ class SftLoop:
                 "dropped_for_length": d["dropped_for_length"], "train_rows": d["train_rows"], "dev_rows": len(run.dev),
                 "max_len": d["max_len"], "tokens": self.tokens * run.world,
                 "train_seconds": round(time.time() - self.t0, 2), "layer_rank_probe": d["layer_rank_probe"]}
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on one: all ranks must stop on the same step."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def report_checkpoint(engine, tokenizer, step: int, total: int, metrics: dict, rank: int, paths: RunPaths,
