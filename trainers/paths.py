@@ -57,9 +57,6 @@ class RunPaths:
     def step_dir(self, rank: int, step: int) -> Path:
         return self.rank_staging(rank) / f"step_{step:07d}"
 
-    def checkpoint_metrics(self) -> list[Path]:
-        return sorted(self.root.glob(f"{CHECKPOINT_GLOB}/{CHECKPOINT_METRICS}"))
-
 
 @dataclass(frozen=True)
 class JobPaths:
@@ -69,9 +66,6 @@ class JobPaths:
     @property
     def runs(self) -> Path:
         return self.job_dir / "runs"
-
-    def run(self, name: str) -> RunPaths:
-        return RunPaths(self.runs, name)
 
     @property
     def hparams(self) -> Path:
