@@ -5,7 +5,8 @@
 #   benchmarks/judge_parity_gpu.sh BENCH_DIR MODEL OUT_DIR [RULE_JSONL_TO_REUSE]
 # RULE_JSONL_TO_REUSE: earlier rule runs (e.g. the defenders' c_strong/b_trl runs) not to retrain.
 # RULE_ONLY=1: the advancement rule alone; ALT="lr_x3 lora": alternative challengers trained and judged beside
-# ours in the same run (the candidates for a recipe change, tournament_rule.py --alt).
+# ours in the same run (the candidates for a recipe change, tournament_rule.py --alt); ALT_DPO: those of the
+# DPO tasks (default: ALT); BUDGETS="25 60": the wall-clock seconds of each run.
 set -u
 bench=$1 model=$2 out=$3 reuse=${4:-}
 mkdir -p "$out"
@@ -14,11 +15,12 @@ mkdir -p "$out"
     --shard $k/8 --jsonl "$out/kl-$k.jsonl" --out "$out/kl-shard-$k" > "$out/kl-log-$k.txt" 2>&1 &
 done
 for t in instruct_wordplay instruct_pattern_induction chat_topical_dialogue dpo_fact_verification dpo_logical_reasoning; do
+  alt=${ALT:-}; case $t in dpo_*) alt=${ALT_DPO:-$alt};; esac
   [ -n "$reuse" ] && grep "\"task\": \"$t\"" "$reuse" > "$out/rule-$t.jsonl"
-  OMP_NUM_THREADS=2 python -m benchmarks.tournament_rule --bench "$bench" --model "$model" --tasks $t --budgets 25 60 \
-    --seeds 1 --alt ${ALT:-} --jsonl "$out/rule-$t.jsonl" --models "$out/models" --out "$out/rule-out-$t" > "$out/rule-log-$t.txt" 2>&1 &
+  OMP_NUM_THREADS=2 python -m benchmarks.tournament_rule --bench "$bench" --model "$model" --tasks $t --budgets ${BUDGETS:-25 60} \
+    --seeds 1 --alt $alt --jsonl "$out/rule-$t.jsonl" --models "$out/models" --out "$out/rule-out-$t" > "$out/rule-log-$t.txt" 2>&1 &
 done
 wait
 [ -n "${RULE_ONLY:-}" ] || python -m benchmarks.kl_objective --report-only --jsonl "$out"/kl-*.jsonl --out "$out/kl_objective"
-python -m benchmarks.tournament_rule --report-only --budgets 25 60 --model "$model" --jsonl "$out"/rule-*.jsonl \
+python -m benchmarks.tournament_rule --report-only --budgets ${BUDGETS:-25 60} --model "$model" --jsonl "$out"/rule-*.jsonl \
   --out "$out/judge_parity_rule"

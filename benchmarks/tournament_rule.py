@@ -132,28 +132,31 @@ def ours_config(runs, task: str) -> dict:
     hyperparameters (benchmarks/quality.py's e_kept) for the method the capacity planner picks for
     the visible GPUs (cluster/jobs/tournament_plan.py: a full fine-tune for a small model on a GPU, LoRA on
     the CPU), not the LoRA-only, techniques-off `ours` of the quality table."""
-    from cluster.jobs.tournament_plan import detect_hardware, plan_run
+    from cluster.jobs.tournament_plan import TOURNAMENT_TRAIN_OPTIONS, detect_hardware, plan_run
     from tuning.priors import default_hparams
 
     task_type = runs.task_type(task)
     method = "full" if plan_run(runs.n_params, task_type, detect_hardware()).method == "full" else "lora"
     kept = runs.configs(task)["e_kept"]
-    return {**kept, **default_hparams(runs.n_params, task_type, method), "saves": kept["saves"]}
+    return {**kept, **default_hparams(runs.n_params, task_type, method), "saves": kept["saves"],
+            **TOURNAMENT_TRAIN_OPTIONS}
 
 
 # Alternative challengers, trained beside `ours` when asked (--alt): the candidates for a recipe change,
 # judged against the same defenders in the same run. "lr_xK": ours at K x its LR; "lora": the planner's
-# LoRA hyperparameters (what the tournament trains on a CPU, and what the quality benchmark measured).
+# LoRA hyperparameters (what the tournament trains on a CPU, and what the quality benchmark measured);
+# "guardK": ours with the base guard at K paired standard errors (trainers/averaging.clearly_better).
 def alt_config(runs, task: str, name: str) -> dict:
     from tuning.priors import default_hparams
 
     ours = ours_config(runs, task)
     if name.startswith("lr_x"):
         return {**ours, "lr": ours["lr"] * float(name[4:])}
+    if name.startswith("guard"):
+        return {**ours, "base_margin_se": float(name[5:])}
     if name == "lora":
-        kept = runs.configs(task)["e_kept"]
-        return {**kept, **default_hparams(runs.n_params, runs.task_type(task), "lora"), "saves": kept["saves"]}
-    raise SystemExit(f"unknown --alt {name!r}: lr_x<K> or lora")
+        return {**ours, **default_hparams(runs.n_params, runs.task_type(task), "lora"), "saves": ours["saves"]}
+    raise SystemExit(f"unknown --alt {name!r}: lr_x<K>, guard<K> or lora")
 
 
 def challenger_config(runs, task: str, name: str) -> dict:
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where each run's exported model folder is kept")
     parser.add_argument("--out", default=str(RESULTS / "judge_parity_rule"))
     parser.add_argument("--report-only", action="store_true", help="judge the --jsonl runs, train nothing")
-    parser.add_argument("--alt", nargs="*", default=[], help="alternative challengers also trained: lr_x<K>, lora")
+    parser.add_argument("--alt", nargs="*", default=[], help="alternative challengers also trained: lr_x<K>, guard<K>, lora")
     parser.add_argument("--command", default="", help="the command that made the runs, for the report")
     args = parser.parse_args(argv)
     bench = Path(args.bench)

@@ -17,6 +17,7 @@ from cluster.jobs.publish import checkpoint_is_complete
 from cluster.jobs.tournament import main, parse_args, prepare
 from cluster.jobs.tournament_plan import Hardware, ray_init_kwargs, validator_gpus
 from cluster.settings import TournamentEnv, load_settings, load_tournament_env
+from trainers.config import TrainConfig
 from trainers.launch import export_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,7 +122,7 @@ def test_malformed_validator_environment_stops_the_run_with_its_name(name, value
                                                     ("32B", "InstructTextTask", 4, "lora_zero3"),
                                                     ("70B", "InstructTextTask", 8, "lora_zero3")])
 def test_every_visible_gpu_trains_with_the_clusters_planner(size, task, gpus, method, tmp_path, base_model, demo_task,
-                                                            roots):
+                                                            roots, monkeypatch):
     """The tournament's own preparation on a model folder of the real shape (configs only, the bench
     tokenizer): one worker per GPU, the method the capacity planner picks, and why, logged."""
     from transformers import AutoConfig
@@ -148,6 +149,11 @@ def test_every_visible_gpu_trains_with_the_clusters_planner(size, task, gpus, me
     kwargs = ray_init_kwargs(hw)
     assert (kwargs["num_gpus"], kwargs["num_cpus"]) == (gpus, 24 * gpus)
     assert cfg.num_workers * cfg.cpus_per_worker <= kwargs["num_cpus"]
+    # a per-sample duel: the trained weights go out whenever dev says better (no 2-SE base guard)
+    assert cfg.base_margin_se == 0.0 < TrainConfig.base_margin_se
+    monkeypatch.setenv("MINER_TRAIN_OPTIONS", '{"base_margin_se": 1.5}')  # the operator's word is the last
+    _, cfg, _ = prepare(args, load_settings(), load_tournament_env(), hw, tmp_path / "work", time.time())
+    assert cfg.base_margin_se == 1.5
 
 
 def test_validator_gpu_grant_matches_gpu_requirements():

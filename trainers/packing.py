@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .batching import collate, make_batches
 from .fused_loss import linear_cross_entropy, linear_kl
 from .instruct_format import IGNORE, Example
+from .master_weights import MASTER_BYTES, uses_master
 
 ATTN = "packed_varlen"
 _VARLEN: dict = {}  # the CUDA kernel and the keyword style of this torch version, set once
@@ -222,12 +223,13 @@ class MemoryPlan:
     note: str
 
 
-def plan_memory(hf_model, device: torch.device, want_tokens: int, longest: int) -> MemoryPlan:
+def plan_memory(hf_model, device: torch.device, want_tokens: int, longest: int, master: bool = False) -> MemoryPlan:
     """Tokens per micro-batch from free GPU memory: what is still to come (gradients and two
     AdamW states per trainable parameter) plus activations per token of a transformer layer
     (norm inputs/outputs, q/k/v, attention output, MLP gate/up/act: ~(6d + 2kv + 4ff) values per
     layer, with 15% slack). Gradient checkpointing (one layer's activations plus each layer's
-    input per token) only when the micro-batch would otherwise fall below min(want, 4096)."""
+    input per token) only when the micro-batch would otherwise fall below min(want, 4096).
+    `master`: the optimizer steps fp32 copies of the bf16 weights (trainers/master_weights.py)."""
     if device.type != "cuda":
         return MemoryPlan(want_tokens, False, "cpu: no plan")
     c = hf_model.config
@@ -238,9 +240,13 @@ def plan_memory(hf_model, device: torch.device, want_tokens: int, longest: int) 
     kv = getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or d // heads
     layer_bytes = (6 * d + 2 * kv * head_dim + 4 * ff) * 2 * 1.15
-    to_come = sum(_state_bytes(p) for p in hf_model.parameters() if p.requires_grad)
+    to_come = sum(_state_bytes(p, master) for p in hf_model.parameters() if p.requires_grad)
     head_chunk = 8192 * c.vocab_size * 2 * 3  # bf16 logits, grad and fp32 temporaries of one CE chunk
     free, _ = torch.cuda.mem_get_info(device)
+    # what torch's allocator holds but does not use (a model built in fp32 and cast leaves gigabytes
+    # cached) is free to this process too: the driver's count alone once planned an 8B LoRA run with
+    # gradient checkpointing that peaked at 23 of 80 GiB (benchmarks/results/throughput.md)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     budget = 0.9 * free - to_come - head_chunk
     plain = int(budget // (layers * layer_bytes))
     if plain >= min(want_tokens, max(longest, 4096)):
@@ -252,15 +258,18 @@ def plan_memory(hf_model, device: torch.device, want_tokens: int, longest: int) 
     return MemoryPlan(max(longest, min(want_tokens, ckpt)), True, f"{plain} tokens without recompute")
 
 
-def _state_bytes(p: torch.nn.Parameter) -> float:
+def _state_bytes(p: torch.nn.Parameter, master: bool = False) -> float:
     """GPU bytes a trainable parameter still needs once training starts: its gradient and two
-    AdamW states in its dtype; a ZeRO-3 shard (DeepSpeed marks it with ds_numel; its bf16 share
+    AdamW states in its dtype (with `master`, the fp32 copy's state besides the bf16 weight it
+    already has: MASTER_BYTES less those 2); a ZeRO-3 shard (DeepSpeed marks it with ds_numel; its bf16 share
     is already allocated) needs this rank's share of an fp32 master copy, two fp32 Adam states
     and a bf16 gradient partition (the fp32 gradients exist one sub-group at a time)."""
     if hasattr(p, "ds_numel"):
         import torch.distributed as dist
 
         return 14 * p.ds_numel / (dist.get_world_size() if dist.is_initialized() else 1)
+    if master and p.dtype in (torch.bfloat16, torch.float16):
+        return (MASTER_BYTES - p.element_size()) * p.numel()
     return 3 * p.numel() * p.element_size()
 
 
@@ -278,7 +287,8 @@ def fast_path(model, cfg, device: torch.device, longest: int, reference=None) ->
     switch parts off."""
     hf = hf_model_of(model)
     packed = device.type == "cuda" and cfg.packed and supports_packing(hf)
-    mem = plan_memory(hf, device, cfg.batch_tokens, longest)
+    trainable = [p for p in hf.parameters() if p.requires_grad]
+    mem = plan_memory(hf, device, cfg.batch_tokens, longest, master=uses_master(cfg, trainable, device))
     if packed:
         enable_packed_attention(hf)
     if mem.checkpointing:

@@ -28,7 +28,14 @@ from cluster.jobs.fetch import InputError, download_dataset, parse_rows
 from cluster.jobs.hub import point_adapter_at_base
 from cluster.jobs.job_main import plan
 from cluster.jobs.publish import best_checkpoint
-from cluster.jobs.tournament_plan import Hardware, RunPlan, detect_hardware, plan_run, ray_init_kwargs
+from cluster.jobs.tournament_plan import (
+    TOURNAMENT_TRAIN_OPTIONS,
+    Hardware,
+    RunPlan,
+    detect_hardware,
+    plan_run,
+    ray_init_kwargs,
+)
 from cluster.planning.dataset_checks import check_rows
 from cluster.protocol.wire import TaskType, parse_dataset_type, task_type_of
 from cluster.settings import Settings, TournamentEnv, load_settings, load_tournament_env
@@ -194,6 +201,9 @@ def prepare(args: argparse.Namespace, settings: Settings, env: TournamentEnv, hw
               created_at=start, deadline=start + args.hours_to_complete * 3600, plan=run_plan.job_plan())
     cfg = plan(job, settings, model_dir, work / "train_data.json", report.rows, JobPaths(work).runs)
     cfg.use_gpu, cfg.num_workers = run_plan.use_gpu, run_plan.workers  # what this container has, not the settings'
+    for name, value in TOURNAMENT_TRAIN_OPTIONS.items():
+        if name not in settings.train_options:  # the operator's MINER_TRAIN_OPTIONS still have the last word
+            setattr(cfg, name, value)
     cfg.early_save = True  # a model in the output folder minutes after the start, not at the first planned save
     cfg.progress_file = str(work / "progress.json")  # live step, loss, tokens/s (rank 0), for whoever watches
     if args.task_type in KL_WEIGHTED:  # scored as eval_loss + KL_COEF x KL(model || base): train for that
