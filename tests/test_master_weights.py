@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainers.config import TrainConfig
 from trainers.engines import PlainEngine
-from trainers.master_weights import MasterWeights, fits, needs_master
+from trainers.master_weights import MasterAdamW, MasterWeights, fits, needs_master
 
 LR, STEPS = 1e-5, 12
 
@@ -39,7 +39,8 @@ def test_bf16_adamw_loses_most_updates_and_master_weights_keep_them():
     _, start, ref = _train(torch.float32, fp32_master=True)  # fp32 weights: no master copies needed
     _, start16, plain = _train(torch.bfloat16, fp32_master=False)
     engine, _, master = _train(torch.bfloat16, fp32_master=True)
-    assert engine.master is not None and engine.optimizer.param_groups[0]["params"][0].dtype == torch.float32
+    assert isinstance(engine.optimizer, MasterAdamW)
+    assert engine.optimizer.param_groups[0]["params"][0].dtype == torch.float32
 
     def moved(after, before):
         return sum(int((a != b).sum()) for a, b in zip(after, before)) / sum(a.numel() for a in after)
@@ -62,7 +63,7 @@ def test_a_write_to_the_bf16_weights_is_taken_as_it_is():
     """A rollback or resume writes the bf16 weights from outside: the next step starts there,
     not from a stale fp32 copy."""
     w = torch.nn.Parameter(torch.full((64,), 0.02, dtype=torch.bfloat16))
-    start = float(w[0])  # 0.02 as bf16 holds it
+    start = float(w[0].detach())  # 0.02 as bf16 holds it
     master = MasterWeights([w])
     opt = torch.optim.SGD(master.master, lr=1e-6)
     for _ in range(3):
@@ -70,13 +71,13 @@ def test_a_write_to_the_bf16_weights_is_taken_as_it_is():
         master.load_grads()
         opt.step()
         master.store()
-    assert float(master.master[0][0]) == pytest.approx(start - 3e-6, abs=1e-8)  # kept in fp32
-    assert float(w[0]) == start  # while each 1e-6 step is below the bf16 spacing (6e-5 here)
+    assert float(master.master[0][0].detach()) == pytest.approx(start - 3e-6, abs=1e-8)  # kept in fp32
+    assert float(w[0].detach()) == start  # while each 1e-6 step is below the bf16 spacing (6e-5 here)
     with torch.no_grad():
         w.fill_(0.5)  # the rollback
     w.grad = torch.zeros_like(w)
     master.load_grads()
-    assert float(master.master[0][0]) == pytest.approx(0.5, abs=0.5 * 2**-8)
+    assert float(master.master[0][0].detach()) == pytest.approx(0.5, abs=0.5 * 2**-8)
 
 
 def test_used_only_for_half_precision_weights_that_fit():
@@ -85,7 +86,7 @@ def test_used_only_for_half_precision_weights_that_fit():
     cfg = TrainConfig(model_path="", train_file="", dataset_type={}, method="full")
     model = _model(torch.float32)
     engine = PlainEngine(cfg, model, model, list(model.parameters()), torch.device("cpu"), world=1)
-    assert engine.master is None  # fp32 weights step as they are
+    assert not isinstance(engine.optimizer, MasterAdamW)  # fp32 weights step as they are
 
 
 def test_the_memory_plan_counts_the_master_copies():
@@ -96,3 +97,32 @@ def test_the_memory_plan_counts_the_master_copies():
     bf16, fp32 = torch.nn.Parameter(torch.zeros(1000, dtype=torch.bfloat16)), torch.nn.Parameter(torch.zeros(1000))
     assert _state_bytes(bf16, master=True) == 20_000 and _state_bytes(bf16) == 6_000
     assert _state_bytes(fp32, master=True) == _state_bytes(fp32) == 12_000
+
+
+def test_trl_steps_a_bf16_model_through_master_adamw(base_model, tmp_path):
+    """GRPO hands TRL our optimizer (trainers/grpo.py): through TRL's Trainer and accelerate's
+    optimizer wrapper, MasterAdamW still steps fp32 copies and rounds them into the bf16 model."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().float().clone() for p in params]
+    optimizer = MasterAdamW(params, lr=1e-5)
+    args = GRPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=4, max_steps=2,
+                      max_completion_length=8, learning_rate=1e-5, use_cpu=True, bf16=False, report_to="none",
+                      save_strategy="no", logging_steps=1, disable_tqdm=True, beta=0.0)
+    rows = [{"prompt": f"{a} plus {a} is"} for a in range(8)]
+    reward = lambda completions, **_: [float(len(c)) for c in completions]  # noqa: E731 - any signal will do
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer, optimizers=(optimizer, scheduler))
+    trainer.train()
+    assert trainer.state.global_step == 2
+    state = optimizer.state_dict()["state"]
+    assert state and all(s["exp_avg"].dtype == torch.float32 for s in state.values())
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert any(not torch.equal(p.detach().float(), b) for p, b in zip(params, before))
+    assert all(p.grad is None for p in params)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
-from .master_weights import MasterWeights, uses_master
+from .master_weights import adamw as master_adamw
 from .modeling import save_trainable
 from .paths import TRAIN_STATE
 
@@ -162,9 +162,8 @@ class PlainEngine(PlainState, _ScheduledLr):
     def __init__(self, cfg: TrainConfig, module, model, params: list, device, world: int):
         import ray.train.torch
 
-        # bf16 weights of a full fine-tune lose most AdamW updates to rounding: step fp32 copies
-        self.master = MasterWeights(params) if uses_master(cfg, params, device) else None
-        super().__init__(model, adamw(cfg, self.master.master if self.master else params, device))
+        # bf16 weights of a full fine-tune lose most AdamW updates to rounding: fp32 copies step
+        super().__init__(model, master_adamw(cfg, params, device))
         self.cfg, self.params = cfg, params
         self.module = ray.train.torch.prepare_model(module, move_to_device=False) if world > 1 else module
 
@@ -174,13 +173,7 @@ class PlainEngine(PlainState, _ScheduledLr):
     def step(self, lr: float) -> None:
         self._set_lr(lr)
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        if self.master:
-            self.master.load_grads()
         self.optimizer.step()
-        if self.master:
-            self.master.store()
-            for p in self.params:
-                p.grad = None
         self.optimizer.zero_grad(set_to_none=True)
 
 

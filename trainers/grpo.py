@@ -27,6 +27,7 @@ from .engines import PlainState
 from .grpo_eval import BETA_GRPO, NUM_GENERATIONS, grpo_rows, grpo_score, reward_kwargs, reward_sources
 from .instruct import lr_at
 from .loop import report_checkpoint
+from .master_weights import adamw
 from .modeling import load_base_model, load_tokenizer, wrap_for_training
 from .paths import TRAIN_STATE, RunPaths
 from .reward_sandbox import RewardSandbox, SandboxLimits, check_reward_functions, usable_reward_problem
@@ -187,7 +188,7 @@ def train(run: GrpoRun) -> dict:
     cfg, g, device, model = run.cfg, run.g, run.device, run.model
     reward_funcs, used = sandbox_rewards(run.box)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(cfg, params, device)  # fp32 master copies of bf16 weights (full FT on a GPU)
     checkpoints = PlainState(model, optimizer)  # what each save writes and a restart resumes from
     plan = resume(run, checkpoints)
     # Instruct's warm-up + cosine over the live plan; the warm-up ends by the probe at the latest,

@@ -13,6 +13,7 @@ rounding lost is kept (a bf16 residual), and each step rebuilds the fp32 value a
 so a write to the bf16 weights from outside (a rollback, a resume, the base guard's swap) is taken as
 it is, within one bf16 spacing, with no hook to call. Memory: 4 (fp32 copy) + 2 (residual) bytes per
 parameter more, and fp32 instead of bf16 optimizer moments; `fits` says whether that fits.
+`MasterAdamW` is the optimizer that does it (PlainEngine's, and GRPO's through TRL); `adamw` picks it.
 """
 from __future__ import annotations
 
@@ -66,3 +67,29 @@ class MasterWeights:
                 p.copy_(m)
                 r.copy_(m - p.float())
                 m.grad = None
+
+
+class MasterAdamW(torch.optim.AdamW):
+    """AdamW over fp32 copies of (bf16) `params`: a drop-in optimizer for a loop or a Trainer that
+    clips the model's gradients, calls step() and zero_grad(); its state_dict is the fp32 one."""
+
+    def __init__(self, params: list[torch.Tensor], **adamw_kwargs):
+        self.weights = MasterWeights(list(params))
+        super().__init__(self.weights.master, **adamw_kwargs)
+
+    def step(self, closure=None):
+        self.weights.load_grads()
+        loss = super().step(closure)
+        self.weights.store()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.weights.params:
+            p.grad = None
+        super().zero_grad(set_to_none=set_to_none)
+
+
+def adamw(cfg, params: list[torch.Tensor], device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer of an unsharded run (DeepSpeed keeps its own fp32 master weights under ZeRO-3)."""
+    cls = MasterAdamW if uses_master(cfg, params, device) else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
