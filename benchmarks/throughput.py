@@ -232,13 +232,15 @@ def run_hf(model, samples, micro: int, accum: int, warm: int, timed: int, tmp: s
 def run_ours(model, cfg, samples, per_step: int, warm: int, timed: int, compile_: bool) -> dict:
     import torch
 
+    from trainers.master_weights import adamw
     from trainers.packing import fast_path
     device = torch.device(DEVICE)
     cfg.compile = compile_
     cfg.batch_tokens = sum(len(ex) for ex in samples[:per_step]) * 2  # one pack per step when memory allows
     loss_model, plan = fast_path(model, cfg, device, max(len(ex) for ex in samples))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    cfg.lr = 1e-5
+    optimizer = adamw(cfg, params, device)  # the engine's: fp32 master copies of a bf16 full fine-tune
     _reset_peak()
     marks, real, micro_batches, first_compile = [], 0, 0, None
     for step in range(warm + timed):
