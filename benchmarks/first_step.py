@@ -44,6 +44,7 @@ def phases(model_dir: str, task_dir: str, method: str, direct: bool) -> dict:
     t = {"import_s": time.time() - T0}
     from trainers.config import TrainConfig
     from trainers.formats import tokenize_task
+    from trainers.master_weights import adamw
     from trainers.modeling import load_base_model, load_tokenizer, wrap_for_training
     from trainers.packing import fast_path
     device = torch.device("cuda")
@@ -74,7 +75,7 @@ def phases(model_dir: str, task_dir: str, method: str, direct: bool) -> dict:
     examples = data.examples
     loss_model, plan = clock("plan_s", lambda: fast_path(model, cfg, device, max(len(ex) for ex in examples)))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    optimizer = clock("optimizer_s", lambda: adamw(cfg, params, device))  # the engine's (master copies for bf16 full FT)
 
     def step():
         batches = plan.batches(examples[:256], seed=0)[:1]

@@ -45,13 +45,16 @@ def load_pairs(task: Path, tokenizer, config, n: int):
 def run_ours(model, examples, pad_id: int, per_step: int, warm: int, timed: int) -> dict:
     import torch
 
+    from trainers.config import TrainConfig
     from trainers.dpo import dpo_per_sample, fill_reference
+    from trainers.master_weights import adamw
     device = torch.device(DEVICE)
     t = time.perf_counter()
     fill_reference(model, examples[:per_step * (warm + timed)], pad_id, device)
     ref_s = time.perf_counter() - t
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=DEVICE == "cuda")
+    # the engine's optimizer: fp32 master copies of a bf16 full fine-tune (trainers/master_weights.py)
+    optimizer = adamw(TrainConfig(model_path="-", train_file="-", dataset_type={}, lr=1e-6), params, device)
     marks = []
     for step in range(warm + timed):
         batch = examples[step * per_step:(step + 1) * per_step]

@@ -121,8 +121,24 @@ def test_trl_steps_a_bf16_model_through_master_adamw(base_model, tmp_path):
                           processing_class=tokenizer, optimizers=(optimizer, scheduler))
     trainer.train()
     assert trainer.state.global_step == 2
-    state = optimizer.state_dict()["state"]
-    assert state and all(s["exp_avg"].dtype == torch.float32 for s in state.values())
+    state = [optimizer.state[m] for m in optimizer.weights.master if m in optimizer.state]
+    assert state and all(s["exp_avg"].dtype == torch.float32 for s in state)
     assert next(model.parameters()).dtype == torch.bfloat16
     assert any(not torch.equal(p.detach().float(), b) for p, b in zip(params, before))
     assert all(p.grad is None for p in params)
+
+
+def test_checkpoints_hold_bf16_moments_and_resume_to_fp32():
+    """MasterAdamW writes its moments as bf16 (half the bytes per save); loading them back gives
+    fp32 moments again, and a closure (whose gradients would come too late) is refused."""
+    w = torch.nn.Parameter(torch.randn(64, dtype=torch.bfloat16))
+    opt = MasterAdamW([w], lr=1e-3)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    saved = opt.state_dict()
+    assert saved["state"][0]["exp_avg"].dtype == torch.bfloat16
+    again = MasterAdamW([w], lr=1e-3)
+    again.load_state_dict(saved)
+    assert again.state[again.weights.master[0]]["exp_avg"].dtype == torch.float32
+    with pytest.raises(ValueError, match="closure"):
+        again.step(lambda: 0.0)

@@ -158,6 +158,9 @@ class GrpoRun:
     weights: list[float]
 
 
+GRPO_MASTER_SHARE = 0.2
+
+
 def setup(cfg: TrainConfig, rank: int, world: int, device) -> GrpoRun:
     """Model, prompts (dev split), and the reward functions started in their sandbox."""
     g = grpo_settings(cfg, device.type)
@@ -188,7 +191,9 @@ def train(run: GrpoRun) -> dict:
     cfg, g, device, model = run.cfg, run.g, run.device, run.model
     reward_funcs, used = sandbox_rewards(run.box)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = adamw(cfg, params, device)  # fp32 master copies of bf16 weights (full FT on a GPU)
+    # fp32 master copies of bf16 weights (full FT on a GPU) where they fit beside generation (a third
+    # of the GPU, cluster/planning/capacity.GRPO_GENERATION_SHARE) and the two frozen bf16 references
+    optimizer = adamw(cfg, params, device, share=GRPO_MASTER_SHARE)
     checkpoints = PlainState(model, optimizer)  # what each save writes and a restart resumes from
     plan = resume(run, checkpoints)
     # Instruct's warm-up + cosine over the live plan; the warm-up ends by the probe at the latest,

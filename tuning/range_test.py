@@ -28,6 +28,7 @@ import torch
 from trainers.batching import collate, make_batches, per_sample_loss, split_dev
 from trainers.config import TrainConfig
 from trainers.formats import tokenize_task
+from trainers.master_weights import MasterAdamW, fits, needs_master
 from trainers.modeling import load_base_model, load_tokenizer, wrap_for_training
 from trainers.paths import JobPaths
 
@@ -95,7 +96,9 @@ def lr_range_test(model, batches: list[dict], lrs: list[float], *, smoothing: fl
     """Runs the sweep on `model` over the cached `batches` and restores its trainable weights."""
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().to("cpu", copy=True) for p in params]
-    optimizer = torch.optim.AdamW(params, lr=lrs[0], weight_decay=weight_decay)
+    # the run's optimizer: with bf16 weights (full FT on a GPU) fp32 copies step, or small LRs look inert
+    cls = MasterAdamW if needs_master(params) and fits(params, params[0].device) else torch.optim.AdamW
+    optimizer = cls(params, lr=lrs[0], weight_decay=weight_decay)
     t0, losses, used, stopped_by, best = time.time(), [], [], "end", math.inf
     # Each cached batch's loss at the starting weights: the curve is loss relative to it (times
     # the mean), so a hard batch coming round does not look like a rise in the curve.

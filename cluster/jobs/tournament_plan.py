@@ -29,9 +29,10 @@ GIB = 1024**3
 # What a tournament run trains differently from an offer-era job. The base guard (trainers/averaging.py)
 # keeps the starting weights unless the trained ones beat them on dev by 2 paired standard errors: right
 # when the score is a mean loss and a noisy "gain" is a risk, wrong in a per-sample duel, where the base
-# weights can only draw or lose. On dpo_fact_verification (pico-llama, 25 s) the 2-SE guard published the
-# base (a draw, the defender keeps) where the plain dev comparison published weights that beat the strong
-# recipe (benchmarks/results/judge_parity_rule.md): the trained weights go out whenever dev says better.
+# weights can only draw or lose. On dpo_fact_verification (pico-llama, CPU, 25 s) the 2-SE guard published
+# the base, which lost 61.8% of the decided samples to the strong recipe, where the plain dev comparison
+# published weights that won 57.5% of them (a knockout-round advance; benchmarks/results/judge_parity.md §3,
+# judge_parity_rule_cpu.md): the trained weights go out whenever dev says better.
 TOURNAMENT_TRAIN_OPTIONS = {"base_margin_se": 0.0}
 RAY_OBJECT_STORE_MAX = 2 * GIB  # training passes no large objects through Ray: keep shm for NCCL/dataloaders
 
