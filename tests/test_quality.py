@@ -5,6 +5,7 @@ change what is trained (and the EMA weights are what the checkpoint holds when t
 import json
 import random
 
+import pytest
 import torch
 
 from trainers.averaging import Ema, Rollback, Snapshots, ema_decay
@@ -80,6 +81,22 @@ def test_ema_decay_choice_and_average():
     with ema.applied():
         averaged = float(params[0].detach())
     assert float(params[0].detach()) == 50.0 and 44.0 < averaged < 47.0  # lags the raw weight by ~decay/(1-decay)
+
+
+def test_ema_of_bf16_weights_keeps_the_small_steps():
+    """The shadow is fp32: lerps by 1 - decay of a bf16 weight's one-spacing steps add up (in a
+    bf16 shadow each one rounds away and the average would stay at the start)."""
+    import torch
+
+    w = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    ema, reference = Ema([w]), 1.0
+    for _ in range(50):
+        w.data.add_(2**-7)  # one bf16 spacing at 1.0
+        ema.update(0.99)
+        d = min(0.99, (1 + ema.updates) / (10 + ema.updates))
+        reference += (1 - d) * (float(w[0].detach()) - reference)
+    assert ema.shadow[0].dtype == torch.float32
+    assert float(ema.shadow[0][0]) == pytest.approx(reference, abs=1e-5) and reference > 1.05
 
 
 def test_ema_and_dora_change_what_is_trained(short_fit, tmp_path, tiny_models, demo_task):

@@ -88,14 +88,17 @@ class Ema:
 
     def __init__(self, params: list[torch.nn.Parameter]):
         self.params, self.updates = params, 0
-        self.shadow = [p.detach().clone() for p in params]
+        # fp32 even for bf16 weights: a lerp by 1 - decay (0.01..0.1) of a small step rounds away in
+        # bf16, as an AdamW step does (trainers/master_weights.py)
+        self.shadow = [p.detach().float().clone() for p in params]
 
     @torch.no_grad()
     def update(self, decay: float) -> None:
         """`decay` is passed each step: the deadline may re-plan the number of steps."""
         self.updates += 1
         d = min(decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
+        for s, p in zip(self.shadow, self.params):  # one fp32 temporary at a time
+            s.lerp_(p.detach().float(), 1.0 - d)
 
     def applied(self):
         """The EMA weights in the model for the duration (to evaluate or save them)."""
