@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
-from .master_weights import adamw as master_adamw
+from .master_weights import adamw
 from .modeling import save_trainable
 from .paths import TRAIN_STATE
 
@@ -119,10 +119,6 @@ def make_engine(cfg: TrainConfig, module, model, params: list, device: torch.dev
     return PlainEngine(cfg, module, model, params, device, world)
 
 
-def adamw(cfg: TrainConfig, params: list, device: torch.device) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-
-
 class PlainState:
     """What a plain (unsharded) run checkpoints: publishable weights, plus the trainable weights
     and optimizer state a restart resumes from. Also GRPO's (TRL steps its optimizer there)."""
@@ -163,7 +159,7 @@ class PlainEngine(PlainState, _ScheduledLr):
         import ray.train.torch
 
         # bf16 weights of a full fine-tune lose most AdamW updates to rounding: fp32 copies step
-        super().__init__(model, master_adamw(cfg, params, device))
+        super().__init__(model, adamw(cfg, params, device))
         self.cfg, self.params = cfg, params
         self.module = ray.train.torch.prepare_model(module, move_to_device=False) if world > 1 else module
 
@@ -188,7 +184,8 @@ class Zero3Engine(_ScheduledLr):
             head = _hf(model).get_output_embeddings().weight
             deepspeed.zero.register_external_parameter(module, head)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=module, optimizer=adamw(cfg, params, device), config=ds_config(cfg, device))
+            model=module, optimizer=adamw(cfg, params, device, master=False),  # DeepSpeed's own fp32 master
+            config=ds_config(cfg, device))
         self.module = self.engine
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -39,6 +39,10 @@ DEFAULTS = {"prompts_per_step": 16, "max_completion_length": 256, "dev_prompts":
 # CPU workers only train tiny models against short budgets: shorter completions keep steps short.
 CPU_DEFAULTS = {"max_completion_length": 32, "dev_max_completion": 32}
 
+# fp32 master copies of bf16 weights (full FT on a GPU) only within this share of the GPU: generation
+# takes a third (cluster/planning/capacity.GRPO_GENERATION_SHARE) and two frozen bf16 references more
+GRPO_MASTER_SHARE = 0.2
+
 
 def grpo_settings(cfg: TrainConfig, device_type: str = "cuda") -> GrpoSettings:
     """cfg.grpo with each unset knob at its default for the device (the planner may set any)."""
@@ -158,9 +162,6 @@ class GrpoRun:
     weights: list[float]
 
 
-GRPO_MASTER_SHARE = 0.2
-
-
 def setup(cfg: TrainConfig, rank: int, world: int, device) -> GrpoRun:
     """Model, prompts (dev split), and the reward functions started in their sandbox."""
     g = grpo_settings(cfg, device.type)
@@ -191,8 +192,6 @@ def train(run: GrpoRun) -> dict:
     cfg, g, device, model = run.cfg, run.g, run.device, run.model
     reward_funcs, used = sandbox_rewards(run.box)
     params = [p for p in model.parameters() if p.requires_grad]
-    # fp32 master copies of bf16 weights (full FT on a GPU) where they fit beside generation (a third
-    # of the GPU, cluster/planning/capacity.GRPO_GENERATION_SHARE) and the two frozen bf16 references
     optimizer = adamw(cfg, params, device, share=GRPO_MASTER_SHARE)
     checkpoints = PlainState(model, optimizer)  # what each save writes and a restart resumes from
     plan = resume(run, checkpoints)

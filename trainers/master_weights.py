@@ -40,9 +40,10 @@ def fits(params: list[torch.Tensor], device: torch.device, share: float = STATE_
     return n * MASTER_BYTES <= share * torch.cuda.get_device_properties(device).total_memory
 
 
-def uses_master(cfg, params: list[torch.Tensor], device: torch.device, share: float = STATE_SHARE) -> bool:
-    """The one decision (the engine's and the memory plan's): asked for, needed, and it fits."""
-    return cfg.fp32_master and needs_master(params) and fits(params, device, share)
+def uses_master(wanted: bool, params: list[torch.Tensor], device: torch.device, share: float = STATE_SHARE) -> bool:
+    """The one decision (the engine's, the memory plan's, the LR range test's): asked for
+    (TrainConfig.fp32_master), needed, and it fits."""
+    return wanted and needs_master(params) and fits(params, device, share)
 
 
 class MasterWeights:
@@ -100,8 +101,9 @@ class MasterAdamW(torch.optim.AdamW):
         return out
 
 
-def adamw(cfg, params: list[torch.Tensor], device: torch.device, share: float = STATE_SHARE) -> torch.optim.Optimizer:
-    """The optimizer of an unsharded run (DeepSpeed keeps its own fp32 master weights under ZeRO-3);
-    `share`: of the GPU's memory the master state may take (GRPO leaves room for generation)."""
-    cls = MasterAdamW if uses_master(cfg, params, device, share) else torch.optim.AdamW
+def adamw(cfg, params: list[torch.Tensor], device: torch.device, share: float = STATE_SHARE,
+          master: bool = True) -> torch.optim.Optimizer:
+    """Every run's AdamW. `share`: of the GPU's memory the master state may take (GRPO leaves room
+    for generation); `master=False`: never master copies (ZeRO-3: DeepSpeed keeps its own)."""
+    cls = MasterAdamW if master and uses_master(cfg.fp32_master, params, device, share) else torch.optim.AdamW
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")

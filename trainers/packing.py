@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .batching import collate, make_batches
 from .fused_loss import linear_cross_entropy, linear_kl
 from .instruct_format import IGNORE, Example
-from .master_weights import MASTER_BYTES, uses_master
+from .master_weights import MASTER_BYTES, needs_master, uses_master
 
 ATTN = "packed_varlen"
 _VARLEN: dict = {}  # the CUDA kernel and the keyword style of this torch version, set once
@@ -268,7 +268,7 @@ def _state_bytes(p: torch.nn.Parameter, master: bool = False) -> float:
         import torch.distributed as dist
 
         return 14 * p.ds_numel / (dist.get_world_size() if dist.is_initialized() else 1)
-    if master and p.dtype in (torch.bfloat16, torch.float16):
+    if master and needs_master([p]):
         return (MASTER_BYTES - p.element_size()) * p.numel()
     return 3 * p.numel() * p.element_size()
 
@@ -288,7 +288,7 @@ def fast_path(model, cfg, device: torch.device, longest: int, reference=None) ->
     hf = hf_model_of(model)
     packed = device.type == "cuda" and cfg.packed and supports_packing(hf)
     trainable = [p for p in hf.parameters() if p.requires_grad]
-    mem = plan_memory(hf, device, cfg.batch_tokens, longest, master=uses_master(cfg, trainable, device))
+    mem = plan_memory(hf, device, cfg.batch_tokens, longest, master=uses_master(cfg.fp32_master, trainable, device))
     if packed:
         enable_packed_attention(hf)
     if mem.checkpointing:

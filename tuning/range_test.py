@@ -28,7 +28,7 @@ import torch
 from trainers.batching import collate, make_batches, per_sample_loss, split_dev
 from trainers.config import TrainConfig
 from trainers.formats import tokenize_task
-from trainers.master_weights import MasterAdamW, fits, needs_master
+from trainers.master_weights import MasterAdamW, uses_master
 from trainers.modeling import load_base_model, load_tokenizer, wrap_for_training
 from trainers.paths import JobPaths
 
@@ -92,12 +92,12 @@ def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float, dict[str, f
 
 def lr_range_test(model, batches: list[dict], lrs: list[float], *, smoothing: float = 0.9,
                   diverge_factor: float = 4.0, max_grad_norm: float = 1.0, weight_decay: float = 0.0,
-                  stop_at: float | None = None) -> RangeTestResult:
+                  stop_at: float | None = None, fp32_master: bool = True) -> RangeTestResult:
     """Runs the sweep on `model` over the cached `batches` and restores its trainable weights."""
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().to("cpu", copy=True) for p in params]
     # the run's optimizer: with bf16 weights (full FT on a GPU) fp32 copies step, or small LRs look inert
-    cls = MasterAdamW if needs_master(params) and fits(params, params[0].device) else torch.optim.AdamW
+    cls = MasterAdamW if uses_master(fp32_master, params, params[0].device) else torch.optim.AdamW
     optimizer = cls(params, lr=lrs[0], weight_decay=weight_decay)
     t0, losses, used, stopped_by, best = time.time(), [], [], "end", math.inf
     # Each cached batch's loss at the starting weights: the curve is loss relative to it (times
@@ -176,7 +176,7 @@ def run_range_test(cfg: TrainConfig, out_dir: Path, prior_lr: float, rt: RangeTe
     lrs = sweep_lrs(prior_lr / span, min(1.0, prior_lr * span), rt.steps)
     result = lr_range_test(model, batches, lrs, smoothing=rt.smoothing, diverge_factor=rt.diverge_factor,
                            max_grad_norm=cfg.max_grad_norm, weight_decay=cfg.weight_decay,
-                           stop_at=rt.stop_at)
+                           stop_at=rt.stop_at, fp32_master=cfg.fp32_master)
     result.batches_per_epoch = per_epoch
     result.extra = {"prior_lr": prior_lr, "method": cfg.method, "lora_r": cfg.lora_r, "device": str(dev),
                     "cached_batches": len(batches), "rows_per_batch": round(sum(
