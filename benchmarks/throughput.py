@@ -229,7 +229,35 @@ def run_hf(model, samples, micro: int, accum: int, warm: int, timed: int, tmp: s
     return out
 
 
-def run_ours(model, cfg, samples, per_step: int, warm: int, timed: int, compile_: bool) -> dict:
+def one_step(loss_model, plan, chunk, step: int, params, optimizer, device) -> tuple[float, int]:
+    """The step of trainers/instruct.py on one step's samples: (its loss, micro-batches)."""
+    import torch
+    batches = plan.batches(chunk, seed=step)
+    for batch in batches:
+        loss = loss_model(**plan.collate(batch, 0, device)) / len(batches)
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach().item() * len(batches), len(batches)
+
+
+def profile_steps(out: str, step, first: int, n: int = 2) -> None:
+    """n steps under torch.profiler; the kernels by total device time to OUT/profile.txt."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for i in range(first, first + n):
+            step(i)
+        _sync()
+    key = "self_cuda_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "profile.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
+
+
+def run_ours(model, cfg, samples, per_step: int, warm: int, timed: int, compile_: bool,
+             profile: str | None = None) -> dict:
     import torch
 
     from trainers.master_weights import adamw
@@ -245,29 +273,25 @@ def run_ours(model, cfg, samples, per_step: int, warm: int, timed: int, compile_
     marks, real, micro_batches, first_compile = [], 0, 0, None
     for step in range(warm + timed):
         chunk = samples[step * per_step:(step + 1) * per_step]
-        batches = plan.batches(chunk, seed=step)
         t = time.perf_counter()
-        for batch in batches:  # the step of trainers/instruct.py
-            loss = loss_model(**plan.collate(batch, 0, device)) / len(batches)
-            loss.backward()
-            last_loss = float(loss) * len(batches)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        last_loss, n_batches = one_step(loss_model, plan, chunk, step, params, optimizer, device)
         _sync()
         marks.append(time.perf_counter())
         if step == 0:
             first_compile = marks[0] - t
         if step >= warm:
             real += sum(len(ex) for ex in chunk)
-            micro_batches += len(batches)
+            micro_batches += n_batches
     secs = marks[-1] - marks[warm - 1]
+    if profile:  # where the step's time goes: the timed steps' samples again, under the profiler
+        profile_steps(profile, lambda i: one_step(loss_model, plan, samples[i * per_step:(i + 1) * per_step], i,
+                                                  params, optimizer, device), warm)
     return {"tokens_per_s": real / secs, "step_s": secs / timed, "peak_mem_gib": _peak_gib(),
             "plan_tokens": plan.batch_tokens, "checkpointing": plan.checkpointing, "compile": compile_,
             "micro_batches_per_step": micro_batches / timed, "first_step_s": first_compile, "last_loss": last_loss}
 
 
-def run_case(case: str, lengths: str, warm: int, timed: int, variants: list[str]) -> dict:
+def run_case(case: str, lengths: str, warm: int, timed: int, variants: list[str], profile: str | None = None) -> dict:
     import tempfile
 
     import torch
@@ -299,7 +323,8 @@ def run_case(case: str, lengths: str, warm: int, timed: int, variants: list[str]
                 with tempfile.TemporaryDirectory() as tmp:
                     r = run_trl(model, samples, per_step, warm, timed, tmp, variant, DEVICE)
             else:
-                r = run_ours(model, cfg, samples, per_step, warm, timed, compile_=variant == "ours")
+                r = run_ours(model, cfg, samples, per_step, warm, timed, compile_=variant == "ours",
+                             profile=profile and f"{profile}/{case}-{variant}")
         except torch.OutOfMemoryError as e:
             r = {"error": f"OOM: {str(e)[:200]}"}
         except Exception as e:  # one broken variant must not lose the others
@@ -333,6 +358,7 @@ def main() -> None:
     rp.add_argument("--warm", type=int, default=3)
     rp.add_argument("--timed", type=int, default=6)
     rp.add_argument("--out", default=".")
+    rp.add_argument("--profile", default=None, help="DIR: ours's step under torch.profiler, to DIR/CASE-VARIANT/")
     rp.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     pp = sub.add_parser("report", help="markdown table from throughput.jsonl files")
     pp.add_argument("jsonl", nargs="+")
@@ -342,7 +368,7 @@ def main() -> None:
     if a.cmd == "report":
         return print(report([json.loads(ln) for f in a.jsonl for ln in Path(f).read_text().splitlines()]))
     if a.one:  # a single case in this process; the driver below isolates cases (OOM, memory)
-        print("RESULT " + json.dumps(run_case(a.cases, a.lengths, a.warm, a.timed, a.variants.split(","))), flush=True)
+        print("RESULT " + json.dumps(run_case(a.cases, a.lengths, a.warm, a.timed, a.variants.split(","), a.profile)), flush=True)
         return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -353,7 +379,8 @@ def main() -> None:
         # one process per variant: Liger patches modules in place, compilation stays with its process
         for variant in a.variants.split(","):
             proc = subprocess.run([sys.executable, __file__, "run", "--one", "--lengths", a.lengths, "--cases", case,
-                                   "--variants", variant, "--warm", str(a.warm), "--timed", str(a.timed)],
+                                   "--variants", variant, "--warm", str(a.warm), "--timed", str(a.timed),
+                                   *(["--profile", a.profile] if a.profile else [])],
                                   capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             (out / "log.txt").open("a").write(f"=== {case} {variant}\n{proc.stdout[-20000:]}\n{proc.stderr[-8000:]}\n")
             lines = [ln[7:] for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

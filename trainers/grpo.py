@@ -162,6 +162,17 @@ class GrpoRun:
     weights: list[float]
 
 
+def start_sandbox(cfg: TrainConfig, g: GrpoSettings, sample_rows: list[dict]) -> tuple[RewardSandbox, list[float]]:
+    """The task's reward functions started in their sandbox, and their weights; ValueError when none is usable."""
+    sources, weights = reward_sources(cfg.dataset_type)
+    box = RewardSandbox(sources, SandboxLimits(**g.sandbox), sample_rows=sample_rows)
+    problem = usable_reward_problem(box.start(), weights)
+    if problem:
+        box.close()
+        raise ValueError(problem)
+    return box, weights
+
+
 def setup(cfg: TrainConfig, rank: int, world: int, device) -> GrpoRun:
     """Model, prompts (dev split), and the reward functions started in their sandbox."""
     g = grpo_settings(cfg, device.type)
@@ -173,12 +184,7 @@ def setup(cfg: TrainConfig, rank: int, world: int, device) -> GrpoRun:
     n_dev = min(g.dev_prompts, int(len(rows) * cfg.dev_fraction)) if len(rows) >= 20 else 0
     dev, train = rows[:n_dev], rows[n_dev:]
 
-    sources, weights = reward_sources(cfg.dataset_type)
-    box = RewardSandbox(sources, SandboxLimits(**g.sandbox), sample_rows=train[:10])
-    problem = usable_reward_problem(box.start(), weights)
-    if problem:
-        box.close()
-        raise ValueError(problem)
+    box, weights = start_sandbox(cfg, g, train[:10])
     model = wrap_for_training(base, cfg).to(device)
     # The KL reference for the dev score: the base itself (LoRA: adapter disabled; full: a frozen copy).
     reference = model if hasattr(model, "disable_adapter") else load_base_model(cfg.model_path, device).to(device).eval()
@@ -195,25 +201,15 @@ def train(run: GrpoRun) -> dict:
     optimizer = adamw(cfg, params, device, share=GRPO_MASTER_SHARE)
     checkpoints = PlainState(model, optimizer)  # what each save writes and a restart resumes from
     plan = resume(run, checkpoints)
-    # Instruct's warm-up + cosine over the live plan; the warm-up ends by the probe at the latest,
-    # because a GRPO step is slow and the first plan (from epochs) is rarely the one that runs.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(
-        plan.resume_step + s, plan.total,
-        replace(cfg, warmup_fraction=min(cfg.warmup_fraction, PROBE_STEPS / plan.total))) / cfg.lr)
+    scheduler = grpo_scheduler(cfg, optimizer, plan)
     paths = RunPaths.of(cfg)
     callback = DeadlineAndCheckpoints(
         cfg, plan, lambda: dev_metrics(run),
         lambda step, total, m: report_checkpoint(checkpoints, run.tokenizer, step, total, m, run.rank, paths),
         run.rank)
-    args = GRPOConfig(
-        # One optimizer step = prompts_per_step prompts x num_generations completions per worker.
-        output_dir=str(paths.rank_staging(run.rank)), beta=g.beta, num_generations=g.num_generations,
-        per_device_train_batch_size=g.prompts_per_step * g.num_generations, gradient_accumulation_steps=cfg.grad_accum,
-        max_completion_length=g.max_completion_length, temperature=1.0, learning_rate=cfg.lr,
-        max_steps=plan.total - plan.resume_step, reward_weights=[run.weights[i] for i in used],
-        max_grad_norm=cfg.max_grad_norm, logging_steps=1, save_strategy="no", report_to="none",
-        use_cpu=device.type == "cpu", bf16=device.type == "cuda", seed=cfg.seed + plan.resume_step,
-        gradient_checkpointing=False, disable_tqdm=True)
+    args = GRPOConfig(**grpo_args(cfg, g, device.type), output_dir=str(paths.rank_staging(run.rank)),
+                      max_steps=plan.total - plan.resume_step, reward_weights=[run.weights[i] for i in used],
+                      seed=cfg.seed + plan.resume_step)
     t0 = time.time()
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=Dataset.from_list(run.train),
                           processing_class=run.tokenizer, optimizers=(optimizer, scheduler), callbacks=[callback])
@@ -221,6 +217,26 @@ def train(run: GrpoRun) -> dict:
     return {"history": callback.history, "steps": plan.resume_step + trainer.state.global_step,
             "planned_steps": plan.total, "best": callback.best, "train_rows": len(run.train), "dev_rows": len(run.dev),
             "reward_failures": run.box.failure_summary(), "train_seconds": round(time.time() - t0, 2)}
+
+
+def grpo_args(cfg: TrainConfig, g: GrpoSettings, device_type: str) -> dict:
+    """The recipe's GRPOConfig arguments but the run's own (output_dir, max_steps, reward_weights,
+    seed); benchmarks/throughput_grpo.py times the same ones."""
+    # One optimizer step = prompts_per_step prompts x num_generations completions per worker.
+    return dict(beta=g.beta, num_generations=g.num_generations,
+                per_device_train_batch_size=g.prompts_per_step * g.num_generations,
+                gradient_accumulation_steps=cfg.grad_accum, max_completion_length=g.max_completion_length,
+                temperature=1.0, learning_rate=cfg.lr, max_grad_norm=cfg.max_grad_norm, logging_steps=1,
+                save_strategy="no", report_to="none", use_cpu=device_type == "cpu", bf16=device_type == "cuda",
+                gradient_checkpointing=False, disable_tqdm=True)
+
+
+def grpo_scheduler(cfg: TrainConfig, optimizer, plan: DeadlinePlan):
+    """Instruct's warm-up + cosine over the live plan; the warm-up ends by the probe at the latest,
+    because a GRPO step is slow and the first plan (from epochs) is rarely the one that runs."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(
+        plan.resume_step + s, plan.total,
+        replace(cfg, warmup_fraction=min(cfg.warmup_fraction, PROBE_STEPS / plan.total))) / cfg.lr)
 
 
 def resume(run: GrpoRun, checkpoints: PlainState) -> DeadlinePlan:
