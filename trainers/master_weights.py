@@ -57,7 +57,8 @@ class MasterWeights:
 
     def load_grads(self) -> None:
         """Before the optimizer's step: the fp32 values (weight + what rounding lost) and grads.
-        foreach ops: one launch per op for all tensors on a GPU, not one per tensor (a 1B Llama has 146)."""
+        foreach ops: on a GPU, launches for many tensors at once where torch's fast path allows (a 1B
+        Llama has 146), not one per tensor and op."""
         with torch.no_grad():
             torch._foreach_copy_(self.master, self.params)
             torch._foreach_add_(self.master, self.residual)
