@@ -146,7 +146,7 @@ def ours_config(runs, task: str) -> dict:
 # judged against the same defenders in the same run. "lr_xK": ours at K x its LR; "lora": the planner's
 # LoRA hyperparameters (what the tournament trains on a CPU, and what the quality benchmark measured);
 # "guardK": ours with the base guard at K paired standard errors (trainers/averaging.clearly_better);
-# "full": the planner's full fine-tune (what the tournament trains on a GPU), e.g. on a CPU beside its LoRA.
+# "epK": K planned epochs; "full": the planner's full fine-tune (what the tournament trains on a GPU), e.g. on a CPU beside its LoRA.
 def alt_config(runs, task: str, name: str) -> dict:
     """`name`'s changes to ours, applied left to right; "+" joins several (e.g. full+lr_x1.6)."""
     from tuning.priors import default_hparams
@@ -155,12 +155,14 @@ def alt_config(runs, task: str, name: str) -> dict:
     for part in name.split("+"):
         if part.startswith("lr_x"):
             hp = {**hp, "lr": hp["lr"] * float(part[4:])}
+        elif part.startswith("ep"):
+            hp = {**hp, "epochs": float(part[2:])}
         elif part.startswith("guard"):
             hp = {**hp, "base_margin_se": float(part[5:])}
         elif part in ("lora", "full"):
             hp = {**hp, **default_hparams(runs.n_params, runs.task_type(task), part), "saves": hp["saves"]}
         else:
-            raise SystemExit(f"unknown --alt {name!r}: lr_x<K>, guard<K>, lora, full, joined by +")
+            raise SystemExit(f"unknown --alt {name!r}: lr_x<K>, ep<K>, guard<K>, lora, full, joined by +")
     return hp
 
 
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where each run's exported model folder is kept")
     parser.add_argument("--out", default=str(RESULTS / "judge_parity_rule"))
     parser.add_argument("--report-only", action="store_true", help="judge the --jsonl runs, train nothing")
-    parser.add_argument("--alt", nargs="*", default=[], help="alternative challengers also trained: lr_x<K>, guard<K>, lora, full (joined by +)")
+    parser.add_argument("--alt", nargs="*", default=[], help="alternative challengers also trained: lr_x<K>, ep<K> (epochs), guard<K>, lora, full (joined by +)")
     parser.add_argument("--command", default="", help="the command that made the runs, for the report")
     args = parser.parse_args(argv)
     bench = Path(args.bench)
