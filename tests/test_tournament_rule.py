@@ -154,3 +154,24 @@ def test_per_sample_losses_average_to_the_evaluators_metric(tmp_path, base_model
     losses = test.per_sample(perturbed)
     assert len(losses) == 12 and np.std(losses) > 1e-4
     assert np.mean(losses) == pytest.approx(dpo_eval_loss(perturbed, str(base_model), pairs, dt), rel=1e-5)
+
+
+def test_alternative_challengers_apply_their_changes_left_to_right(tmp_path):
+    """--alt names: 'full' and 'lora' swap in the planner's hyperparameters of that method, lr_xK and
+    epK then scale the LR and set the epochs; an unknown part is refused, not ignored."""
+    from benchmarks.quality import Runs
+    from benchmarks.tournament_rule import alt_config
+    from tests.conftest import BENCH
+
+    if not (BENCH / "models" / "pico-llama" / "config.json").exists():
+        pytest.skip("needs ../shared/bench")
+    runs = Runs(BENCH, BENCH / "models" / "pico-llama", 100, 0, tmp_path)
+    task = "instruct_wordplay"
+    full, lora = alt_config(runs, task, "full"), alt_config(runs, task, "lora")
+    assert (full["method"], lora["method"]) == ("full", "lora") and lora["lr"] > full["lr"]
+    hot = alt_config(runs, task, "full+lr_x2+ep4")
+    assert hot["method"] == "full" and hot["lr"] == pytest.approx(2 * full["lr"]) and hot["epochs"] == 4.0
+    # order matters: a method swap after the LR change takes that method's own LR
+    assert alt_config(runs, task, "lr_x2+full")["lr"] == pytest.approx(full["lr"])
+    with pytest.raises(SystemExit, match="unknown --alt"):
+        alt_config(runs, task, "full+bogus")
