@@ -65,7 +65,7 @@ class TrainConfig:
     max_batch: int = 32
     grad_accum: int = 1
     max_grad_norm: float = 1.0
-    fp32_master: bool = True           # bf16 weights (full FT on a GPU): AdamW steps fp32 copies, when they fit
+    fp32_master: bool = True           # bf16 weights (full FT on a GPU): AdamW steps their fp32 values (weight + bf16 residual), when they fit
                                        # (trainers/master_weights.py: bf16 rounds most full-FT updates away)
     max_seq_len: int | None = None     # None: the validator's evaluation length
     kl_coef: float = 0.0               # a KL-weighted Instruct task (USE_KL/KL_COEF): train, evaluate and select on

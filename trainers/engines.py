@@ -158,7 +158,7 @@ class PlainEngine(PlainState, _ScheduledLr):
     def __init__(self, cfg: TrainConfig, module, model, params: list, device, world: int):
         import ray.train.torch
 
-        # bf16 weights of a full fine-tune lose most AdamW updates to rounding: fp32 copies step
+        # bf16 weights of a full fine-tune lose most AdamW updates to rounding: their fp32 values step
         super().__init__(model, adamw(cfg, params, device))
         self.cfg, self.params = cfg, params
         self.module = ray.train.torch.prepare_model(module, move_to_device=False) if world > 1 else module

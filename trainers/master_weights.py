@@ -8,20 +8,25 @@ on the CPU (fp32) on instruct_pattern_induction (chat: 4.527 vs 4.175), while Lo
 keeps in fp32, scored about the same on both (benchmarks/results/judge_parity.md §3).
 
 How: the model stays bf16 (forward, backward, DDP and the kernels see what they saw before); the
-optimizer steps fp32 copies and the bf16 weights are rounded from them after each step. What the
-rounding lost is kept (a bf16 residual), and each step rebuilds the fp32 value as weight + residual,
-so a write to the bf16 weights from outside (a rollback, a resume, the base guard's swap) is taken as
-it is, within one bf16 spacing, with no hook to call. Memory: 4 (fp32 copy) + 2 (residual) bytes per
-parameter more, and fp32 instead of bf16 optimizer moments; `fits` says whether that fits.
-`MasterAdamW` is the optimizer that does it (PlainEngine's, and GRPO's through TRL); `adamw` picks it.
+optimizer steps the fp32 value of each weight and rounds it back into the bf16 weight. What the
+rounding lost is kept (a bf16 residual), and each step rebuilds the fp32 value as weight + residual, so
+the fp32 value is never stored: it exists for one chunk of tensors at a time during the step. A write
+to the bf16 weights from outside (a rollback, a resume, the base guard's swap) is therefore taken as
+it is, within one bf16 spacing, with no hook to call. Memory: the residual (2 bytes per parameter)
+and fp32 instead of bf16 AdamW moments (4 more), plus one chunk's fp32 values and gradients during the
+step; `fits` says whether that fits. `MasterAdamW` is the optimizer that does it (PlainEngine's, and
+GRPO's through TRL); `adamw` picks it.
 """
 from __future__ import annotations
 
 import torch
+from torch.optim.adamw import adamw as adamw_functional
 
-# bytes per trained parameter with master weights: bf16 weight 2 + grad 2, fp32 copy 4 and its
-# transient grad 4, bf16 residual 2, fp32 AdamW moments 8
-MASTER_BYTES = 22
+# bytes per trained parameter with master weights: bf16 weight 2 + grad 2, bf16 residual 2, fp32
+# AdamW moments 8 (the fp32 values and gradients exist one chunk at a time: `transient_bytes`)
+MASTER_BYTES = 14
+# elements per chunk of the step (fp32 value + fp32 gradient: 8 bytes each, 512 MiB a chunk)
+CHUNK_ELEMENTS = 1 << 26
 # the share of the device's memory the training state may take (activations need the rest)
 STATE_SHARE = 0.6
 
@@ -32,12 +37,17 @@ def needs_master(params: list[torch.Tensor]) -> bool:
     return any(p.dtype == torch.bfloat16 for p in params)
 
 
+def transient_bytes(params: list[torch.Tensor]) -> int:
+    """The step's fp32 values and gradients of one chunk (a tensor larger than a chunk is one)."""
+    return 8 * max([CHUNK_ELEMENTS, *(p.numel() for p in params)])
+
+
 def fits(params: list[torch.Tensor], device: torch.device, share: float = STATE_SHARE) -> bool:
     """Whether the master-weight state fits in `share` of `device`; else the run keeps bf16 AdamW."""
     if device.type != "cuda":
         return True
     n = sum(p.numel() for p in params)
-    return n * MASTER_BYTES <= share * torch.cuda.get_device_properties(device).total_memory
+    return n * MASTER_BYTES + transient_bytes(params) <= share * torch.cuda.get_device_properties(device).total_memory
 
 
 def uses_master(wanted: bool, params: list[torch.Tensor], device: torch.device, share: float = STATE_SHARE) -> bool:
@@ -46,62 +56,75 @@ def uses_master(wanted: bool, params: list[torch.Tensor], device: torch.device, 
     return wanted and needs_master(params) and fits(params, device, share)
 
 
-class MasterWeights:
-    """fp32 copies of `params` for an optimizer to step, and the rounding back into `params`."""
-
-    def __init__(self, params: list[torch.Tensor]):
-        self.params = params
-        with torch.no_grad():
-            self.master = [p.detach().float().clone().requires_grad_(True) for p in params]
-            self.residual = [torch.zeros_like(p) for p in params]
-
-    def load_grads(self) -> None:
-        """Before the optimizer's step: the fp32 values (weight + what rounding lost) and grads.
-        foreach ops: on a GPU, launches for many tensors at once where torch's fast path allows (a 1B
-        Llama has 146), not one per tensor and op."""
-        with torch.no_grad():
-            torch._foreach_copy_(self.master, self.params)
-            torch._foreach_add_(self.master, self.residual)
-            for p, m in zip(self.params, self.master):
-                m.grad = None if p.grad is None else p.grad.float()
-
-    def store(self) -> None:
-        """After the step: the bf16 weights rounded from the fp32 ones, the loss kept for next time."""
-        with torch.no_grad():
-            for m in self.master:
-                m.grad = None  # before the differences below take their fp32 room
-            torch._foreach_copy_(self.params, self.master)
-            torch._foreach_copy_(self.residual, torch._foreach_sub(self.master, self.params))
+def chunks(params: list[torch.Tensor], limit: int = CHUNK_ELEMENTS):
+    """`params` in runs of at most `limit` elements (a larger tensor alone)."""
+    run, size = [], 0
+    for p in params:
+        if run and size + p.numel() > limit:
+            yield run
+            run, size = [], 0
+        run.append(p)
+        size += p.numel()
+    if run:
+        yield run
 
 
-class MasterAdamW(torch.optim.AdamW):
-    """AdamW over fp32 copies of (bf16) `params`: a drop-in optimizer for a loop or a Trainer that
-    clips the model's gradients, calls step() and zero_grad(); its state_dict is the fp32 one."""
+class MasterAdamW(torch.optim.Optimizer):
+    """AdamW over the fp32 values (weight + residual) of bf16 `params`: a drop-in optimizer for a
+    loop or a Trainer that clips the model's gradients, calls step() and zero_grad(). Its state per
+    weight: fp32 moments, the step count and the bf16 residual."""
 
-    def __init__(self, params: list[torch.Tensor], **adamw_kwargs):
-        self.weights = MasterWeights(list(params))
-        super().__init__(self.weights.master, **adamw_kwargs)
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, fused: bool = False):
+        super().__init__(list(params), dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused))
 
+    def _state(self, p: torch.Tensor, fused: bool) -> dict:
+        st = self.state[p]
+        if not st:
+            # torch's AdamW keeps the step on the CPU unless fused (then on the weight's device)
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+            st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        if "residual" not in st:  # new, or resumed from a checkpoint (which leaves it out)
+            st["residual"] = torch.zeros_like(p)
+        return st
+
+    @torch.no_grad()
     def step(self, closure=None):
-        if closure is not None:  # its gradients would come after the fp32 copies took theirs
+        if closure is not None:  # its gradients would come after the fp32 values took theirs
             raise ValueError("MasterAdamW.step takes no closure")
-        self.weights.load_grads()
-        loss = super().step(closure)
-        self.weights.store()
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.weights.params:
-            p.grad = None
-        super().zero_grad(set_to_none=set_to_none)
+        for group in self.param_groups:
+            fused = bool(group["fused"])
+            live = [p for p in group["params"] if p.grad is not None]
+            for run in chunks(live):
+                states = [self._state(p, fused) for p in run]
+                residual = [st["residual"] for st in states]
+                value = [p.float() for p in run]
+                torch._foreach_add_(value, residual)
+                grads = [p.grad.float() for p in run]
+                adamw_functional(
+                    value, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [],
+                    [st["step"] for st in states], fused=fused or None, amsgrad=False, beta1=group["betas"][0],
+                    beta2=group["betas"][1], lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+                    maximize=False)
+                del grads
+                torch._foreach_copy_(run, value)  # round to bf16 ...
+                torch._foreach_copy_(residual, torch._foreach_sub(value, run))  # ... and keep what it lost
 
     def state_dict(self) -> dict:
-        """The moments as bf16 in checkpoints (half the bytes on every save; a resume casts them
-        back to fp32: torch's load_state_dict casts state to the parameters' dtype)."""
+        """Moments as bf16 in checkpoints (half the bytes on every save) and no residual (a resume
+        starts from the saved bf16 weights, within one bf16 spacing of the fp32 values)."""
         out = super().state_dict()
-        out["state"] = {i: {k: v.to(torch.bfloat16) if k != "step" and v.is_floating_point() else v
-                            for k, v in st.items()} for i, st in out["state"].items()}
+        out["state"] = {i: {k: v.to(torch.bfloat16) if k != "step" else v for k, v in st.items() if k != "residual"}
+                        for i, st in out["state"].items()}
         return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # casts the moments to the weights' dtype: back to fp32
+        for st in self.state.values():
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    st[k] = st[k].float()
 
 
 def adamw(cfg, params: list[torch.Tensor], device: torch.device, share: float = STATE_SHARE,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .batching import collate, make_batches
 from .fused_loss import linear_cross_entropy, linear_kl
 from .instruct_format import IGNORE, Example
-from .master_weights import MASTER_BYTES, needs_master, uses_master
+from .master_weights import MASTER_BYTES, needs_master, transient_bytes, uses_master
 
 ATTN = "packed_varlen"
 _VARLEN: dict = {}  # the CUDA kernel and the keyword style of this torch version, set once
@@ -229,7 +229,7 @@ def plan_memory(hf_model, device: torch.device, want_tokens: int, longest: int, 
     (norm inputs/outputs, q/k/v, attention output, MLP gate/up/act: ~(6d + 2kv + 4ff) values per
     layer, with 15% slack). Gradient checkpointing (one layer's activations plus each layer's
     input per token) only when the micro-batch would otherwise fall below min(want, 4096).
-    `master`: the optimizer steps fp32 copies of the bf16 weights (trainers/master_weights.py)."""
+    `master`: the optimizer steps the fp32 values of the bf16 weights (trainers/master_weights.py)."""
     if device.type != "cuda":
         return MemoryPlan(want_tokens, False, "cpu: no plan")
     c = hf_model.config
@@ -240,7 +240,10 @@ def plan_memory(hf_model, device: torch.device, want_tokens: int, longest: int, 
     kv = getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or d // heads
     layer_bytes = (6 * d + 2 * kv * head_dim + 4 * ff) * 2 * 1.15
-    to_come = sum(_state_bytes(p, master) for p in hf_model.parameters() if p.requires_grad)
+    trainable = [p for p in hf_model.parameters() if p.requires_grad]
+    to_come = sum(_state_bytes(p, master) for p in trainable)
+    if master and needs_master(trainable):
+        to_come += transient_bytes(trainable)  # the step's fp32 values and gradients of one chunk
     head_chunk = 8192 * c.vocab_size * 2 * 3  # bf16 logits, grad and fp32 temporaries of one CE chunk
     free, _ = torch.cuda.mem_get_info(device)
     # what torch's allocator holds but does not use (a model built in fp32 and cast leaves gigabytes
@@ -260,8 +263,8 @@ def plan_memory(hf_model, device: torch.device, want_tokens: int, longest: int, 
 
 def _state_bytes(p: torch.nn.Parameter, master: bool = False) -> float:
     """GPU bytes a trainable parameter still needs once training starts: its gradient and two
-    AdamW states in its dtype (with `master`, the fp32 copy's state besides the bf16 weight it
-    already has: MASTER_BYTES less those 2); a ZeRO-3 shard (DeepSpeed marks it with ds_numel; its bf16 share
+    AdamW states in its dtype (with `master`, a bf16 residual and fp32 moments besides the bf16
+    weight it already has: MASTER_BYTES less those 2); a ZeRO-3 shard (DeepSpeed marks it with ds_numel; its bf16 share
     is already allocated) needs this rank's share of an fp32 master copy, two fp32 Adam states
     and a bf16 gradient partition (the fp32 gradients exist one sub-group at a time)."""
     if hasattr(p, "ds_numel"):

@@ -96,7 +96,7 @@ def lr_range_test(model, batches: list[dict], lrs: list[float], *, smoothing: fl
     """Runs the sweep on `model` over the cached `batches` and restores its trainable weights."""
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().to("cpu", copy=True) for p in params]
-    # the run's optimizer: with bf16 weights (full FT on a GPU) fp32 copies step, or small LRs look inert
+    # the run's optimizer: with bf16 weights (full FT on a GPU) their fp32 values step, or small LRs look inert
     cls = MasterAdamW if uses_master(fp32_master, params, params[0].device) else torch.optim.AdamW
     optimizer = cls(params, lr=lrs[0], weight_decay=weight_decay)
     t0, losses, used, stopped_by, best = time.time(), [], [], "end", math.inf
