@@ -69,7 +69,7 @@ KEPT: tuple[str, ...] = ()
 
 
 def configs(task_type: str, n_params: int) -> dict[str, dict]:
-    from tuning.priors import default_hparams
+    from tuning.priors import TASK_LR_SCALE, default_hparams, lr_prior
 
     dpo, grpo = task_type == "DpoTask", task_type == "GrpoTask"
     # the planner's hyperparameters with every technique off (the planner now turns rsLoRA on for small SFT jobs)
@@ -87,7 +87,8 @@ def configs(task_type: str, n_params: int) -> dict[str, dict]:
         "ours": ours,
     }
     out.update({name: {**ours, **extra} for name, extra in techniques.items()})
-    out["d_last_layers"] = {**ours, **LAST_LAYERS, "lr": default_hparams(n_params, task_type, "full")["lr"]}
+    # at the full-FT prior as measured (quality.md), before Instruct/Chat full fine-tunes took 2.5x
+    out["d_last_layers"] = {**ours, **LAST_LAYERS, "lr": lr_prior(n_params, "full") * TASK_LR_SCALE.get(task_type, 1.0)}
     # e_all: every LoRA technique switched on; e_kept: the planner's defaults (rsLoRA where measured)
     # plus the techniques the default pipeline keeps
     out["e_all"] = {**ours, **{k: v for extra in techniques.values() for k, v in extra.items()}}

@@ -152,17 +152,20 @@ def alt_config(runs, task: str, name: str) -> dict:
     from tuning.priors import default_hparams
 
     hp = ours_config(runs, task)
+    scaled = {"lr_x": ("lr", lambda hp, k: hp["lr"] * k), "ep": ("epochs", lambda hp, k: k),
+              "guard": ("base_margin_se", lambda hp, k: k)}
     for part in name.split("+"):
-        if part.startswith("lr_x"):
-            hp = {**hp, "lr": hp["lr"] * float(part[4:])}
-        elif part.startswith("ep"):
-            hp = {**hp, "epochs": float(part[2:])}
-        elif part.startswith("guard"):
-            hp = {**hp, "base_margin_se": float(part[5:])}
-        elif part in ("lora", "full"):
-            hp = {**hp, **default_hparams(runs.n_params, runs.task_type(task), part), "saves": hp["saves"]}
-        else:
-            raise SystemExit(f"unknown --alt {name!r}: lr_x<K>, ep<K>, guard<K>, lora, full, joined by +")
+        prefix = next((p for p in scaled if part.startswith(p)), None)
+        try:
+            if prefix:
+                key, value = scaled[prefix]
+                hp = {**hp, key: value(hp, float(part[len(prefix):]))}
+            elif part in ("lora", "full"):
+                hp = {**hp, **default_hparams(runs.n_params, runs.task_type(task), part), "saves": hp["saves"]}
+            else:
+                raise ValueError(part)
+        except ValueError:
+            raise SystemExit(f"unknown --alt {name!r}: lr_x<K>, ep<K>, guard<K>, lora, full, joined by +") from None
     return hp
 
 

@@ -78,7 +78,7 @@ def test_a_write_to_the_bf16_weights_is_taken_as_it_is():
     assert float(w[0].detach()) == pytest.approx(0.5, abs=0.5 * 2**-8)
 
 
-def test_the_fp32_values_follow_fp32_adamw_across_chunks():
+def test_the_fp32_values_follow_fp32_adamw_across_chunks(monkeypatch):
     """Weight + residual follows torch's fp32 AdamW on the same gradients (to within the residual's
     own bf16 precision, far below a bf16 spacing), also when the step runs in several chunks."""
     torch.manual_seed(0)
@@ -90,19 +90,21 @@ def test_the_fp32_values_follow_fp32_adamw_across_chunks():
             r.copy_(b.float())
     fp32 = torch.optim.AdamW(ref, lr=3e-5, weight_decay=0.01)
     ours = MasterAdamW(bf, lr=3e-5, weight_decay=0.01)
-    assert len(list(chunks(bf, limit=400))) == 3  # the chunked path, as a large model takes it
     import trainers.master_weights as mw
-    limit, mw.CHUNK_ELEMENTS = mw.CHUNK_ELEMENTS, 400
-    try:
-        for step in range(20):
-            for r, b in zip(ref, bf):
-                g = torch.randn(r.shape, generator=torch.Generator().manual_seed(step))
-                b.grad = g.to(torch.bfloat16)
-                r.grad = b.grad.float()  # the same (bf16) gradient on both sides
-            fp32.step()
-            ours.step()
-    finally:
-        mw.CHUNK_ELEMENTS = limit
+    calls = []
+    functional = mw.adamw_functional
+    monkeypatch.setattr(mw, "CHUNK_ELEMENTS", 400)  # the chunked path, as a large model takes it
+    monkeypatch.setattr(mw, "adamw_functional", lambda params, *a, **k: calls.append(len(params)) or
+                        functional(params, *a, **k))
+    assert [len(run) for run in chunks(bf, 400)] == [1, 1, 1]
+    for step in range(20):
+        for r, b in zip(ref, bf):
+            g = torch.randn(r.shape, generator=torch.Generator().manual_seed(step))
+            b.grad = g.to(torch.bfloat16)
+            r.grad = b.grad.float()  # the same (bf16) gradient on both sides
+        fp32.step()
+        ours.step()
+    assert calls == [1, 1, 1] * 20
     for r, b in zip(ref, bf):
         value = b.detach().float() + ours.state[b]["residual"].float()
         # measured 9.5e-7 after 20 steps that moved the weights by up to 6e-4; a bf16 spacing at 0.02 is 1.2e-4

@@ -173,5 +173,6 @@ def test_alternative_challengers_apply_their_changes_left_to_right(tmp_path):
     assert hot["method"] == "full" and hot["lr"] == pytest.approx(2 * full["lr"]) and hot["epochs"] == 4.0
     # order matters: a method swap after the LR change takes that method's own LR
     assert alt_config(runs, task, "lr_x2+full")["lr"] == pytest.approx(full["lr"])
-    with pytest.raises(SystemExit, match="unknown --alt"):
-        alt_config(runs, task, "full+bogus")
+    for bad in ("full+bogus", "ep", "lr_xfoo"):
+        with pytest.raises(SystemExit, match="unknown --alt"):
+            alt_config(runs, task, bad)

@@ -56,7 +56,7 @@ def uses_master(wanted: bool, params: list[torch.Tensor], device: torch.device, 
     return wanted and needs_master(params) and fits(params, device, share)
 
 
-def chunks(params: list[torch.Tensor], limit: int = CHUNK_ELEMENTS):
+def chunks(params: list[torch.Tensor], limit: int):
     """`params` in runs of at most `limit` elements (a larger tensor alone)."""
     run, size = [], 0
     for p in params:
@@ -96,7 +96,7 @@ class MasterAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             fused = bool(group["fused"])
             live = [p for p in group["params"] if p.grad is not None]
-            for run in chunks(live):
+            for run in chunks(live, CHUNK_ELEMENTS):
                 states = [self._state(p, fused) for p in run]
                 residual = [st["residual"] for st in states]
                 value = [p.float() for p in run]

@@ -291,7 +291,9 @@ def fast_path(model, cfg, device: torch.device, longest: int, reference=None) ->
     hf = hf_model_of(model)
     packed = device.type == "cuda" and cfg.packed and supports_packing(hf)
     trainable = [p for p in hf.parameters() if p.requires_grad]
-    mem = plan_memory(hf, device, cfg.batch_tokens, longest, master=uses_master(cfg.fp32_master, trainable, device))
+    # ZeRO-3 keeps DeepSpeed's own fp32 master (trainers/engines.py), never MasterAdamW's
+    master = cfg.zero_stage != 3 and uses_master(cfg.fp32_master, trainable, device)
+    mem = plan_memory(hf, device, cfg.batch_tokens, longest, master=master)
     if packed:
         enable_packed_attention(hf)
     if mem.checkpointing:
