@@ -347,6 +347,16 @@ def run_case(case: str, lengths: str, warm: int, timed: int, variants: list[str]
     return result
 
 
+def run_isolated(cmd: list[str], log: Path, title: str, stdout_tail: int = 8000) -> tuple[dict | None, str]:
+    """`cmd` (a benchmark's `--one` run of one case and variant) in its own process, its output
+    appended to `log`: the dict of its last RESULT line (None when it printed none) and its stderr."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    with log.open("a") as f:
+        f.write(f"=== {title}\n{proc.stdout[-stdout_tail:]}\n{proc.stderr[-8000:]}\n")
+    lines = [ln[7:] for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    return (json.loads(lines[-1]) if lines else None), proc.stderr
+
+
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
     from benchmarks.throughput_report import VARIANTS, report, summary_line
@@ -382,13 +392,11 @@ def main() -> None:
         before = jsonl.read_text() if jsonl.exists() else ""
         # one process per variant: Liger patches modules in place, compilation stays with its process
         for variant in a.variants.split(","):
-            proc = subprocess.run([sys.executable, __file__, "run", "--one", "--lengths", a.lengths, "--cases", case,
-                                   "--variants", variant, "--warm", str(a.warm), "--timed", str(a.timed),
-                                   *(["--profile", a.profile] if a.profile else [])],
-                                  capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            (out / "log.txt").open("a").write(f"=== {case} {variant}\n{proc.stdout[-20000:]}\n{proc.stderr[-8000:]}\n")
-            lines = [ln[7:] for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            one = json.loads(lines[-1]) if lines else {variant: {"error": proc.stderr[-1500:]}}
+            one, stderr = run_isolated([sys.executable, __file__, "run", "--one", "--lengths", a.lengths, "--cases",
+                                        case, "--variants", variant, "--warm", str(a.warm), "--timed", str(a.timed),
+                                        *(["--profile", a.profile] if a.profile else [])],
+                                       out / "log.txt", f"{case} {variant}", stdout_tail=20000)
+            one = one or {variant: {"error": stderr[-1500:]}}
             res = {**one, **res, variant: one.get(variant, {"error": "no result"})}
             if "check" in one:
                 res["check"] = one["check"]

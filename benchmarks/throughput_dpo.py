@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.throughput import DEVICE, build, step_clock  # noqa: E402
+from benchmarks.throughput import DEVICE, build, run_isolated, step_clock  # noqa: E402
 
 
 def load_pairs(task: Path, tokenizer, config, n: int):
@@ -127,11 +125,9 @@ def main() -> None:
     for case in a.cases.split(","):
         res = {"case": case, "device": DEVICE, "pairs_per_step": a.pairs_per_step}
         for variant in a.variants.split(","):
-            proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", case, variant],
-                                  capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            (out / "dpo_log.txt").open("a").write(f"=== {case} {variant}\n{proc.stdout[-8000:]}\n{proc.stderr[-8000:]}\n")
-            lines = [ln[7:] for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            res[variant] = json.loads(lines[-1]) if lines else {"error": proc.stderr[-800:]}
+            one, stderr = run_isolated([sys.executable, __file__, *sys.argv[1:], "--one", case, variant],
+                                       out / "dpo_log.txt", f"{case} {variant}")
+            res[variant] = one or {"error": stderr[-800:]}
         with (out / "dpo_throughput.jsonl").open("a") as f:
             f.write(json.dumps(res) + "\n")
         best = max((v for v in res if v.startswith("trl") and "pairs_per_s" in res[v]),

@@ -38,7 +38,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.throughput import DEVICE, _peak_gib, _reset_peak, build, step_clock  # noqa: E402
+from benchmarks.throughput import DEVICE, _peak_gib, _reset_peak, build, run_isolated, step_clock  # noqa: E402
 
 VARIANTS = ("trl", "trl_liger", "ours")
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "liger-kernel")
@@ -227,11 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         res = {"case": case, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **head}
         for variant in a.variants.split(","):
             cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--one", case, variant]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            with (out / "grpo_log.txt").open("a") as log:
-                log.write(f"=== {case} {variant}\n{proc.stdout[-8000:]}\n{proc.stderr[-8000:]}\n")
-            lines = [ln[7:] for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            res[variant] = json.loads(lines[-1]) if lines else {"error": proc.stderr[-800:]}
+            one, stderr = run_isolated(cmd, out / "grpo_log.txt", f"{case} {variant}")
+            res[variant] = one or {"error": stderr[-800:]}
             res["device"] = res.get("device") or res[variant].get("device")
             # rewritten after every variant: a run stopped at its time limit keeps what it measured
             jsonl.write_text(before + json.dumps(res) + "\n")
