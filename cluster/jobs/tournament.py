@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 from cluster.jobs.container import cache_model_name
@@ -199,11 +200,10 @@ def prepare(args: argparse.Namespace, settings: Settings, env: TournamentEnv, hw
               dataset_type=dataset_type.model_dump(), file_format=args.file_format,
               expected_repo_name=args.expected_repo_name, hours_to_complete=args.hours_to_complete,
               created_at=start, deadline=start + args.hours_to_complete * 3600, plan=run_plan.job_plan())
-    cfg = plan(job, settings, model_dir, work / "train_data.json", report.rows, JobPaths(work).runs)
+    # the tournament's own options as train options below the operator's MINER_TRAIN_OPTIONS, which keep the last word
+    options = replace(settings, train_options={**TOURNAMENT_TRAIN_OPTIONS, **settings.train_options})
+    cfg = plan(job, options, model_dir, work / "train_data.json", report.rows, JobPaths(work).runs)
     cfg.use_gpu, cfg.num_workers = run_plan.use_gpu, run_plan.workers  # what this container has, not the settings'
-    for name, value in TOURNAMENT_TRAIN_OPTIONS.items():
-        if name not in settings.train_options:  # the operator's MINER_TRAIN_OPTIONS still have the last word
-            setattr(cfg, name, value)
     cfg.early_save = True  # a model in the output folder minutes after the start, not at the first planned save
     cfg.progress_file = str(work / "progress.json")  # live step, loss, tokens/s (rank 0), for whoever watches
     if args.task_type in KL_WEIGHTED:  # scored as eval_loss + KL_COEF x KL(model || base): train for that
