@@ -46,7 +46,7 @@ TABLE = [
     ("70B DPO on 8xH100", "1x8xH100", 0, 70 * B, D, 10, True, "lora_zero3 on 8×H100"),
     ("8B instruct 1 h, queue full until then", "1x8xH100", 1.0, 8 * B, I, 1, False, "busy until"),
     ("8B instruct 1 h, queue full 15 min", "1x8xH100", 0.25, 8 * B, I, 1, True, "starting at"),
-    ("8B instruct 1 h, idle", "1x8xH100", 0, 8 * B, I, 1, True, "full on 2×H100, starting now"),
+    ("8B instruct 1 h, idle", "1x8xH100", 0, 8 * B, I, 1, True, "lora on 2×H100, starting now"),
     ("8B GRPO in 0.3 h", "1x8xH100", 0, 8 * B, G, 0.3, False, "not enough time"),
     ("70B GRPO in 10 h: needs ZeRO-3, which GRPO lacks", "1x8xH100", 0, 70 * B, G, 10, False, "too big"),
     ("0.5B chat 2 h on one H100", "1x1xH100", 0, 0.5 * B, C, 2, True, "full on 1×H100"),
@@ -170,40 +170,58 @@ def test_idle_cluster_of_the_configured_shape_decides_by_capability(tmp_path, mo
     assert not big.accepted and "parameters is over" in big.message and "1×1×H100" in big.message
 
 
+def test_full_fine_tunes_are_planned_only_where_master_weights_fit():
+    """bf16 AdamW loses most full-FT updates, so the planner plans a full fine-tune only where the
+    trainer's fp32 master state fits its share of one device; above that, LoRA."""
+    from trainers.grpo import GRPO_MASTER_SHARE
+    from trainers.master_weights import MASTER_BYTES, STATE_SHARE
+
+    assert capacity.FULL_BYTES == MASTER_BYTES and capacity.MASTER_SHARE_DEFAULT == STATE_SHARE
+    assert capacity.MASTER_SHARE["GrpoTask"] == GRPO_MASTER_SHARE
+    h100, h200 = capacity.device("H100"), capacity.device("H200")
+    method = lambda b, task="InstructTextTask", dev=h100: capacity.method_and_min_gpus(b * B, task, dev, 8)[0]  # noqa: E731
+    assert [method(b) for b in (1.2, 3.2, 4.0, 8.0)] == ["full", "full", "lora", "lora"]
+    assert [method(b, dev=h200) for b in (4.0, 6.0, 8.0)] == ["full", "full", "lora"]   # 141 GB holds more
+    assert [method(b, "GrpoTask") for b in (0.5, 1.2, 1.7, 3.2)] == ["full", "full", "lora", "lora"]
+    # the limit is the master state's bytes against the share, as the trainer's fits() computes it
+    limit = capacity.MASTER_SHARE_DEFAULT * 80 * capacity.GIB / MASTER_BYTES
+    assert method(limit * 0.99 / B) == "full" and method(limit * 1.01 / B) == "lora"
+
+
 def test_publish_reserve_is_a_high_quantile_that_grows_with_what_is_published():
-    full8 = capacity.plan_options(8 * B, "InstructTextTask", "H100", 8)[0]
+    full3 = capacity.plan_options(3 * B, "InstructTextTask", "H100", 8)[0]
     lora70 = capacity.plan_options(70 * B, "InstructTextTask", "H100", 8)[0]
     t = capacity.GPU_TIMING
-    # a full 8 B publishes 16 GB, a 70 B LoRA only its adapters: the reserve follows the bytes
-    assert full8.method == "full" and full8.publish_s == pytest.approx(16e9 / t.save_bps + 16e9 / t.upload_bps)
-    assert lora70.publish_s < full8.publish_s / 5
+    # a full 3 B publishes 6 GB, a 70 B LoRA only its adapters: the reserve follows the bytes
+    assert full3.method == "full" and full3.publish_s == pytest.approx(6e9 / t.save_bps + 6e9 / t.upload_bps)
+    assert lora70.publish_s < full3.publish_s
     # the reserve is the 1-in-100,000 quantile of a lognormal publish time (σ 0.5), plus the margin
     tail = math.exp(4.26 * 0.5)
-    assert full8.post_s == pytest.approx(full8.publish_s * tail + t.margin_s)
+    assert full3.post_s == pytest.approx(full3.publish_s * tail + t.margin_s)
     assert math.exp(4.26 * 0.5) > 8       # ~8.4× the nominal
     # the minimum window holds the whole reserve: admission never plans a job into it
-    assert full8.min_s > full8.post_s + t.min_train_s
-    assert full8.overhead_s > full8.post_s
+    assert full3.min_s > full3.post_s + t.min_train_s
+    assert full3.overhead_s > full3.post_s
     # job_main stops training at the larger of the plan's reserve and a share of the window
-    assert capacity.training_stop_s(full8.post_s, 3600) == full8.post_s
+    assert capacity.training_stop_s(full3.post_s, 3600) == full3.post_s
     assert capacity.training_stop_s(10.0, 3600) == 20 + 0.05 * 3600
 
 
 def test_measured_publish_speed_sizes_the_reserve():
     know = Knowledge()
     adm = brain("1x8xH100", know)
-    before = ask(adm, 8 * B, hours=4).plan
-    assert ask(adm, 8 * B, hours=0.9).accepted
+    before = ask(adm, 3 * B, hours=4).plan
+    assert ask(adm, 3 * B, hours=0.5).accepted
     for i in range(5):   # tiny adapters measure the hub's latency, not its bandwidth: ignored
         know.record(Run("llama", "published", upload_bytes=int(20e6), upload_s=5.0))
     for i in range(4):   # too few measurements: the planner's defaults still hold
         know.record(Run("llama", "published", upload_bytes=int(16e9), upload_s=16e9 / 25e6))
-    assert ask(adm, 8 * B, hours=4).plan.post_s == before.post_s
+    assert ask(adm, 3 * B, hours=4).plan.post_s == before.post_s
     know.record(Run("llama", "published", upload_bytes=int(16e9), upload_s=16e9 / 20e6))
-    slow = ask(adm, 8 * B, hours=4).plan     # a 4× slower link than planned: a bigger reserve
+    slow = ask(adm, 3 * B, hours=4).plan     # a 4× slower link than planned: a bigger reserve
     assert slow.publish_s > 3 * before.publish_s and slow.post_s > before.post_s and slow.min_s > before.min_s
     timing = know.publish_timing(capacity.GPU_TIMING)
     assert timing.upload_bps == 25e6 and timing.publish_sigma == 0.3   # steady uploads: the σ floor
-    # a 0.9 h job whose reserve no longer fits is declined with the reason, not accepted to be missed
-    d = ask(adm, 8 * B, hours=0.9)
+    # a 0.5 h job whose reserve no longer fits is declined with the reason, not accepted to be missed
+    d = ask(adm, 3 * B, hours=0.5)
     assert not d.accepted and "not enough time" in d.message
