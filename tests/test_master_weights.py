@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainers.config import TrainConfig
 from trainers.engines import PlainEngine
-from trainers.master_weights import MasterAdamW, chunks, fits, needs_master
+from trainers.master_weights import MasterAdamW, fits, needs_master, slices
 
 LR, STEPS = 1e-5, 12
 
@@ -78,38 +78,63 @@ def test_a_write_to_the_bf16_weights_is_taken_as_it_is():
     assert float(w[0].detach()) == pytest.approx(0.5, abs=0.5 * 2**-8)
 
 
-def test_the_fp32_values_follow_fp32_adamw_across_chunks(monkeypatch):
-    """Weight + residual follows torch's fp32 AdamW on the same gradients (to within the residual's
-    own bf16 precision, far below a bf16 spacing), also when the step runs in several chunks."""
-    torch.manual_seed(0)
-    shapes = [(300,), (40, 50), (7,)]
+def _pair(shapes, seed=0):
+    """fp32 parameters and bf16 ones at the same (bf16-representable) values."""
+    torch.manual_seed(seed)
     ref = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
     bf = [torch.nn.Parameter(r.detach().to(torch.bfloat16)) for r in ref]
-    with torch.no_grad():  # start both at the same (bf16-representable) values
+    with torch.no_grad():
         for r, b in zip(ref, bf):
             r.copy_(b.float())
+    return ref, bf
+
+
+def _grads(params, step):
+    for p in params:  # the same bf16 gradient for every run
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16).to(p.dtype)
+
+
+def test_the_fp32_values_follow_fp32_adamw_across_slices(monkeypatch):
+    """Weight + residual follows torch's fp32 AdamW on the same gradients (to within the residual's
+    own bf16 precision, far below a bf16 spacing), also where a weight steps in several slices."""
+    import trainers.master_weights as mw
+
+    ref, bf = _pair([(300,), (40, 50), (7,)])
+    calls, step_ = [], mw.master_step_
+    monkeypatch.setattr(mw, "CHUNK_ELEMENTS", 400)  # the sliced path, as a large model's embedding takes it
+    monkeypatch.setattr(mw, "master_step_", lambda w, *a: calls.append(w.numel()) or step_(w, *a))
     fp32 = torch.optim.AdamW(ref, lr=3e-5, weight_decay=0.01)
     ours = MasterAdamW(bf, lr=3e-5, weight_decay=0.01)
-    import trainers.master_weights as mw
-    calls = []
-    functional = mw.adamw_functional
-    monkeypatch.setattr(mw, "CHUNK_ELEMENTS", 400)  # the chunked path, as a large model takes it
-    monkeypatch.setattr(mw, "adamw_functional", lambda params, *a, **k: calls.append(len(params)) or
-                        functional(params, *a, **k))
-    assert [len(run) for run in chunks(bf, 400)] == [1, 1, 1]
+    assert slices(2000, 400) == [(0, 400), (400, 800), (800, 1200), (1200, 1600), (1600, 2000)]
     for step in range(20):
-        for r, b in zip(ref, bf):
-            g = torch.randn(r.shape, generator=torch.Generator().manual_seed(step))
-            b.grad = g.to(torch.bfloat16)
-            r.grad = b.grad.float()  # the same (bf16) gradient on both sides
+        _grads(ref, step)
+        _grads(bf, step)
         fp32.step()
         ours.step()
-    assert calls == [1, 1, 1] * 20
+    assert calls == [300, 400, 400, 400, 400, 400, 7] * 20
     for r, b in zip(ref, bf):
         value = b.detach().float() + ours.state[b]["residual"].float()
         # measured 9.5e-7 after 20 steps that moved the weights by up to 6e-4; a bf16 spacing at 0.02 is 1.2e-4
         assert (value - r.detach()).abs().max() < 3e-6
         assert (b.detach().float() - r.detach()).abs().max() > 1e-5  # the bf16 weights alone are a rounding off
+
+
+def test_the_compiled_step_equals_the_eager_one():
+    """The GPU's one-kernel step (torch.compile, here its CPU backend) computes what the eager step
+    does, on weights of several sizes through one dynamic-shape compilation."""
+    _, eager = _pair([(300,), (40, 50), (7,), (1,)], seed=1)
+    _, compiled = _pair([(300,), (40, 50), (7,), (1,)], seed=1)
+    opts = [MasterAdamW(eager, lr=1e-4, compile=False), MasterAdamW(compiled, lr=1e-4, compile=True)]
+    for step in range(5):
+        for params, opt in zip((eager, compiled), opts):
+            _grads(params, step)
+            opt.step()
+    for e, c in zip(eager, compiled):
+        se, sc = opts[0].state[e], opts[1].state[c]
+        value_e, value_c = e.detach().float() + se["residual"].float(), c.detach().float() + sc["residual"].float()
+        assert (value_e - value_c).abs().max() < 1e-6  # fp32 rounding order only
+        assert torch.allclose(se["exp_avg_sq"], sc["exp_avg_sq"], rtol=1e-5, atol=1e-12)
+        assert int(sc["step"]) == 5
 
 
 def test_used_only_for_half_precision_weights_that_fit():
@@ -177,3 +202,23 @@ def test_checkpoints_hold_bf16_moments_and_resume_to_fp32():
     assert again.state[w]["step"].item() == 2
     with pytest.raises(ValueError, match="closure"):
         again.step(lambda: 0.0)
+
+
+def test_a_compiler_failure_falls_back_to_the_eager_step():
+    """A compiled step that fails on its first call (no compiler on the host, a kernel error) leaves
+    the run stepping eagerly, with a warning, and the slice it failed on still steps once."""
+    _, eager = _pair([(64,)], seed=2)
+    _, failing = _pair([(64,)], seed=2)
+    opts = [MasterAdamW(eager, lr=1e-4, compile=False), MasterAdamW(failing, lr=1e-4, compile=False)]
+
+    def broken(*_):
+        raise RuntimeError("no working C++ compiler")
+
+    opts[1]._step_ = broken
+    for params, opt in zip((eager, failing), opts):
+        _grads(params, 0)
+    opts[0].step()
+    with pytest.warns(UserWarning, match="stepping eagerly"):
+        opts[1].step()
+    assert torch.equal(eager[0].detach(), failing[0].detach())
+    assert torch.equal(opts[0].state[eager[0]]["residual"], opts[1].state[failing[0]]["residual"])
