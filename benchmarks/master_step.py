@@ -20,20 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.throughput import SHAPES  # noqa: E402
+from benchmarks.throughput import SHAPES, build  # noqa: E402
 from trainers.master_weights import MasterAdamW  # noqa: E402
-
-
-def shape_params(shape: str, device: str) -> list[torch.nn.Parameter]:
-    """The trainable weights of `shape` (bf16, small random values), built without a model."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = dict(SHAPES[shape])
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return [torch.nn.Parameter(torch.randn(p.shape, device=device, dtype=torch.bfloat16) * 0.02)
-            for p in model.parameters()]
 
 
 def timed(optimizer, params, steps: int, warm: int = 3) -> float:
@@ -75,7 +63,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    params = shape_params(args.shape, "cuda")
+    model, _ = build(args.shape, "full")  # bf16, on the GPU
+    params = [p for p in model.parameters() if p.requires_grad]
     n = sum(p.numel() for p in params)
     row = {"shape": args.shape, "params": n, "device": torch.cuda.get_device_name(),
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

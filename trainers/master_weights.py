@@ -20,6 +20,7 @@ GRPO's through TRL); `adamw` picks it.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -86,23 +87,12 @@ def master_step_(w, r, g, m, v, hp) -> None:
     r.copy_(value - w.float())  # ... and keep what it lost
 
 
-_compiled_step = None
-
-
+@functools.cache
 def compiled_step():
-    """`master_step_` compiled once for every size (dynamic shapes); None where it cannot be
-    (then the step runs eagerly: the same arithmetic, more passes)."""
-    global _compiled_step
-    if _compiled_step is None:
-        try:
-            # emulate_precision_casts: without it inductor keeps `w.float()` after `w.copy_(value)` in
-            # fp32 (the bf16 rounding skipped) and the residual comes out as zero, not what rounding lost
-            _compiled_step = torch.compile(master_step_, dynamic=True, fullgraph=True,
-                                           options={"emulate_precision_casts": True})
-        except Exception as err:  # noqa: BLE001 - any compiler failure leaves the eager step
-            warnings.warn(f"master weights: torch.compile unavailable ({err}); stepping eagerly")
-            _compiled_step = False
-    return _compiled_step or None
+    """`master_step_` compiled once for every size (dynamic shapes). emulate_precision_casts: without it
+    inductor keeps `w.float()` after `w.copy_(value)` in fp32 (the bf16 rounding skipped) and the
+    residual comes out as zero, not what rounding lost."""
+    return torch.compile(master_step_, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
 
 
 class MasterAdamW(torch.optim.Optimizer):
@@ -117,7 +107,7 @@ class MasterAdamW(torch.optim.Optimizer):
         if compile is None:
             weights = [p for g in self.param_groups for p in g["params"]]
             compile = weights[0].is_cuda and sum(p.numel() for p in weights) >= COMPILE_MIN_PARAMS
-        self._step_ = (compiled_step() if compile else None) or master_step_
+        self.compiled = compile  # until compiling fails (`_run`)
 
     def _state(self, p: torch.Tensor) -> dict:
         st = self.state[p]
@@ -156,15 +146,15 @@ class MasterAdamW(torch.optim.Optimizer):
 
     def _run(self, *args) -> None:
         """The step on one slice; a compiler failure (it shows at the first call) falls back to the
-        eager step once, with a warning, instead of ending the run (it fails before writing)."""
-        try:
-            self._step_(*args)
-        except Exception as err:  # noqa: BLE001 - inductor/triton raise many kinds
-            if self._step_ is master_step_:
-                raise
-            warnings.warn(f"master weights: the compiled step failed ({type(err).__name__}: {err}); stepping eagerly")
-            self._step_ = master_step_
-            master_step_(*args)
+        eager step for good, with a warning, instead of ending the run (it fails before writing)."""
+        if self.compiled:
+            try:
+                return compiled_step()(*args)
+            except Exception as err:  # noqa: BLE001 - dynamo/inductor/triton raise many kinds
+                warnings.warn(f"master weights: the compiled step failed ({type(err).__name__}: {err}); "
+                              "stepping eagerly")
+                self.compiled = False
+        master_step_(*args)
 
     def state_dict(self) -> dict:
         """Moments as bf16 in checkpoints (half the bytes on every save) and no residual (a resume

@@ -243,7 +243,7 @@ def plan_memory(hf_model, device: torch.device, want_tokens: int, longest: int, 
     trainable = [p for p in hf_model.parameters() if p.requires_grad]
     to_come = sum(_state_bytes(p, master) for p in trainable)
     if master and needs_master(trainable):
-        to_come += transient_bytes(trainable)  # the step's fp32 values and gradients of one chunk
+        to_come += transient_bytes(trainable)  # the eager step's fp32 temporaries of one slice
     head_chunk = 8192 * c.vocab_size * 2 * 3  # bf16 logits, grad and fp32 temporaries of one CE chunk
     free, _ = torch.cuda.mem_get_info(device)
     # what torch's allocator holds but does not use (a model built in fp32 and cast leaves gigabytes
