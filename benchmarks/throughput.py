@@ -8,9 +8,11 @@ optimizer step:
   hf   - transformers.Trainer defaults: SDPA attention, padding to the longest sample of each
          micro-batch (no length grouping), full-vocabulary logits and CE, bf16 autocast, the
          Trainer's default optimizer; micro-batch x gradient accumulation = the step's samples.
-  ours - trainers.packing.fast_path, i.e. what trainers/instruct.py runs inside Ray Train: the
-         step's samples packed padding-free (varlen flash attention), fused chunked CE on label
-         tokens, fused AdamW, regionally compiled decoder layers, micro-batch from the memory plan.
+  ours - trainers.instruct.Steps on the SFT fast path (packing.py), the step of trainers/loop.py
+         inside Ray Train: the step's samples packed padding-free (varlen flash attention), fused
+         chunked CE on label tokens, the engine's AdamW (fp32 master weights of a bf16 full
+         fine-tune), regionally compiled decoder layers, micro-batch from the memory plan, the next
+         micro-batch collated while the GPU runs one, one wait for the GPU per step.
 tokens/s counts real (non-pad) tokens. MFU = tokens/s * F / 989.4e12 (H100 SXM dense bf16) with
   F = 6N + 12*L*d_attn*s_eff             (full fine-tuning)
   F = 4N + 6*N_adapter + 12*L*d_attn*s_eff (LoRA: frozen base, no weight grads)
@@ -229,17 +231,21 @@ def run_hf(model, samples, micro: int, accum: int, warm: int, timed: int, tmp: s
     return out
 
 
-def one_step(loss_model, plan, chunk, step: int, params, optimizer, device) -> tuple[float, int]:
-    """The step of trainers/instruct.py on one step's samples: (its loss, micro-batches)."""
+def one_step(steps, batches: list, upcoming: list | None, params, optimizer) -> float:
+    """The step of trainers/loop.py on one step's micro-batches; returns its loss. As the loop
+    does, each next micro-batch (`upcoming`: the next step's first) is collated while the GPU runs
+    the one before, and the loss is read (the step's one wait for the GPU) after the optimizer
+    step is queued."""
     import torch
-    batches = plan.batches(chunk, seed=step)
-    for batch in batches:
-        loss = loss_model(**plan.collate(batch, 0, device)) / len(batches)
+    for batch, after in zip(batches, batches[1:] + [upcoming]):
+        loss = steps.mean_loss(steps.module, batch) / len(batches)
         loss.backward()
+        if after is not None:
+            steps.prefetch(after)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach().item() * len(batches), len(batches)
+    return loss.detach().item() * len(batches)
 
 
 def profile_steps(out: str, step, first: int, n: int = 2) -> None:
@@ -260,36 +266,39 @@ def run_ours(model, cfg, samples, per_step: int, warm: int, timed: int, compile_
              profile: str | None = None) -> dict:
     import torch
 
+    from trainers.instruct import SFT, Steps
     from trainers.master_weights import adamw
-    from trainers.packing import fast_path
     device = torch.device(DEVICE)
     cfg.compile = compile_
     cfg.batch_tokens = sum(len(ex) for ex in samples[:per_step]) * 2  # one pack per step when memory allows
-    loss_model, plan = fast_path(model, cfg, device, max(len(ex) for ex in samples))
+    steps = Steps(SFT, model, cfg, device, 0, max(len(ex) for ex in samples))  # the engine's fast path
+    plan = steps.plan
     params = [p for p in model.parameters() if p.requires_grad]
     cfg.lr = 1e-5
     optimizer = adamw(cfg, params, device)  # the engine's: fp32 master copies of a bf16 full fine-tune
+    chunks = [samples[i * per_step:(i + 1) * per_step] for i in range(warm + timed)]
+    batches = [steps.batches(chunk, seed=i) for i, chunk in enumerate(chunks)]
+    step = lambda i: one_step(steps, batches[i], batches[i + 1][0] if i + 1 < len(batches) else None,  # noqa: E731
+                              params, optimizer)
     _reset_peak()
     marks, real, micro_batches, first_compile = [], 0, 0, None
-    for step in range(warm + timed):
-        chunk = samples[step * per_step:(step + 1) * per_step]
+    for i in range(warm + timed):
         t = time.perf_counter()
-        last_loss, n_batches = one_step(loss_model, plan, chunk, step, params, optimizer, device)
+        last_loss = step(i)
         _sync()
         marks.append(time.perf_counter())
-        if step == 0:
+        if i == 0:
             first_compile = marks[0] - t
-        if step >= warm:
-            real += sum(len(ex) for ex in chunk)
-            micro_batches += n_batches
+        if i >= warm:
+            real += sum(len(ex) for ex in chunks[i])
+            micro_batches += len(batches[i])
     secs = marks[-1] - marks[warm - 1]
     out = {"tokens_per_s": real / secs, "step_s": secs / timed, "peak_mem_gib": _peak_gib(),
            "plan_tokens": plan.batch_tokens, "checkpointing": plan.checkpointing, "compile": compile_,
            "micro_batches_per_step": micro_batches / timed, "first_step_s": first_compile, "last_loss": last_loss}
     if profile:  # where the step's time goes: the first timed steps' samples again, under the profiler
         try:
-            profile_steps(profile, lambda i: one_step(loss_model, plan, samples[i * per_step:(i + 1) * per_step], i,
-                                                      params, optimizer, device), warm, n=min(2, timed))
+            profile_steps(profile, step, warm, n=min(2, timed))
         except Exception as e:  # the measurement above stands without it
             out["profile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     return out

@@ -2,10 +2,14 @@
 
 Random-initialised models of benchmarks/throughput.py's shapes; the pairs are real rows of a bench
 DPO task (strings), tokenised by a real tokenizer (its ids fit every shape's vocabulary):
-  ours        trainers/dpo.py's step: the reference log-probs precomputed once (fill_reference, timed
-              apart as `ref_s`), then per step the policy's summed completion log-probs of chosen and
-              rejected (one padded batch of 2B sequences, completion logits only in fp32) and the
-              sigmoid loss at beta 0.1; fused AdamW.
+  ours        the engine's DPO step (trainers/dpo_packed.py): the reference log-probs precomputed
+              once (timed apart as `ref_s`: a full fine-tune's by the plain model, as dpo.prepare
+              does; LoRA's on the fast path with the adapter off), then per step chosen and rejected
+              of all pairs packed into one row (varlen attention, compiled decoder layers), the
+              head's logits for completion positions only, fused with the log-prob sums, the
+              sigmoid loss at beta 0.1 and its gradient; the engine's optimizer (MasterAdamW).
+  ours_padded the per-pair recipe before it (dpo.dpo_per_sample): one padded batch of 2B
+              sequences, full logits, completion positions' in fp32; same optimizer.
   trl         trl.DPOTrainer at its fastest settings on this host: precompute_ref_log_probs=True (the
               same reference pass, timed apart: the trainer's construction), bf16, beta 0.1, the
               Trainer's fused AdamW (TRL 1.16 has padding_free for DPO switched off).
@@ -26,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.throughput import DEVICE, build, run_isolated, step_clock  # noqa: E402
+from benchmarks.throughput import DEVICE, _sync, build, run_isolated, step_clock  # noqa: E402
 
 
 def load_pairs(task: Path, tokenizer, config, n: int):
@@ -40,30 +44,46 @@ def load_pairs(task: Path, tokenizer, config, n: int):
     return raw, tokenize_task("DpoTask", rows, dt, tokenizer, config).examples
 
 
-def run_ours(model, examples, pad_id: int, per_step: int, warm: int, timed: int) -> dict:
+def run_ours(model, cfg, examples, pad_id: int, per_step: int, warm: int, timed: int, fused: bool) -> dict:
     import torch
 
-    from trainers.config import TrainConfig
     from trainers.dpo import dpo_per_sample, fill_reference
+    from trainers.dpo_packed import pair_fast_path
     from trainers.master_weights import adamw
     device = torch.device(DEVICE)
+    used = examples[:per_step * (warm + timed)]
+    batches = [used[i:i + per_step] for i in range(0, len(used), per_step)]
     t = time.perf_counter()
-    fill_reference(model, examples[:per_step * (warm + timed)], pad_id, device)
+    if cfg.method != "lora":  # a full fine-tune's references come first, from the plain model (dpo.prepare)
+        fill_reference(model, used, pad_id, device)
+    if fused:  # the engine's DPO step (trainers/dpo_packed.py): packed, compiled layers, fused head
+        cfg.batch_tokens = max(sum(len(ex) for ex in b) for b in batches)  # one micro-batch per step
+        loss_model, plan = pair_fast_path(model, cfg, device, max(len(ex) for ex in used))
+        for b in batches:
+            plan.collate(b, pad_id, device)  # LoRA: the references, with the adapter off
+        step_loss = lambda i: loss_model(**plan.collate(batches[i], pad_id, device))  # noqa: E731
+    else:  # the per-pair recipe: padded chosen + rejected, full logits
+        if cfg.method == "lora":
+            fill_reference(model, used, pad_id, device)  # the adapter's B is zero: the base's log-probs
+        step_loss = lambda i: dpo_per_sample(model, batches[i], pad_id, device).mean()  # noqa: E731
+    _sync()
     ref_s = time.perf_counter() - t
     params = [p for p in model.parameters() if p.requires_grad]
-    # the engine's optimizer: fp32 master copies of a bf16 full fine-tune (trainers/master_weights.py)
-    optimizer = adamw(TrainConfig(model_path="-", train_file="-", dataset_type={}, lr=1e-6), params, device)
-    marks = []
+    cfg.lr = 1e-6
+    optimizer = adamw(cfg, params, device)  # the engine's: fp32 master copies of a bf16 full fine-tune
+    marks, losses = [], []
     for step in range(warm + timed):
-        batch = examples[step * per_step:(step + 1) * per_step]
-        dpo_per_sample(model, batch, pad_id, device).mean().backward()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
+            loss = step_loss(step)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
+        losses.append(loss.detach())
+        _sync()
         marks.append(time.perf_counter())
-    return {"pairs_per_s": per_step * timed / (marks[-1] - marks[warm - 1]), "ref_s": ref_s}
+    return {"pairs_per_s": per_step * timed / (marks[-1] - marks[warm - 1]), "ref_s": ref_s,
+            "first_step_s": marks[0] - t - ref_s, "losses": [round(x.item(), 5) for x in losses]}
 
 
 def run_trl(model, tokenizer, raw, per_step: int, warm: int, timed: int, liger: bool) -> dict:
@@ -91,13 +111,14 @@ def run_one(case: str, variant: str, a) -> dict:
     from trainers.modeling import load_tokenizer
     name, method = case.rsplit("-", 1)
     tokenizer = load_tokenizer(a.tokenizer)
-    model, _ = build(name, method, min_vocab=len(tokenizer))
+    model, cfg = build(name, method, min_vocab=len(tokenizer))
     n = a.pairs_per_step * (a.warm + a.timed)
     raw, examples = load_pairs(Path(a.task), tokenizer, model.config, n)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    if variant == "ours":
-        r = run_ours(model, examples, tokenizer.pad_token_id, a.pairs_per_step, a.warm, a.timed)
+    if variant in ("ours", "ours_padded"):
+        r = run_ours(model, cfg, examples, tokenizer.pad_token_id, a.pairs_per_step, a.warm, a.timed,
+                     fused=variant == "ours")
     else:
         r = run_trl(model, tokenizer, raw, a.pairs_per_step, a.warm, a.timed, liger=variant == "trl_liger")
     r["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
@@ -110,7 +131,7 @@ def main() -> None:
     ap.add_argument("--task", required=True)
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--cases", default="llama1b-full,llama8b-lora")
-    ap.add_argument("--variants", default="trl,trl_liger,ours")
+    ap.add_argument("--variants", default="trl,trl_liger,ours_padded,ours")
     ap.add_argument("--pairs-per-step", type=int, default=8)
     ap.add_argument("--warm", type=int, default=2)
     ap.add_argument("--timed", type=int, default=5)

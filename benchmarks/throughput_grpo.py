@@ -23,7 +23,8 @@ the reference forward (beta 0.5: KL to the base) and one update.
 The reference model of a full fine-tune is built by TRL from the policy's path, as in production:
 the random model is saved to a temporary folder first. Each variant runs in its own process (Liger
 patches modules in place). Timed: the optimizer steps after --warm, by a TrainerCallback at
-on_step_end (device synced). trl_best = the faster of trl and trl_liger.
+on_step_end (device synced). trl_best = the fastest TRL variant. Any variant + `_cb` (ours_cb,
+trl_cb) generates with transformers' continuous batching (TRL's use_transformers_continuous_batching).
 
   python benchmarks/throughput_grpo.py --task .devdata/bench/tasks/grpo_arithmetic \\
       --tokenizer .devdata/bench/models/pico-llama --cases qwen0.5b-full,llama1b-full --out DIR
@@ -49,6 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks.throughput import DEVICE, _peak_gib, _reset_peak, build, run_isolated, step_clock  # noqa: E402
 
 VARIANTS = ("trl", "trl_liger", "ours")
+# a variant + this suffix generates with transformers' continuous batching (paged KV cache, CUDA
+# graphs where the host has them: TRL's use_transformers_continuous_batching) instead of padded
+# model.generate with a dynamic cache
+CB = "_cb"
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "liger-kernel")
 
 
@@ -118,6 +123,7 @@ def run_one(case: str, variant: str, a) -> dict:
     from trainers.config import GrpoSettings
     from trainers.grpo_eval import grpo_rows
     from trainers.modeling import load_tokenizer
+    variant, cb = (variant[:-len(CB)], True) if variant.endswith(CB) else (variant, False)
     if variant == "trl_liger":
         try:
             import liger_kernel.transformers  # noqa: F401
@@ -142,6 +148,8 @@ def run_one(case: str, variant: str, a) -> dict:
         # equal work: every completion exactly max_completion tokens long (EOS suppressed until then)
         args.update(output_dir=os.path.join(tmp, "out"), max_steps=steps,
                     generation_kwargs={"min_new_tokens": a.max_completion})
+        if cb:
+            args["use_transformers_continuous_batching"] = notes["continuous_batching"] = True
         t = time.perf_counter()
         trainer = GRPOTrainer(model=model, reward_funcs=[counted(funcs[0], seen), *funcs[1:]],
                               args=GRPOConfig(**args), train_dataset=Dataset.from_list(rows),
@@ -168,9 +176,10 @@ def table(results: list[dict]) -> str:
     rows = ["| case | variant | steps/s | completions/s | gen tok/step | peak GiB | loss (1st timed) | vs trl_best "
             "| notes |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        done = [v for v in VARIANTS if v.startswith("trl") and "steps_per_s" in r.get(v, {})]
+        names = [v for v in r if _is_variant(v)]
+        done = [v for v in names if v.startswith("trl") and "steps_per_s" in r[v]]
         best = max(done, key=lambda v: r[v]["steps_per_s"]) if done else None
-        for v in VARIANTS:
+        for v in names:
             x = r.get(v)
             if not x:
                 continue
@@ -180,11 +189,16 @@ def table(results: list[dict]) -> str:
                 continue
             vs = f"{x['steps_per_s'] / r[best]['steps_per_s']:.2f}x" if best else "-"
             loss = f"{x['loss_first_timed']:.3g}" if x.get("loss_first_timed") is not None else "-"
-            notes = f"{x['optim']}, rewards {x['rewards']}" + (", liger" if x.get("liger") else "")
+            notes = f"{x['optim']}, rewards {x['rewards']}" + (", liger" if x.get("liger") else "") + \
+                (", continuous batching" if x.get("continuous_batching") else "")
             rows.append(f"| {r['case']} | {v}{' (trl_best)' if v == best else ''} | {x['steps_per_s']:.3f} | "
                         f"{x['completions_per_s']:.1f} | {x['gen_tokens_per_step']:.0f} | {x['peak_mem_gib']:.1f} | "
                         f"{loss} | {vs} | {notes} |")
     return "\n".join(rows)
+
+
+def _is_variant(name: str) -> bool:
+    return name.removesuffix(CB) in VARIANTS
 
 
 def versions() -> dict:
@@ -233,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
             jsonl.write_text(before + json.dumps(res) + "\n")
         results.append(res)
         print(f"{case}: " + ", ".join(f"{v} {x.get('steps_per_s', 0):.3f} steps/s" for v, x in res.items()
-                                      if v in VARIANTS), flush=True)
+                                      if _is_variant(v)), flush=True)
     print(table(results), flush=True)
 
 

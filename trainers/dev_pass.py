@@ -46,7 +46,7 @@ class DevPass:
         if self.enabled and entry.get("weights") != "base":
             self.start, self.start_metric = cpu_copy(params), entry.get("dev_loss")
 
-    def run(self, step_fn: Callable[[list, float], float], engine, params: list[torch.nn.Parameter],
+    def run(self, step_fn: Callable[[list, float], object], engine, params: list[torch.nn.Parameter],
             lr: float) -> dict:
         """One epoch over the dev batches from the kept weights; `step_fn(batch, weight)` is the
         loop's forward + backward, `engine.step(lr)` its optimizer step (engines.py). Returns the
@@ -59,5 +59,5 @@ class DevPass:
                 continue
             engine.step(lr)
             steps += 1
-        return {"dev_pass_steps": steps, "loss": sum(losses) / max(1, len(losses)), "lr": lr,
+        return {"dev_pass_steps": steps, "loss": float(sum(losses)) / max(1, len(losses)), "lr": lr,
                 "dev_loss_before_pass": self.start_metric, "weights": "dev pass"}

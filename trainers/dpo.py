@@ -23,6 +23,7 @@ import torch
 from .batching import make_batches
 from .config import TrainConfig
 from .dpo_format import PairExample, cut_pair, dpo_loss, sequence_logps
+from .dpo_packed import NO_BASE_COPY, pair_fast_path
 from .instruct import Recipe
 from .loop import run_recipe
 
@@ -44,8 +45,7 @@ def ensure_reference(model, batch: list[PairExample], pad_id: int, device) -> No
         return
     core = getattr(model, "module", model)  # under DDP
     if not hasattr(core, "disable_adapter"):
-        raise RuntimeError("full fine-tuning needs the reference log-probs before training (prepare) and keeps no "
-                           "base model to recompute them: a pair cut after running out of memory cannot be trained")
+        raise RuntimeError(NO_BASE_COPY)
     with core.disable_adapter():
         fill_reference(core, missing, pad_id, device)
 
@@ -86,7 +86,7 @@ def precompute_for_full(base, cfg: TrainConfig, train: list[PairExample], dev: l
     return kept
 
 
-DPO = Recipe(per_sample=dpo_per_sample, prepare=precompute_for_full, cut=cut_pair, dev_scale=4.0)
+DPO = Recipe(per_sample=dpo_per_sample, prepare=precompute_for_full, cut=cut_pair, dev_scale=4.0, fast=pair_fast_path)
 
 
 def train_loop_per_worker(config: dict) -> dict:

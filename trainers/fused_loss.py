@@ -111,3 +111,79 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, base_hidden: torch.Ten
         return _kl_and_grad(logits, base_logits, weights[s:e])
 
     return _FusedHeadLoss.apply(hidden, weight, weights, chunk, per_chunk)
+
+
+def pair_groups(pair_rows: list[int], chunk: int) -> list[tuple[int, int, int, int]]:
+    """(first row, end row, first pair, end pair) of runs of consecutive pairs with at most `chunk`
+    scored rows together (a larger pair alone): a pair's loss needs all of its rows' log-probs."""
+    groups, row, start, first = [], 0, 0, 0
+    for i, n in enumerate(pair_rows):
+        if i > first and row + n - start > chunk:
+            groups.append((start, row, first, i))
+            start, first = row, i
+        row += n
+    if pair_rows:
+        groups.append((start, row, first, len(pair_rows)))
+    return groups
+
+
+class _FusedPairLoss(torch.autograd.Function):
+    """The mean sigmoid DPO loss over pairs of the log-probs summed per sequence from hidden @
+    weight.T (rows ordered pair by pair: chosen's, then rejected's). A group of whole pairs has its
+    logits made once: log-probs, the pairs' losses, then d(loss)/d(logits) = -dL/dlogp x (softmax -
+    onehot) from the same chunk; a pair larger than a chunk has its logits made twice."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, seq, reference, pair_rows, beta, chunk):
+        n_pairs = reference.shape[1]
+        need_grad = hidden.requires_grad or weight.requires_grad
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if weight.requires_grad else None
+        logps = torch.zeros(2 * n_pairs, dtype=torch.float32, device=hidden.device)
+        ones = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for a, b, p, q in pair_groups(pair_rows, chunk):
+            parts = [(s, min(s + chunk, b)) for s in range(a, b, chunk)]
+            kept = []
+            for s, e in parts:
+                token_ce, grad = _elementwise(hidden[s:e] @ weight.t(), targets[s:e], ones[s:e])
+                logps.index_add_(0, seq[s:e], -token_ce)
+                kept.append(grad if len(parts) == 1 else None)
+            if not need_grad:
+                continue
+            pol, ref = logps[2 * p:2 * q].view(-1, 2), reference[:, p:q].T
+            margin = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
+            d_margin = -beta * torch.sigmoid(-beta * margin) / n_pairs  # d(mean loss)/d(margin)
+            d_logp = torch.stack([d_margin, -d_margin], 1).reshape(-1)  # per sequence of the group
+            for (s, e), grad in zip(parts, kept):
+                if grad is None:
+                    _, grad = _elementwise(hidden[s:e] @ weight.t(), targets[s:e], ones[s:e])
+                grad.mul_(-d_logp[seq[s:e] - 2 * p].to(grad.dtype)[:, None])  # d(logp)/d(logits) = -grad(CE)
+                grad_hidden[s:e] = grad @ weight
+                if grad_weight is not None:
+                    grad_weight += (grad.t() @ hidden[s:e]).float()
+        policy = logps.view(n_pairs, 2).T
+        margin = (policy[0] - reference[0]) - (policy[1] - reference[1])
+        losses = -torch.nn.functional.logsigmoid(beta * margin)
+        ctx.save_for_backward(grad_hidden if need_grad else torch.empty(0),
+                              grad_weight if grad_weight is not None else torch.empty(0))
+        ctx.weight_dtype, ctx.has_grad_weight = weight.dtype, grad_weight is not None
+        ctx.mark_non_differentiable(losses, policy)
+        return losses.mean(), losses, policy
+
+    @staticmethod
+    def backward(ctx, grad_mean, _grad_losses, _grad_policy):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_mean.to(grad_hidden.dtype)
+        gw = (grad_weight * grad_mean).to(ctx.weight_dtype) if ctx.has_grad_weight else None
+        return gh, gw, None, None, None, None, None, None
+
+
+def linear_dpo(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, seq: torch.Tensor,
+               reference: torch.Tensor, pair_rows: list[int], beta: float,
+               chunk: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean over pairs of -logsigmoid(beta x margin), per-pair losses and the policy's [2, B]
+    summed log-probs, both without grad). hidden (n, d): the scored rows, pair by pair (chosen's,
+    then rejected's); targets (n,) the tokens they predict; seq (n,) each row's sequence, 2i for
+    pair i's chosen, 2i + 1 for its rejected; reference [2, B] fp32; pair_rows: rows per pair."""
+    return _FusedPairLoss.apply(hidden, weight, targets, seq, reference.float(), list(pair_rows), beta, chunk)

@@ -31,8 +31,9 @@ class Recipe:
     prepare: Callable | None = None
     # (example, length) -> the example cut to `length` tokens, for the OOM ladder (None: cannot cut)
     cut: Callable | None = None
-    # the per-token cross-entropy of SFT: packing.fast_path computes it packed and fused
-    fast: bool = False
+    # (model, cfg, device, longest, reference) -> (loss module, StepPlan): the recipe's packed and
+    # fused step (packing.fast_path for SFT, dpo_packed.pair_fast_path for DPO); None: per_sample
+    fast: Callable | None = None
     # x the dev split's fraction and row cap (a noisier per-sample metric needs more rows)
     dev_scale: float = 1.0
 
@@ -47,7 +48,7 @@ def cut_example(ex: Example, length: int) -> Example:
     return Example(ex.input_ids[:length], ex.labels[:length])
 
 
-SFT = Recipe(per_sample=sft_per_sample, cut=cut_example, fast=True)
+SFT = Recipe(per_sample=sft_per_sample, cut=cut_example, fast=fast_path)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -82,24 +83,33 @@ def dev_loss(model, dev, pad_id: int, device, batch_tokens: int, recipe: Recipe 
 
 class Steps:
     """How one recipe turns examples into micro-batches and a batch into its mean metric:
-    the fast path (packing.py) for SFT, the recipe's own per-sample metric otherwise."""
+    the recipe's fast path (packing.py, dpo_packed.py) or its own per-sample metric."""
 
     def __init__(self, recipe: Recipe, model, cfg: TrainConfig, device, pad_id: int, longest: int, reference=None):
         self.recipe, self.cfg, self.device, self.pad_id = recipe, cfg, device, pad_id
         self.plan = None
         self.module = model
+        self._ahead: tuple[list, dict] | None = None  # a batch collated before its turn (prefetch)
         if recipe.fast:
-            self.module, self.plan = fast_path(model, cfg, device, longest, reference)
+            self.module, self.plan = recipe.fast(model, cfg, device, longest, reference)
 
     def batches(self, examples: list, seed: int) -> list[list]:
         if self.plan is not None:
             return self.plan.batches(examples, seed)
         return make_batches(examples, self.cfg.batch_tokens, self.cfg.max_batch, seed)
 
+    def prefetch(self, batch: list) -> None:
+        """Collates `batch` now (host work and an asynchronous copy) while the GPU is still busy
+        with the previous one; mean_loss uses it when that very batch comes."""
+        if self.plan is not None:
+            self._ahead = (batch, self.plan.collate(batch, self.pad_id, self.device))
+
     def mean_loss(self, module, batch: list) -> torch.Tensor:
         """Mean over the batch's samples of the validator's per-sample metric."""
         if self.plan is not None:
-            return module(**self.plan.collate(batch, self.pad_id, self.device))
+            ahead, self._ahead = self._ahead, None
+            collated = ahead[1] if ahead and ahead[0] is batch else self.plan.collate(batch, self.pad_id, self.device)
+            return module(**collated)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             return self.recipe.per_sample(module, batch, self.pad_id, self.device).mean()
 
@@ -110,7 +120,13 @@ class Steps:
             return dev_loss(self.module, dev, self.pad_id, self.device, self.cfg.batch_tokens, self.recipe)
         if not dev:
             return None
-        self.module.eval()  # per micro-batch means (packed: no per-sample values without a cost)
+        self.module.eval()
+        if hasattr(self.module, "fill_reference"):  # pairs: per-pair losses, as the unfused metric's
+            losses = [loss for b in self.batches(dev, seed=0)
+                      for loss in self.module(return_losses=True, **self.plan.collate(b, self.pad_id, self.device)).tolist()]
+            self.module.train()
+            return DevMetric([(loss, 1) for loss in losses])
+        # SFT: per micro-batch means (packed: no per-sample values without a cost)
         groups, kl_sum, kl_count = [], 0.0, 0
         for b in self.batches(dev, seed=0):
             ce, kl, count = self.module(return_terms=True, **self.plan.collate(b, self.pad_id, self.device))

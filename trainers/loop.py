@@ -175,22 +175,26 @@ class SftLoop:
             self.selection.remember_base(run.steps.dev_loss(run.dev))  # the bar the last checkpoint must clear
             plan.save_s = time.time() - self.t0  # a first measure of an evaluation's cost, for the first plan
 
-    def micro_step(self, piece: list, weight: float) -> float:
-        """Forward and backward of `weight` x the piece's mean loss; returns that mean loss."""
+    def micro_step(self, piece: list, weight: float) -> torch.Tensor:
+        """Forward and backward of `weight` x the piece's mean loss; returns that mean loss, still
+        on the device: reading it waits for the GPU, which the step leaves to its end."""
         loss = self.run.steps.mean_loss(self.run.engine.module, piece)
         self.run.engine.backward(loss * weight / self.cfg.grad_accum)
-        return loss.item()
+        return loss.detach()
 
     def train(self) -> None:
         run, cfg = self.run, self.cfg
         run.engine.module.train()
         done, t_prev = False, time.time()
         while not done:
-            for i, batch in enumerate(run.steps.batches(run.shard, cfg.seed + self.epoch)):
+            batches = run.steps.batches(run.shard, cfg.seed + self.epoch)
+            for i, batch in enumerate(batches):
                 self.micro += 1
                 if self.micro <= self.plan.resume_step * cfg.grad_accum:
                     continue  # already trained before the restart (batch order is deterministic)
                 loss = self.ladder.run(batch, self.micro_step)
+                if i + 1 < len(batches):  # the next batch's host work while the GPU runs this one
+                    run.steps.prefetch(batches[i + 1])
                 self.tokens += sum(len(ex) for ex in batch)
                 if (i + 1) % cfg.grad_accum:
                     continue
@@ -211,10 +215,11 @@ class SftLoop:
                     break
             self.epoch += 1
 
-    def optimizer_step(self, loss: float) -> dict:
+    def optimizer_step(self, loss: torch.Tensor) -> dict:
         """One optimizer step; at the probe's end the plan is capped to the deadline."""
         run, cfg, plan = self.run, self.cfg, self.plan
         run.engine.step(lr_at(self.step, plan.total, cfg) * self.selection.lr_scale)
+        loss = float(loss)  # the step's one wait for the GPU, after all of its work is queued
         self.selection.after_step(plan.total)
         self.step += 1
         now = time.time()

@@ -95,6 +95,14 @@ def compiled_step():
     return torch.compile(master_step_, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
 
 
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy to `device` that does not wait for the GPU: a plain copy from pageable memory makes
+    the host wait for every queued kernel (the backward), leaving it nothing queued behind them."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class MasterAdamW(torch.optim.Optimizer):
     """AdamW over the fp32 values (weight + residual) of bf16 `params`: a drop-in optimizer for a
     loop or a Trainer that clips the model's gradients, calls step() and zero_grad(). Its state per
@@ -134,8 +142,9 @@ class MasterAdamW(torch.optim.Optimizer):
                 t = int(st["step"])
                 key = (p.device, t)
                 if key not in hps:
-                    hps[key] = torch.tensor([group["lr"], group["weight_decay"], b1, b2, group["eps"], 1 - b1 ** t,
-                                             (1 - b2 ** t) ** 0.5], dtype=torch.float32, device=p.device)
+                    hps[key] = _to_device(torch.tensor([group["lr"], group["weight_decay"], b1, b2, group["eps"],
+                                                        1 - b1 ** t, (1 - b2 ** t) ** 0.5], dtype=torch.float32),
+                                          p.device)
                 tensors = [x.detach() for x in (p, st["residual"], p.grad, st["exp_avg"], st["exp_avg_sq"])]
                 if not all(x.is_contiguous() for x in tensors):  # (not seen in practice) whole, eagerly
                     master_step_(*tensors, hps[key])

@@ -77,15 +77,16 @@ def enable_packed_attention(hf_model) -> None:
 
 
 # ---------------------------------------------------------------- batches
-def pack_batches(examples: list[Example], capacity: int, seed: int) -> list[list[Example]]:
+def pack_batches(examples: list[Example], capacity: int, seed: int, max_count: int = 0) -> list[list[Example]]:
     """Examples in a seeded random order, cut into packs of at most `capacity` tokens (next-fit:
-    a pack closes when the next example does not fit; an example longer than capacity is alone)."""
+    a pack closes when the next example does not fit; an example longer than capacity is alone)
+    and, with `max_count`, of at most that many examples."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     packs, current, used = [], [], 0
     for i in order:
         n = len(examples[i])
-        if current and used + n > capacity:
+        if current and (used + n > capacity or len(current) == max_count):
             packs.append(current)
             current, used = [], 0
         current.append(examples[i])
@@ -284,10 +285,10 @@ def supports_packing(hf_model) -> bool:
             and getattr(hf_model.get_output_embeddings(), "bias", None) is None)
 
 
-def fast_path(model, cfg, device: torch.device, longest: int, reference=None) -> tuple[CausalLMLoss, StepPlan]:
-    """The loss module and the micro-batch plan for `model` (HF or PEFT) on `device`; `reference`:
-    the frozen base of a full fine-tune with a KL term. cfg.compile=False or cfg.packed=False
-    switch parts off."""
+def fast_plan(model, cfg, device: torch.device, longest: int) -> StepPlan:
+    """What every fast path shares: the micro-batch plan from free GPU memory, packed varlen
+    attention and the regionally compiled decoder layers, set up on `model` (HF or PEFT).
+    cfg.compile=False or cfg.packed=False switch parts off."""
     hf = hf_model_of(model)
     packed = device.type == "cuda" and cfg.packed and supports_packing(hf)
     trainable = [p for p in hf.parameters() if p.requires_grad]
@@ -301,5 +302,10 @@ def fast_path(model, cfg, device: torch.device, longest: int, reference=None) ->
     if packed and cfg.compile:
         for layer in getattr(hf.base_model, "layers", []):
             layer.compile(dynamic=True)  # regional: one graph shared by all layers, fuses norm/rope/act
-    plan = StepPlan(packed, mem.tokens, cfg.max_batch, mem.checkpointing)
-    return CausalLMLoss(model, cfg.kl_coef, reference), plan
+    return StepPlan(packed, mem.tokens, cfg.max_batch, mem.checkpointing)
+
+
+def fast_path(model, cfg, device: torch.device, longest: int, reference=None) -> tuple[CausalLMLoss, StepPlan]:
+    """The SFT loss module and the micro-batch plan for `model` (HF or PEFT) on `device`;
+    `reference`: the frozen base of a full fine-tune with a KL term."""
+    return CausalLMLoss(model, cfg.kl_coef, reference), fast_plan(model, cfg, device, longest)
