@@ -3,8 +3,8 @@
 Random-initialised models of benchmarks/throughput.py's shapes; the pairs are real rows of a bench
 DPO task (strings), tokenised by a real tokenizer (its ids fit every shape's vocabulary):
   ours        the engine's DPO step (trainers/dpo_packed.py): the reference log-probs precomputed
-              once (timed apart as `ref_s`: a full fine-tune's by the plain model, as dpo.prepare
-              does; LoRA's on the fast path with the adapter off), then per step chosen and rejected
+              once on the same path (timed apart as `ref_s`: a full fine-tune's by dpo.prepare,
+              LoRA's with the adapter off), then per step chosen and rejected
               of all pairs packed into one row (varlen attention, compiled decoder layers), the
               head's logits for completion positions only, fused with the log-prob sums, the
               sigmoid loss at beta 0.1 and its gradient; the engine's optimizer (MasterAdamW).
@@ -47,24 +47,22 @@ def load_pairs(task: Path, tokenizer, config, n: int):
 def run_ours(model, cfg, examples, pad_id: int, per_step: int, warm: int, timed: int, fused: bool) -> dict:
     import torch
 
-    from trainers.dpo import dpo_per_sample, fill_reference
+    from trainers.dpo import dpo_per_sample, fill_reference, precompute_for_full
     from trainers.dpo_packed import pair_fast_path
     from trainers.master_weights import adamw
     device = torch.device(DEVICE)
     used = examples[:per_step * (warm + timed)]
     batches = [used[i:i + per_step] for i in range(0, len(used), per_step)]
     t = time.perf_counter()
-    if cfg.method != "lora":  # a full fine-tune's references come first, from the plain model (dpo.prepare)
-        fill_reference(model, used, pad_id, device)
     if fused:  # the engine's DPO step (trainers/dpo_packed.py): packed, compiled layers, fused head
         cfg.batch_tokens = max(sum(len(ex) for ex in b) for b in batches)  # one micro-batch per step
+        precompute_for_full(model, cfg, used, [], pad_id, device)  # a full fine-tune's references (dpo.prepare)
         loss_model, plan = pair_fast_path(model, cfg, device, max(len(ex) for ex in used))
         for b in batches:
-            plan.collate(b, pad_id, device)  # LoRA: the references, with the adapter off
+            plan.collate(b, pad_id, device)  # LoRA's references, with the adapter off
         step_loss = lambda i: loss_model(**plan.collate(batches[i], pad_id, device))  # noqa: E731
-    else:  # the per-pair recipe: padded chosen + rejected, full logits
-        if cfg.method == "lora":
-            fill_reference(model, used, pad_id, device)  # the adapter's B is zero: the base's log-probs
+    else:  # the per-pair recipe before: padded chosen + rejected, full logits
+        fill_reference(model, used, pad_id, device)  # (LoRA: the adapter's B is zero, the base's log-probs)
         step_loss = lambda i: dpo_per_sample(model, batches[i], pad_id, device).mean()  # noqa: E731
     _sync()
     ref_s = time.perf_counter() - t

@@ -12,6 +12,8 @@ the reference forward (beta 0.5: KL to the base) and one update.
               GRPO_MASTER_SHARE of the GPU) with the warm-up + cosine LambdaLR, and the reward functions
               in the sandbox subprocess (sandbox_rewards: its IPC is part of the step). Not timed: the
               dev evaluations and checkpoints of its deadline callback.
+  ours_bf16   ours with TrainConfig.fp32_master off (torch's fused AdamW on the bf16 weights): what
+              the master values cost (not a default: bf16 rounding loses most of GRPO's small updates).
   trl         trl.GRPOTrainer as a plain, speed-minded TRL user runs it: TRL's defaults (Trainer's
               fused AdamW, linear schedule, dynamic KV cache, no vLLM on this host) with the same batch
               shape, bf16, gradient_checkpointing=False (TRL defaults to True; off is its faster
@@ -49,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.throughput import DEVICE, _peak_gib, _reset_peak, build, run_isolated, step_clock  # noqa: E402
 
-VARIANTS = ("trl", "trl_liger", "ours")
+VARIANTS = ("trl", "trl_liger", "ours", "ours_bf16")
 # a variant + this suffix generates with transformers' continuous batching (paged KV cache, CUDA
 # graphs where the host has them: TRL's use_transformers_continuous_batching) instead of padded
 # model.generate with a dynamic cache
@@ -143,7 +145,9 @@ def run_one(case: str, variant: str, a) -> dict:
             model.config._name_or_path = tmp
         cfg = replace(cfg, model_path=tmp, dataset_type=dt, task_type="GrpoTask", lr=1e-6,
                       grpo=GrpoSettings(prompts_per_step=a.prompts_per_step, max_completion_length=a.max_completion))
-        args, optimizers, funcs, notes = (ours(cfg, model, rows, steps, stack) if variant == "ours"
+        if variant == "ours_bf16":  # what the fp32 master values cost: ours with torch's fused bf16 AdamW
+            cfg = replace(cfg, fp32_master=False)
+        args, optimizers, funcs, notes = (ours(cfg, model, rows, steps, stack) if variant.startswith("ours")
                                           else trl(cfg, liger=variant == "trl_liger"))
         # equal work: every completion exactly max_completion tokens long (EOS suppressed until then)
         args.update(output_dir=os.path.join(tmp, "out"), max_steps=steps,
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--task", required=True, help="a bench GRPO task folder (task.json, train.json)")
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--cases", default="qwen0.5b-full,llama1b-full", help="SHAPE-full|lora of throughput.py's shapes")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default="trl,trl_liger,ours")
     ap.add_argument("--prompts-per-step", type=int, default=16, help="trainers/grpo.py's default")
     ap.add_argument("--max-completion", type=int, default=256, help="tokens per completion (grpo.py's default)")
     ap.add_argument("--warm", type=int, default=2)

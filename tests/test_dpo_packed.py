@@ -108,3 +108,15 @@ def test_packed_pairs_per_micro_batch_stay_within_max_batch():
     packs = PairPlan(packed=True, batch_tokens=100_000, max_batch=8).batches(pairs, seed=0)
     assert [len(p) for p in packs] == [8] * 6 + [2]  # 50 pairs
     assert sorted(map(id, (ex for p in packs for ex in p))) == sorted(map(id, pairs))
+
+
+def test_full_fine_tune_references_come_from_the_path_that_trains():
+    from trainers.config import TrainConfig
+    from trainers.dpo import precompute_for_full
+    model = _tiny()
+    train, dev = _pairs(5), _pairs(6)
+    cfg = TrainConfig(model_path="-", train_file="-", dataset_type={}, method="full", max_batch=4)
+    assert precompute_for_full(model, cfg, train, dev, 0, CPU) == train
+    plan = PairPlan(packed=False, batch_tokens=10_000, max_batch=64)  # no fill: every reference is there
+    losses = PairLoss(model)(return_losses=True, **plan.collate(train + dev, 0, CPU))
+    assert torch.allclose(losses, torch.full_like(losses, 0.693147), atol=1e-6)  # the untrained policy: ln 2

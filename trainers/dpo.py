@@ -1,9 +1,12 @@
 """The DPO recipe: sigmoid DPO at the validator's beta on its raw-string pairs, tokenised, cut
 and summed as its per-pair loss is (dpo_format.py: prompt + completion tokenised together, up to
 the model's max_position_embeddings), in the shared training loop (loop.run_recipe: deadline
-schedule, dev metric, checkpoints). A long pair is a micro-batch of its own (batching.make_batches
-never splits one); one that still runs out of memory is cut by the OOM ladder (dpo_format.cut_pair)
-and its reference recomputed on what is left - with LoRA only: a full fine-tune keeps no base copy.
+schedule, dev metric, checkpoints). Training and the dev metric run on the fast path of
+dpo_packed.py (pairs packed padding-free on a GPU, the head fused with the loss); `dpo_per_sample`
+is the plain per-pair computation (a padded batch, full logits) that evaluation and tests use.
+A long pair is a micro-batch of its own (batches never split one); one that still runs out of
+memory is cut by the OOM ladder (dpo_format.cut_pair) and its reference recomputed on what is
+left - with LoRA only: a full fine-tune keeps no base copy.
 
 The reference is the base model, never held as a second copy: its log-probs are computed once
 per pair and kept on the example. With LoRA they are computed when a pair is first used, by
@@ -20,7 +23,6 @@ import time
 
 import torch
 
-from .batching import make_batches
 from .config import TrainConfig
 from .dpo_format import PairExample, cut_pair, dpo_loss, sequence_logps
 from .dpo_packed import NO_BASE_COPY, pair_fast_path
@@ -68,17 +70,21 @@ def precompute_for_full(base, cfg: TrainConfig, train: list[PairExample], dev: l
     """The training pairs to train on, with reference log-probs. A full fine-tune keeps no base
     copy: every dev pair gets its reference, then training pairs in random batches until
     REFERENCE_SHARE of the time to `cfg.train_deadline` is spent (at least one batch); pairs
-    left without one are not trained on. With LoRA, all pairs (computed lazily)."""
+    left without one are not trained on. They are computed on the fast path that trains
+    (dpo_packed.py), whose numerics the policy's log-probs will have. With LoRA, all pairs
+    (computed lazily)."""
     if cfg.method == "lora":
         return train
-    for batch in make_batches(dev, cfg.batch_tokens, cfg.max_batch, seed=0):
-        fill_reference(base, batch, pad_id, device)
+    loss, plan = pair_fast_path(base, cfg, device, max(len(ex) for ex in train + dev))
+    plan.fill = loss.fill_reference  # the weights are still the base's
+    for batch in plan.batches(dev, seed=0):
+        plan.collate(batch, pad_id, device)
     start = time.time()
     share = REFERENCE_SHARE * (cfg.train_deadline - start) if cfg.train_deadline else float("inf")
-    for i, batch in enumerate(make_batches(train, cfg.batch_tokens, cfg.max_batch, seed=0)):
+    for i, batch in enumerate(plan.batches(train, seed=0)):
         if i and time.time() - start >= share:
             break
-        fill_reference(base, batch, pad_id, device)
+        plan.collate(batch, pad_id, device)
     kept = [ex for ex in train if ex.ref is not None]
     if len(kept) < len(train):
         print(f"[dpo] reference log-probs for {len(kept)}/{len(train)} training pairs by "

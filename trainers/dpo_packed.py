@@ -4,11 +4,13 @@ positions, chunk by chunk, fused with the per-sequence log-prob sums, the sigmoi
 gradient (fused_loss.linear_dpo). The loss is trainers/dpo.py's per-pair loss, the validator's
 (dpo_format.py), computed without a padded batch or a vocabulary-wide tensor of the whole batch.
 
-With LoRA the reference log-probs of a pair are computed when it is first used, on the same layout
-with the adapter switched off, and kept on the example; a full fine-tune has them from `prepare`.
+The reference log-probs come from the same forward (so that an untrained policy's margin is 0, not
+the difference of two kernels' rounding): with LoRA when a pair is first used, with the adapter
+switched off, and kept on the example; a full fine-tune's before its first step (dpo.prepare).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 from typing import Callable
 
@@ -84,11 +86,12 @@ class PairLoss(CausalLMLoss):
 
     @torch.no_grad()
     def fill_reference(self, batch: list[PairExample], layout: dict) -> None:
-        """The base's (chosen, rejected) log-probs of the pairs that have none: the same forward
-        with the LoRA adapter off, in eval mode (no dropout)."""
+        """The base's (chosen, rejected) log-probs of the pairs that have none, by the forward that
+        trains (the same numerics as the policy's), in eval mode (no dropout): with the LoRA adapter
+        off, or, for a full fine-tune, before its first step (dpo.precompute_for_full)."""
         was_training = self.model.training
         self.model.eval()
-        with self.model.disable_adapter():
+        with self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext():
             zeros = torch.zeros((2, len(batch)), device=layout["input_ids"].device)
             _, _, policy = self._dpo(**layout, reference=zeros)
         self.model.train(was_training)
