@@ -19,8 +19,20 @@ DEMO = Path(__file__).resolve().parent.parent / "cluster" / "console" / "demo_ta
 
 def _cfg(model: Path, tmp_path: Path, **kw) -> TrainConfig:
     meta = json.loads((DEMO / "task.json").read_text())
-    return TrainConfig(model_path=str(model), train_file=str(DEMO / "train.json"), dataset_type=meta["dataset_type"],
-                       task_type=meta["task_type"], run_dir=str(tmp_path / "runs"), **kw)
+    return TrainConfig(**{"model_path": str(model), "train_file": str(DEMO / "train.json"),
+                          "dataset_type": meta["dataset_type"], "task_type": meta["task_type"],
+                          "run_dir": str(tmp_path / "runs"), **kw})
+
+
+def _dpo_task(tmp_path: Path) -> dict:
+    """TrainConfig fields of a DPO task made from the demo rows: the right answer over a non-answer."""
+    rows = [{"prompt": f"{r['instruct']} {r['input']}".strip(), "chosen": r["output"], "rejected": "I do not know."}
+            for r in json.loads((DEMO / "train.json").read_text())[:64]]
+    path = tmp_path / "dpo.json"
+    path.write_text(json.dumps(rows))
+    dt = {"field_prompt": "prompt", "field_system": None, "field_chosen": "chosen", "field_rejected": "rejected",
+          "prompt_format": "{prompt}", "chosen_format": "{chosen}", "rejected_format": "{rejected}"}
+    return {"train_file": str(path), "dataset_type": dt, "task_type": "DpoTask"}
 
 
 def test_zero3_switches_off_what_needs_whole_parameters(tmp_path, tiny_models):
@@ -58,8 +70,16 @@ def test_zero3_trains_like_ddp_and_publishes_whole_models(tmp_path, tiny_models)
             cfg = _cfg(model, tmp_path, run_name=name, method=method, zero_stage=zero, num_workers=2,
                        max_steps=4, saves=2, lr=1e-3)
             runs[name] = fit(cfg, tmp_path / f"out-{name}")
+        dpo = _dpo_task(tmp_path)  # LoRA DPO: references computed inside the loss module's forward, where
+        for name, zero in (("ddp-lora-dpo", 0), ("zero3-lora-dpo", 3)):  # ZeRO-3 gathers the output head
+            cfg = _cfg(model, tmp_path, run_name=name, method="lora", zero_stage=zero, num_workers=2, max_steps=3,
+                       saves=1, lr=1e-3, keep_base=False, **dpo)
+            runs[name] = fit(cfg, tmp_path / f"out-{name}")
     finally:
         ray.shutdown()
+    dpo_curve = {name: [h["loss"] for h in runs[name].summary["history"]] for name in ("ddp-lora-dpo", "zero3-lora-dpo")}
+    assert len(dpo_curve["zero3-lora-dpo"]) == 3 and dpo_curve["zero3-lora-dpo"] == pytest.approx(dpo_curve["ddp-lora-dpo"], rel=1e-3)
+    assert "adapter_model.safetensors" in {p.name for p in runs["zero3-lora-dpo"].model_dir.iterdir()}
     # sharding changes where the state lives, not the arithmetic: same losses step by step
     curve = {name: [h["loss"] for h in out.summary["history"]] for name, out in runs.items()}
     assert len(curve["zero3"]) == 4 and curve["zero3"] == pytest.approx(curve["ddp"], rel=1e-4)

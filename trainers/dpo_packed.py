@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import torch
 
@@ -38,9 +37,7 @@ def scored(seq: Example) -> int:
 @dataclass
 class PairPlan(StepPlan):
     """StepPlan for pairs: a micro-batch's sequences laid out as SFT's (packed or padded), their
-    scored rows, each row's sequence and the pairs' reference log-probs, filled first where missing
-    (`fill`: (pairs, layout) -> None)."""
-    fill: Callable | None = None
+    scored rows, each row's sequence, and the pairs themselves (for their reference log-probs)."""
 
     def batches(self, examples: list[PairExample], seed: int) -> list[list[PairExample]]:
         """Packs of at most max_batch pairs too: the pairs per step the unpacked recipe took."""
@@ -57,22 +54,22 @@ class PairPlan(StepPlan):
         out["seq_index"] = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(counts)).to(
             device, non_blocking=True)
         out["pair_rows"] = [counts[i] + counts[i + 1] for i in range(0, len(counts), 2)]
-        if any(ex.ref is None for ex in batch):
-            if self.fill is None:
-                raise RuntimeError(NO_BASE_COPY)
-            self.fill(batch, out)
-        out["reference"] = torch.tensor([ex.ref for ex in batch], dtype=torch.float32).T.contiguous().to(
-            device, non_blocking=True)
+        out["pairs"] = batch
         return out
 
 
 class PairLoss(CausalLMLoss):
     """forward(**PairPlan.collate(...)) -> the mean DPO loss over the micro-batch's pairs
-    (`return_losses`: the per-pair losses, without grad)."""
+    (`return_losses`: the per-pair losses, without grad). Pairs without reference log-probs get
+    them first, inside forward (where ZeRO-3 gathers the weights), from the base: the weights
+    with the LoRA adapter off, or, with `base_weights`, the weights as they are (a full fine-tune
+    before its first step, dpo.precompute_for_full); otherwise they are an error."""
 
-    def __init__(self, model, beta: float = BETA, chunk: int = CHUNK_ROWS):
+    sample_losses = True  # forward(return_losses=True): one value per pair (instruct.Steps.dev_loss)
+
+    def __init__(self, model, beta: float = BETA, chunk: int = CHUNK_ROWS, base_weights: bool = False):
         super().__init__(model)
-        self.beta, self.chunk = beta, chunk
+        self.beta, self.chunk, self.base_weights = beta, chunk, base_weights
 
     def _dpo(self, input_ids, label_index, label_targets, seq_index, pair_rows, reference, **layout):
         hidden, head = self._hidden(input_ids, **layout)
@@ -80,30 +77,36 @@ class PairLoss(CausalLMLoss):
             return linear_dpo(hidden.index_select(0, label_index), head, label_targets, seq_index, reference,
                               pair_rows, self.beta, self.chunk)
 
-    def forward(self, return_losses: bool = False, **collated):
-        mean, losses, _ = self._dpo(**collated)
+    def forward(self, pairs: list[PairExample], return_losses: bool = False, **layout):
+        if any(ex.ref is None for ex in pairs):
+            self._fill_reference(pairs, layout)
+        reference = torch.tensor([ex.ref for ex in pairs], dtype=torch.float32).T.contiguous().to(
+            layout["input_ids"].device, non_blocking=True)
+        mean, losses, _ = self._dpo(reference=reference, **layout)
         return losses if return_losses else mean
 
     @torch.no_grad()
-    def fill_reference(self, batch: list[PairExample], layout: dict) -> None:
+    def _fill_reference(self, pairs: list[PairExample], layout: dict) -> None:
         """The base's (chosen, rejected) log-probs of the pairs that have none, by the forward that
-        trains (the same numerics as the policy's), in eval mode (no dropout): with the LoRA adapter
-        off, or, for a full fine-tune, before its first step (dpo.precompute_for_full)."""
+        trains (the policy's numerics), in eval mode (no dropout)."""
+        lora = hasattr(self.model, "disable_adapter")
+        if not (lora or self.base_weights):
+            raise RuntimeError(NO_BASE_COPY)
         was_training = self.model.training
         self.model.eval()
-        with self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext():
-            zeros = torch.zeros((2, len(batch)), device=layout["input_ids"].device)
+        with self.model.disable_adapter() if lora else contextlib.nullcontext():
+            zeros = torch.zeros((2, len(pairs)), device=layout["input_ids"].device)
             _, _, policy = self._dpo(**layout, reference=zeros)
         self.model.train(was_training)
-        for ex, c, r in zip(batch, *policy.tolist()):
+        for ex, c, r in zip(pairs, *policy.tolist()):
             if ex.ref is None:
                 ex.ref = (c, r)
 
 
-def pair_fast_path(model, cfg, device: torch.device, longest: int, reference=None) -> tuple[PairLoss, PairPlan]:
+def pair_fast_path(model, cfg, device: torch.device, longest: int, reference=None,
+                   base_weights: bool = False) -> tuple[PairLoss, PairPlan]:
     """The DPO loss module and plan (packing.fast_path's for pairs); `reference` is unused: the
-    base's log-probs come from `prepare` (full) or the adapter switched off (LoRA)."""
-    loss = PairLoss(model)
+    base's log-probs come from the adapter switched off (LoRA) or, with `base_weights`, from
+    the model as it is (dpo.precompute_for_full, before training)."""
     plan = fast_plan(model, cfg, device, longest)
-    fill = loss.fill_reference if hasattr(model, "disable_adapter") else None
-    return loss, PairPlan(**{f.name: getattr(plan, f.name) for f in fields(plan)}, fill=fill)
+    return PairLoss(model, base_weights=base_weights), PairPlan(**{f.name: getattr(plan, f.name) for f in fields(plan)})

@@ -121,7 +121,7 @@ class Steps:
         if not dev:
             return None
         self.module.eval()
-        if hasattr(self.module, "fill_reference"):  # pairs: per-pair losses, as the unfused metric's
+        if getattr(self.module, "sample_losses", False):  # DPO: per-pair losses, as the unfused metric's
             losses = [loss for b in self.batches(dev, seed=0)
                       for loss in self.module(return_losses=True, **self.plan.collate(b, self.pad_id, self.device)).tolist()]
             self.module.train()
