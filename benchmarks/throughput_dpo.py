@@ -58,9 +58,8 @@ def run_ours(model, cfg, examples, pad_id: int, per_step: int, warm: int, timed:
         cfg.batch_tokens = max(sum(len(ex) for ex in b) for b in batches)  # one micro-batch per step
         precompute_for_full(model, cfg, used, [], pad_id, device)  # a full fine-tune's references (dpo.prepare)
         loss_model, plan = pair_fast_path(model, cfg, device, max(len(ex) for ex in used))
-        with torch.no_grad():
-            for b in batches:
-                loss_model(**plan.collate(b, pad_id, device))  # LoRA's references, with the adapter off
+        for b in batches:
+            loss_model.fill_references(**plan.collate(b, pad_id, device))  # LoRA's, with the adapter off
         step_loss = lambda i: loss_model(**plan.collate(batches[i], pad_id, device))  # noqa: E731
     else:  # the per-pair recipe before: padded chosen + rejected, full logits
         fill_reference(model, used, pad_id, device)  # (LoRA: the adapter's B is zero, the base's log-probs)

@@ -76,15 +76,14 @@ def precompute_for_full(base, cfg: TrainConfig, train: list[PairExample], dev: l
     if cfg.method == "lora":
         return train
     loss, plan = pair_fast_path(base, cfg, device, max(len(ex) for ex in train + dev), base_weights=True)
-    with torch.no_grad():  # forward fills the references (then computes a loss, unused)
-        for batch in plan.batches(dev, seed=0):
-            loss(**plan.collate(batch, pad_id, device))
-        start = time.time()
-        share = REFERENCE_SHARE * (cfg.train_deadline - start) if cfg.train_deadline else float("inf")
-        for i, batch in enumerate(plan.batches(train, seed=0)):
-            if i and time.time() - start >= share:
-                break
-            loss(**plan.collate(batch, pad_id, device))
+    for batch in plan.batches(dev, seed=0):
+        loss.fill_references(**plan.collate(batch, pad_id, device))
+    start = time.time()
+    share = REFERENCE_SHARE * (cfg.train_deadline - start) if cfg.train_deadline else float("inf")
+    for i, batch in enumerate(plan.batches(train, seed=0)):
+        if i and time.time() - start >= share:
+            break
+        loss.fill_references(**plan.collate(batch, pad_id, device))
     kept = [ex for ex in train if ex.ref is not None]
     if len(kept) < len(train):
         print(f"[dpo] reference log-probs for {len(kept)}/{len(train)} training pairs by "

@@ -78,17 +78,19 @@ class PairLoss(CausalLMLoss):
                               pair_rows, self.beta, self.chunk)
 
     def forward(self, pairs: list[PairExample], return_losses: bool = False, **layout):
-        if any(ex.ref is None for ex in pairs):
-            self._fill_reference(pairs, layout)
+        self.fill_references(pairs, **layout)
         reference = torch.tensor([ex.ref for ex in pairs], dtype=torch.float32).T.contiguous().to(
             layout["input_ids"].device, non_blocking=True)
         mean, losses, _ = self._dpo(reference=reference, **layout)
         return losses if return_losses else mean
 
     @torch.no_grad()
-    def _fill_reference(self, pairs: list[PairExample], layout: dict) -> None:
+    def fill_references(self, pairs: list[PairExample], **layout) -> None:
         """The base's (chosen, rejected) log-probs of the pairs that have none, by the forward that
-        trains (the policy's numerics), in eval mode (no dropout)."""
+        trains (the policy's numerics), in eval mode (no dropout). Called alone (no loss after it)
+        only where ZeRO-3 does not shard the weights (dpo.precompute_for_full, the DPO benchmark)."""
+        if all(ex.ref is not None for ex in pairs):
+            return
         lora = hasattr(self.model, "disable_adapter")
         if not (lora or self.base_weights):
             raise RuntimeError(NO_BASE_COPY)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .dpo_format import dpo_loss
+
 CHUNK_ROWS = 8192  # logits of one chunk: 8192 x 128k bf16 = 2 GiB
 
 
@@ -51,37 +53,58 @@ def _kl_and_grad(logits: torch.Tensor, base_logits: torch.Tensor, weights: torch
     return kl, grad
 
 
+class _HeadGrads:
+    """The gradients a fused head loss computes in its forward, chunk by chunk: of the hidden rows
+    and (in fp32) of the head's weight, each only where it is needed (none in evaluation).
+    `save` keeps them on the autograd ctx; `scaled` is every such Function's backward."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor):
+        self.weight = weight
+        self.d_hidden = torch.empty_like(hidden) if hidden.requires_grad or weight.requires_grad else None
+        self.d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if weight.requires_grad else None
+
+    def add(self, s: int, e: int, grad_logits: torch.Tensor, h: torch.Tensor) -> None:
+        """Rows [s, e)'s share, from d(loss)/d(logits) of those rows and their hidden states h."""
+        if self.d_hidden is not None:
+            self.d_hidden[s:e] = grad_logits @ self.weight
+        if self.d_weight is not None:
+            self.d_weight += (grad_logits.t() @ h).float()
+
+    def save(self, ctx) -> None:
+        ctx.save_for_backward(self.d_hidden if self.d_hidden is not None else torch.empty(0),
+                              self.d_weight if self.d_weight is not None else torch.empty(0))
+        ctx.weight_dtype, ctx.has_grad_weight = self.weight.dtype, self.d_weight is not None
+
+    @staticmethod
+    def scaled(ctx, grad_out: torch.Tensor) -> tuple:
+        """(d hidden, d weight) times the upstream gradient of the Function's scalar output."""
+        d_hidden, d_weight = ctx.saved_tensors
+        return (d_hidden * grad_out.to(d_hidden.dtype),
+                (d_weight * grad_out).to(ctx.weight_dtype) if ctx.has_grad_weight else None)
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """sum(weights * loss(hidden @ weight.T)) chunk by chunk, where `per_chunk(start, end, logits)`
     gives the chunk's per-row loss and its gradient with respect to the logits."""
 
     @staticmethod
     def forward(ctx, hidden, weight, weights, chunk, per_chunk):
-        need_grad = hidden.requires_grad or weight.requires_grad  # False in evaluation
-        grad_hidden = torch.empty_like(hidden) if need_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if weight.requires_grad else None
+        grads = _HeadGrads(hidden, weight)
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
-            loss, grad_logits = per_chunk(s, s + h.shape[0], h @ weight.t())
-            losses[s:s + chunk] = loss
-            if grad_hidden is not None:
-                grad_hidden[s:s + chunk] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ h).float()
-        ctx.save_for_backward(grad_hidden if need_grad else torch.empty(0),
-                              grad_weight if grad_weight is not None else torch.empty(0))
-        ctx.weight_dtype, ctx.has_grad_weight = weight.dtype, grad_weight is not None
+            e = s + h.shape[0]
+            loss, grad_logits = per_chunk(s, e, h @ weight.t())
+            losses[s:e] = loss
+            grads.add(s, e, grad_logits, h)
+        grads.save(ctx)
         ctx.mark_non_differentiable(losses)
         return (losses * weights).sum(), losses
 
     @staticmethod
     def backward(ctx, grad_total, _grad_losses):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        gh = grad_hidden * grad_total.to(grad_hidden.dtype)
-        gw = (grad_weight * grad_total).to(ctx.weight_dtype) if ctx.has_grad_weight else None
-        return gh, gw, None, None, None
+        return (*_HeadGrads.scaled(ctx, grad_total), None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -136,10 +159,7 @@ class _FusedPairLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, seq, reference, pair_rows, beta, chunk):
         n_pairs = reference.shape[1]
-        need_grad = hidden.requires_grad or weight.requires_grad
-        grad_hidden = torch.empty_like(hidden) if need_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if weight.requires_grad else None
+        grads = _HeadGrads(hidden, weight)
         logps = torch.zeros(2 * n_pairs, dtype=torch.float32, device=hidden.device)
         ones = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for a, b, p, q in pair_groups(pair_rows, chunk):
@@ -149,7 +169,7 @@ class _FusedPairLoss(torch.autograd.Function):
                 token_ce, grad = _elementwise(hidden[s:e] @ weight.t(), targets[s:e], ones[s:e])
                 logps.index_add_(0, seq[s:e], -token_ce)
                 kept.append(grad if len(parts) == 1 else None)
-            if not need_grad:
+            if grads.d_hidden is None:
                 continue
             pol, ref = logps[2 * p:2 * q].view(-1, 2), reference[:, p:q].T
             margin = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
@@ -159,24 +179,16 @@ class _FusedPairLoss(torch.autograd.Function):
                 if grad is None:
                     _, grad = _elementwise(hidden[s:e] @ weight.t(), targets[s:e], ones[s:e])
                 grad.mul_(-d_logp[seq[s:e] - 2 * p].to(grad.dtype)[:, None])  # d(logp)/d(logits) = -grad(CE)
-                grad_hidden[s:e] = grad @ weight
-                if grad_weight is not None:
-                    grad_weight += (grad.t() @ hidden[s:e]).float()
+                grads.add(s, e, grad, hidden[s:e])
         policy = logps.view(n_pairs, 2).T
-        margin = (policy[0] - reference[0]) - (policy[1] - reference[1])
-        losses = -torch.nn.functional.logsigmoid(beta * margin)
-        ctx.save_for_backward(grad_hidden if need_grad else torch.empty(0),
-                              grad_weight if grad_weight is not None else torch.empty(0))
-        ctx.weight_dtype, ctx.has_grad_weight = weight.dtype, grad_weight is not None
+        losses = dpo_loss(policy, reference, beta)
+        grads.save(ctx)
         ctx.mark_non_differentiable(losses, policy)
         return losses.mean(), losses, policy
 
     @staticmethod
     def backward(ctx, grad_mean, _grad_losses, _grad_policy):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        gh = grad_hidden * grad_mean.to(grad_hidden.dtype)
-        gw = (grad_weight * grad_mean).to(ctx.weight_dtype) if ctx.has_grad_weight else None
-        return gh, gw, None, None, None, None, None, None
+        return (*_HeadGrads.scaled(ctx, grad_mean), None, None, None, None, None, None)
 
 
 def linear_dpo(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, seq: torch.Tensor,
