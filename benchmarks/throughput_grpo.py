@@ -12,6 +12,9 @@ the reference forward (beta 0.5: KL to the base) and one update.
               GRPO_MASTER_SHARE of the GPU) with the warm-up + cosine LambdaLR, and the reward functions
               in the sandbox subprocess (sandbox_rewards: its IPC is part of the step). Not timed: the
               dev evaluations and checkpoints of its deadline callback.
+              Generation decodes under CUDA graphs from a static cache (trainers/decoding.py), as the
+              recipe does; its compile happens in the warm-up steps.
+  ours_dyncache  ours generating as TRL does (dynamic cache, no compile): what the CUDA graphs give.
   ours_bf16   ours with TrainConfig.fp32_master off (torch's fused AdamW on the bf16 weights): what
               the master values cost (not a default: bf16 rounding loses most of GRPO's small updates).
   trl         trl.GRPOTrainer as a plain, speed-minded TRL user runs it: TRL's defaults (Trainer's
@@ -51,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.throughput import DEVICE, _peak_gib, _reset_peak, build, run_isolated, step_clock  # noqa: E402
 
-VARIANTS = ("trl", "trl_liger", "ours", "ours_bf16")
+VARIANTS = ("trl", "trl_liger", "ours", "ours_bf16", "ours_dyncache")
 # a variant + this suffix generates with transformers' continuous batching (paged KV cache, CUDA
 # graphs where the host has them: TRL's use_transformers_continuous_batching) instead of padded
 # model.generate with a dynamic cache
@@ -147,6 +150,8 @@ def run_one(case: str, variant: str, a) -> dict:
                       grpo=GrpoSettings(prompts_per_step=a.prompts_per_step, max_completion_length=a.max_completion))
         if variant == "ours_bf16":  # what the fp32 master values cost: ours with torch's fused bf16 AdamW
             cfg = replace(cfg, fp32_master=False)
+        if variant == "ours_dyncache":
+            cfg = replace(cfg, grpo=replace(cfg.grpo, compiled_decode=False))
         args, optimizers, funcs, notes = (ours(cfg, model, rows, steps, stack) if variant.startswith("ours")
                                           else trl(cfg, liger=variant == "trl_liger"))
         # equal work: every completion exactly max_completion tokens long (EOS suppressed until then)
@@ -159,6 +164,10 @@ def run_one(case: str, variant: str, a) -> dict:
                               args=GRPOConfig(**args), train_dataset=Dataset.from_list(rows),
                               processing_class=tokenizer, optimizers=optimizers,
                               callbacks=[step_clock(marks), loss_log(losses)])
+        if variant.startswith("ours"):
+            from trainers.grpo import fast_generation, grpo_settings
+            notes["compiled_decode"] = fast_generation(trainer, grpo_settings(cfg, DEVICE), tokenizer,
+                                                       [r["prompt"] for r in rows], torch.device(DEVICE))
         setup_s = time.perf_counter() - t
         _reset_peak()
         t = time.perf_counter()
@@ -194,7 +203,8 @@ def table(results: list[dict]) -> str:
             vs = f"{x['steps_per_s'] / r[best]['steps_per_s']:.2f}x" if best else "-"
             loss = f"{x['loss_first_timed']:.3g}" if x.get("loss_first_timed") is not None else "-"
             notes = f"{x['optim']}, rewards {x['rewards']}" + (", liger" if x.get("liger") else "") + \
-                (", continuous batching" if x.get("continuous_batching") else "")
+                (", continuous batching" if x.get("continuous_batching") else "") + \
+                (", CUDA-graph decode" if x.get("compiled_decode") else "")
             rows.append(f"| {r['case']} | {v}{' (trl_best)' if v == best else ''} | {x['steps_per_s']:.3f} | "
                         f"{x['completions_per_s']:.1f} | {x['gen_tokens_per_step']:.0f} | {x['peak_mem_gib']:.1f} | "
                         f"{loss} | {vs} | {notes} |")

@@ -22,12 +22,17 @@ class GrpoSettings:
     dev_max_completion: int | None = None
     beta: float | None = None            # KL weight (the validator's BETA_GRPO)
     num_generations: int | None = None   # completions per prompt (the validator's 2)
+    compiled_decode: bool | None = None  # generation under CUDA graphs, static cache (decoding.py); None: on
     sandbox: dict = field(default_factory=dict)  # reward_sandbox.SandboxLimits overrides
 
     def __post_init__(self):
         for f in fields(self):
             value, least = getattr(self, f.name), 0 if f.name == "beta" else 1
-            if f.name != "sandbox" and value is not None and not (isinstance(value, (int, float)) and value >= least):
+            if f.name == "compiled_decode" and value not in (None, True, False):
+                raise ValueError(f"TrainConfig.grpo.compiled_decode must be None (on), true or false, got {value!r}")
+            if f.name in ("sandbox", "compiled_decode"):
+                continue
+            if value is not None and not (isinstance(value, (int, float)) and value >= least):
                 raise ValueError(f"TrainConfig.grpo.{f.name} must be None (the default) or >= {least}, got {value!r}")
 
 

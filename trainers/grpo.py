@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 
 from .config import GrpoSettings, TrainConfig
 from .deadline import PROBE_STEPS, DeadlinePlan, spread
+from .decoding import cache_length, can_compile_decode, compile_decode, first_decode
 from .engines import PlainState
 from .grpo_eval import BETA_GRPO, NUM_GENERATIONS, grpo_rows, grpo_score, reward_kwargs, reward_sources
 from .instruct import lr_at
@@ -33,7 +34,7 @@ from .paths import TRAIN_STATE, RunPaths
 from .reward_sandbox import RewardSandbox, SandboxLimits, check_reward_functions, usable_reward_problem
 
 DEFAULTS = {"prompts_per_step": 16, "max_completion_length": 256, "dev_prompts": 32, "dev_max_completion": 256,
-            "beta": BETA_GRPO, "num_generations": NUM_GENERATIONS}
+            "beta": BETA_GRPO, "num_generations": NUM_GENERATIONS, "compiled_decode": True}
 
 
 # CPU workers only train tiny models against short budgets: shorter completions keep steps short.
@@ -214,6 +215,7 @@ def train(run: GrpoRun) -> dict:
     t0 = time.time()
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=Dataset.from_list(run.train),
                           processing_class=run.tokenizer, optimizers=(optimizer, scheduler), callbacks=[callback])
+    fast_generation(trainer, g, run.tokenizer, [r["prompt"] for r in run.train], device)
     trainer.train()
     return {"history": callback.history, "steps": plan.resume_step + trainer.state.global_step,
             "planned_steps": plan.total, "best": callback.best, "train_rows": len(run.train), "dev_rows": len(run.dev),
@@ -230,6 +232,16 @@ def grpo_args(cfg: TrainConfig, g: GrpoSettings, device_type: str) -> dict:
                 temperature=1.0, learning_rate=cfg.lr, max_grad_norm=cfg.max_grad_norm, logging_steps=1,
                 save_strategy="no", report_to="none", use_cpu=device_type == "cpu", bf16=device_type == "cuda",
                 gradient_checkpointing=False, disable_tqdm=True)
+
+
+def fast_generation(trainer, g: GrpoSettings, tokenizer, prompts: list[str], device) -> bool:
+    """The trainer's generation decodes under CUDA graphs from a static cache (decoding.py) where the
+    device and the model allow it and g.compiled_decode is on; whether it does."""
+    if not g.compiled_decode or not can_compile_decode(trainer.model, device):
+        return False
+    compile_decode(trainer.model, trainer.generation_config, cache_length(tokenizer, prompts, g.max_completion_length))
+    batch = trainer.args.per_device_train_batch_size * trainer.args.steps_per_generation  # one generate call's
+    return first_decode(trainer.model, tokenizer, prompts, batch, trainer.generation_config)
 
 
 def grpo_scheduler(cfg: TrainConfig, optimizer, plan: DeadlinePlan):

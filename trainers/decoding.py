@@ -1,0 +1,69 @@
+"""GRPO's generation under CUDA graphs: a static KV cache sized once, and transformers' own compiled
+decode step.
+
+TRL's GRPOTrainer generates with a dynamic cache and turns `generate`'s compile off
+(`GenerationConfig(..., disable_compile=True)`). Every decode step then launches each layer's kernels
+from Python: for a 0.5 B model at 32 sequences that launch overhead, not the GPU, sets the pace of the
+256 decode steps that make up most of a GRPO step. With a static cache `generate` compiles its decode
+step (`torch.compile(mode="reduce-overhead")`, transformers' default CompileConfig) and replays it as a
+CUDA graph; the prefill stays eager. The graph holds the weights by address: the optimizer updates them
+in place, so every step decodes with the current policy.
+
+The cache is sized once, for the longest prompt of the run plus the completion, rounded up: a static
+cache of a new length recompiles the decode step (transformers keeps the longest length seen, so a
+longer prompt than counted costs one recompile, not a failure). Sampling is unchanged: the same
+logits processors and the same sampler as the dynamic path.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+CACHE_ROUND = 64  # cache lengths round up to this: a few tokens more of cache, no recompiles
+
+
+def hf_model(model):
+    """The transformers model whose `generate` runs (a PEFT model's base model, adapter layers inside)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def can_compile_decode(model, device: torch.device) -> bool:
+    """A CUDA device and a model class transformers declares compilable with a static cache."""
+    return device.type == "cuda" and bool(getattr(hf_model(model), "_can_compile_fullgraph", False))
+
+
+def cache_length(tokenizer, prompts: list[str], max_new_tokens: int) -> int:
+    """Cache positions for the longest prompt (as tokenised with special tokens) plus the completion."""
+    longest = max((len(ids) for ids in tokenizer(prompts)["input_ids"]), default=0)
+    return CACHE_ROUND * math.ceil((longest + max_new_tokens) / CACHE_ROUND)
+
+
+def compile_decode(model, generation_config, length: int) -> None:
+    """Make `generate` with `generation_config` decode from a static cache of `length` positions
+    (or longer) under CUDA graphs. Call it once, before the first generation."""
+    generation_config.cache_implementation = "static"
+    generation_config.disable_compile = False
+    hf = hf_model(model)
+    # transformers sizes a static cache at max(this call's need, the longest so far): set the run's
+    # longest now, so that the first batch's cache is already the one every later batch reuses
+    hf._previous_max_cache_length = max(length, getattr(hf, "_previous_max_cache_length", 0))
+
+
+def first_decode(model, tokenizer, prompts: list[str], batch: int, generation_config) -> bool:
+    """Compiles and records the decode step before training, on `batch` sequences (the trainer's
+    generation batch: the graph is specialised on it) of the run's prompts. A compiler failure turns
+    the static cache and the compile off again, with a warning, so that the run generates as TRL does
+    instead of failing at its first step. Whether the compiled path stays on."""
+    rows = (prompts * math.ceil(batch / max(1, len(prompts))))[:batch]
+    enc = tokenizer(rows, return_tensors="pt", padding=True, padding_side="left").to(hf_model(model).device)
+    try:
+        with torch.no_grad():
+            hf_model(model).generate(**enc, generation_config=generation_config, max_new_tokens=4, min_new_tokens=4)
+        return True
+    except Exception as err:  # noqa: BLE001 - dynamo/inductor/triton/cudagraphs raise many kinds
+        warnings.warn(f"GRPO generation: the compiled decode step failed ({type(err).__name__}: {err}); "
+                      "generating with a dynamic cache, uncompiled")
+        generation_config.cache_implementation, generation_config.disable_compile = None, True
+        return False
