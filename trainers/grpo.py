@@ -215,7 +215,8 @@ def train(run: GrpoRun) -> dict:
     t0 = time.time()
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=Dataset.from_list(run.train),
                           processing_class=run.tokenizer, optimizers=(optimizer, scheduler), callbacks=[callback])
-    fast_generation(trainer, g, run.tokenizer, [r["prompt"] for r in run.train], device)
+    if fast_generation(trainer, g, run.tokenizer, [r["prompt"] for r in run.train], device):
+        plan.start_clock()  # the deadline probe times training steps, not the decode step's compile
     trainer.train()
     return {"history": callback.history, "steps": plan.resume_step + trainer.state.global_step,
             "planned_steps": plan.total, "best": callback.best, "train_rows": len(run.train), "dev_rows": len(run.dev),
