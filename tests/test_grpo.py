@@ -162,3 +162,22 @@ def test_early_save_checkpoints_right_after_the_probe_steps(early):
     for step in range(1, PROBE_STEPS + 2):
         callback.on_step_end(None, SimpleNamespace(global_step=step), SimpleNamespace(should_training_stop=False))
     assert reported == ([PROBE_STEPS] if early else [])
+
+
+def test_the_deadline_probe_times_training_steps_not_the_set_up_before_them(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import trainers.grpo as grpo
+    now = [1000.0]
+    monkeypatch.setattr(grpo.time, "time", lambda: now[0])
+    cfg = TrainConfig(model_path="m", train_file="t", dataset_type={}, task_type="GrpoTask", run_dir=str(tmp_path),
+                      train_deadline=1000.0 + 3600)
+    plan = grpo.grpo_plan(cfg, 10_000)
+    callback = grpo.DeadlineAndCheckpoints(cfg, plan, evaluate=lambda: {}, report=lambda *a: None, rank=0)
+    now[0] += 46.0  # what happens between the callback's construction and the first step: the decode compile
+    callback.on_train_begin(None, None, None)
+    for step in range(1, grpo.PROBE_STEPS + 1):
+        now[0] += 1.5
+        callback.on_step_end(None, SimpleNamespace(global_step=step), SimpleNamespace(should_training_stop=False))
+    assert plan.per_step == pytest.approx(1.5)
+    assert plan.total == int((3600 - 46 - 7.5) / 1.5 * 0.9) + grpo.PROBE_STEPS  # the steps that fit, planned from the real step time
