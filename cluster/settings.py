@@ -235,7 +235,7 @@ def load_tournament_env() -> TournamentEnv:
 # What the planner and the job decide (data, deadline, placement): not an operator's option.
 _NOT_OPTIONS = {"model_path", "train_file", "dataset_type", "task_type", "run_dir", "run_name", "train_deadline",
                 "progress_file", "num_workers", "use_gpu", "cpus_per_worker", "accelerator_type", "label_selector",
-                "extra", "zero_stage", "n_params", "search", "search_trial", "grpo"}
+                "extra", "zero_stage", "n_params", "search", "search_trial"}
 
 
 def parse_train_options(text: str) -> dict:
@@ -259,6 +259,9 @@ def parse_train_options(text: str) -> dict:
             problems.append(f"{name!r} is not an option")
             continue
         want = type(getattr(defaults, name))
+        if name == "grpo":  # GrpoSettings' fields as a JSON object, checked by the dataclass itself
+            problems += _grpo_problems(value)
+            continue
         ok = isinstance(value, want) and not (want is int and isinstance(value, bool)) \
             or (want is float and isinstance(value, int) and not isinstance(value, bool)) \
             or (name == "lora_targets" and isinstance(value, list))
@@ -267,6 +270,18 @@ def parse_train_options(text: str) -> dict:
     if problems:
         raise ValueError("MINER_TRAIN_OPTIONS: " + "; ".join(problems))
     return options
+
+
+def _grpo_problems(value) -> list[str]:
+    from trainers.config import GrpoSettings
+
+    if not isinstance(value, dict):
+        return [f"'grpo' must be an object of GrpoSettings fields, not {type(value).__name__}"]
+    try:
+        GrpoSettings(**value)
+    except (TypeError, ValueError) as e:
+        return [f"'grpo': {e}"]
+    return []
 
 
 def parse_labels(text: str) -> dict[str, str]:

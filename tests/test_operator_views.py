@@ -171,16 +171,20 @@ def test_train_options_reach_every_jobs_config_and_bad_ones_stop_start_up(tmp_pa
     from cluster.jobs.job_main import plan
 
     monkeypatch.setenv("MINER_STATE_DIR", str(tmp_path))
-    monkeypatch.setenv("MINER_TRAIN_OPTIONS", '{"dev_pass": true, "lora_layer_rank": "probe", "lr": 1}')
+    monkeypatch.setenv("MINER_TRAIN_OPTIONS", '{"dev_pass": true, "lora_layer_rank": "probe", "lr": 1, '
+                       '"grpo": {"compiled_decode": false}}')
     settings = load_settings()
     now = time.time()
     job = Job(str(uuid.uuid4()), "InstructTextTask", "org/m", "http://x/d", demo_task["dataset_type"], "s3", "r",
               1.0, now, now + 3600)
     cfg = plan(job, settings, tiny_models["llama"], demo_task["path"] / "train.json", demo_task["train"][:20], tmp_path)
     assert (cfg.dev_pass, cfg.lora_layer_rank, cfg.lr) == (True, "probe", 1)  # over the planner's choices
+    assert cfg.grpo.compiled_decode is False and cfg.grpo.prompts_per_step is None
     assert cfg.method == "lora" and cfg.train_deadline > now  # what the options do not name stays planned
     for bad, reason in (('{"train_deadline": 0}', "not an option"), ('{"saves": "4"}', "must be int"),
-                        ('{"dev_pass": 1}', "must be bool"), ("[]", "JSON object")):
+                        ('{"dev_pass": 1}', "must be bool"), ("[]", "JSON object"),
+                        ('{"grpo": {"compiled_decode": "no"}}', "compiled_decode must be"),
+                        ('{"grpo": {"decode": false}}', "unexpected keyword"), ('{"grpo": 1}', "object of GrpoSettings")):
         monkeypatch.setenv("MINER_TRAIN_OPTIONS", bad)
         with pytest.raises(ValueError, match=reason):
             load_settings()
