@@ -69,14 +69,17 @@ def test_trl_generation_goes_through_the_static_cache(tmp_path, base_model):
     assert seen and set(seen) == {length}
 
 
-def test_a_failing_first_decode_falls_back_to_the_dynamic_cache(base_model):
+def test_first_decode_runs_in_train_mode_and_a_failure_falls_back_to_the_dynamic_cache(base_model):
     tokenizer = load_tokenizer(str(base_model))
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     config = model.generation_config.__class__.from_dict(model.generation_config.to_dict())
     compile_decode(model, config, cache_length(tokenizer, PROMPTS, 8))
-    seen = _static_cache_lengths(model)
+    seen, modes, generate = _static_cache_lengths(model), [], model.generate
+    model.generate = lambda *a, **k: (modes.append(model.training), generate(*a, **k))[1]
+    model.eval()
     assert first_decode(model, tokenizer, PROMPTS, 5, config)  # 5 rows from 3 prompts, through the static cache
-    assert seen and config.cache_implementation == "static"
+    assert seen and config.cache_implementation == "static" and config.max_new_tokens != 4  # the run's own config
+    assert modes == [True] and not model.training  # traced in the trainer's mode, then the model's mode back
 
     def broken(*args, **kwargs):
         raise RuntimeError("inductor: no kernel for this")

@@ -97,6 +97,7 @@ def test_recipe_trains_publishes_and_reports_failing_rewards(tmp_path, base_mode
     assert (outcome.model_dir / "adapter_config.json").exists()
     history = s["history"]  # in the shape the job report plots (a crash there would fail the job)
     assert [h["step"] for h in history] == [1, 2] and all("loss" in h and "lr" in h for h in history)
+    assert s["decode"] == {"compiled": False, "cudagraph_skips": 0}  # the CPU generates as TRL does
     assert history[-1]["dev_loss"] == pytest.approx(-history[-1]["dev_score"])
     write_job_report(tmp_path, s, {"train": 1.0}, selected=outcome.checkpoint_metrics)
     assert json.loads((tmp_path / "loss_curve.json").read_text()) == history

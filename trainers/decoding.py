@@ -45,6 +45,7 @@ def compile_decode(model, generation_config, length: int) -> None:
     (or longer) under CUDA graphs. Call it once, before the first generation."""
     generation_config.cache_implementation = "static"
     generation_config.disable_compile = False
+    generation_config.max_cache_len = length  # the public knob where transformers has it (5.17 on)
     hf = hf_model(model)
     # transformers sizes a static cache at max(this call's need, the longest so far): set the run's
     # longest now, so that the first batch's cache is already the one every later batch reuses
@@ -52,18 +53,34 @@ def compile_decode(model, generation_config, length: int) -> None:
 
 
 def first_decode(model, tokenizer, prompts: list[str], batch: int, generation_config) -> bool:
-    """Compiles and records the decode step before training, on `batch` sequences (the trainer's
-    generation batch: the graph is specialised on it) of the run's prompts. A compiler failure turns
-    the static cache and the compile off again, with a warning, so that the run generates as TRL does
-    instead of failing at its first step. Whether the compiled path stays on."""
+    """Compiles and records the decode step before training, as the trainer will call it: through
+    the same model object, in train mode (the trainer generates inside its training step; the traced
+    attention reads `self.training`, so an eval-mode graph would be traced again at the first step),
+    on `batch` sequences (its generation batch: the graph is specialised on it) of the run's prompts.
+    A compiler failure turns the static cache and the compile off again, with a warning, so that the
+    run generates as TRL does instead of failing at its first step. Whether the compiled path stays on."""
     rows = (prompts * math.ceil(batch / max(1, len(prompts))))[:batch]
     enc = tokenizer(rows, return_tensors="pt", padding=True, padding_side="left").to(hf_model(model).device)
+    config = generation_config.__class__.from_dict({**generation_config.to_dict(), "max_new_tokens": 4,
+                                                    "min_new_tokens": 4})
+    was_training = model.training
+    model.train()
     try:
         with torch.no_grad():
-            hf_model(model).generate(**enc, generation_config=generation_config, max_new_tokens=4, min_new_tokens=4)
+            model.generate(**enc, generation_config=config)
         return True
     except Exception as err:  # noqa: BLE001 - dynamo/inductor/triton/cudagraphs raise many kinds
         warnings.warn(f"GRPO generation: the compiled decode step failed ({type(err).__name__}: {err}); "
                       "generating with a dynamic cache, uncompiled")
         generation_config.cache_implementation, generation_config.disable_compile = None, True
         return False
+    finally:
+        model.train(was_training)
+
+
+def cudagraph_skips() -> int:
+    """How often inductor ran a compiled graph without its CUDA graph (a run's summary reports it:
+    a count that grows with the steps means the decode step lost its graphs)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])

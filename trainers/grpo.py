@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 
 from .config import GrpoSettings, TrainConfig
 from .deadline import PROBE_STEPS, DeadlinePlan, spread
-from .decoding import cache_length, can_compile_decode, compile_decode, first_decode
+from .decoding import cache_length, can_compile_decode, compile_decode, cudagraph_skips, first_decode
 from .engines import PlainState
 from .grpo_eval import BETA_GRPO, NUM_GENERATIONS, grpo_rows, grpo_score, reward_kwargs, reward_sources
 from .instruct import lr_at
@@ -220,11 +220,12 @@ def train(run: GrpoRun) -> dict:
     t0 = time.time()
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=Dataset.from_list(run.train),
                           processing_class=run.tokenizer, optimizers=(optimizer, scheduler), callbacks=[callback])
-    fast_generation(trainer, g, run.tokenizer, [r["prompt"] for r in run.train], device)
+    compiled = fast_generation(trainer, g, run.tokenizer, [r["prompt"] for r in run.train], device)
     trainer.train()
     return {"history": callback.history, "steps": plan.resume_step + trainer.state.global_step,
             "planned_steps": plan.total, "best": callback.best, "train_rows": len(run.train), "dev_rows": len(run.dev),
-            "reward_failures": run.box.failure_summary(), "train_seconds": round(time.time() - t0, 2)}
+            "reward_failures": run.box.failure_summary(), "train_seconds": round(time.time() - t0, 2),
+            "decode": {"compiled": compiled, "cudagraph_skips": cudagraph_skips()}}
 
 
 def grpo_args(cfg: TrainConfig, g: GrpoSettings, device_type: str) -> dict:
