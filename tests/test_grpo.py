@@ -4,6 +4,7 @@ Ray Train local mode (TRL GRPOTrainer, sandboxed rewards, deadline, checkpoint),
 import json
 import time
 import uuid
+from dataclasses import replace
 
 import pytest
 import torch
@@ -182,3 +183,21 @@ def test_the_deadline_probe_times_training_steps_not_the_set_up_before_them(monk
         callback.on_step_end(None, SimpleNamespace(global_step=step), SimpleNamespace(should_training_stop=False))
     assert plan.per_step == pytest.approx(1.5)
     assert plan.total == int((3600 - 46 - 7.5) / 1.5 * 0.9) + grpo.PROBE_STEPS  # the steps that fit, planned from the real step time
+
+
+def test_generation_is_compiled_only_with_time_left_for_the_compile(monkeypatch):
+    from types import SimpleNamespace
+
+    import trainers.grpo as grpo
+    calls = []
+    monkeypatch.setattr(grpo, "can_compile_decode", lambda model, device: True)  # as on a GPU
+    monkeypatch.setattr(grpo, "compile_decode", lambda *a: calls.append("compile"))
+    monkeypatch.setattr(grpo, "first_decode", lambda *a: calls.append("probe") or True)
+    trainer = SimpleNamespace(model=None, generation_config=None,
+                              args=SimpleNamespace(per_device_train_batch_size=8, steps_per_generation=1))
+    g = grpo.grpo_settings(TrainConfig(model_path="m", train_file="t", dataset_type={}), "cuda")
+    tok = lambda prompts: {"input_ids": [[1, 2, 3] for _ in prompts]}  # noqa: E731
+    assert not grpo.fast_generation(trainer, g, tok, ["p"], "cuda", deadline=time.time() + 60) and calls == []
+    assert grpo.fast_generation(trainer, g, tok, ["p"], "cuda", deadline=time.time() + 3600)
+    assert calls == ["compile", "probe"]
+    assert not grpo.fast_generation(trainer, replace(g, compiled_decode=False), tok, ["p"], "cuda")

@@ -45,6 +45,10 @@ CPU_DEFAULTS = {"max_completion_length": 32, "dev_max_completion": 32}
 # A quarter takes a 1.24 B model (Llama-3.2-1B: 14 bytes per parameter, 17.4 GB, on an 80 GB H100).
 GRPO_MASTER_SHARE = 0.25
 
+# Generation is compiled (decoding.py) only when at least this much of the training window is left:
+# the compile takes 10-60 s at 0.5-1 B before the first step, more on larger models.
+COMPILE_WINDOW_S = 600.0
+
 
 def grpo_settings(cfg: TrainConfig, device_type: str = "cuda") -> GrpoSettings:
     """cfg.grpo with each unset knob at its default for the device (the planner may set any)."""
@@ -220,7 +224,7 @@ def train(run: GrpoRun) -> dict:
     t0 = time.time()
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=Dataset.from_list(run.train),
                           processing_class=run.tokenizer, optimizers=(optimizer, scheduler), callbacks=[callback])
-    compiled = fast_generation(trainer, g, run.tokenizer, [r["prompt"] for r in run.train], device)
+    compiled = fast_generation(trainer, g, run.tokenizer, [r["prompt"] for r in run.train], device, cfg.train_deadline)
     trainer.train()
     return {"history": callback.history, "steps": plan.resume_step + trainer.state.global_step,
             "planned_steps": plan.total, "best": callback.best, "train_rows": len(run.train), "dev_rows": len(run.dev),
@@ -240,11 +244,14 @@ def grpo_args(cfg: TrainConfig, g: GrpoSettings, device_type: str) -> dict:
                 gradient_checkpointing=False, disable_tqdm=True)
 
 
-def fast_generation(trainer, g: GrpoSettings, tokenizer, prompts: list[str], device) -> bool:
+def fast_generation(trainer, g: GrpoSettings, tokenizer, prompts: list[str], device, deadline: float = 0.0) -> bool:
     """The trainer's generation decodes under CUDA graphs from a static cache (decoding.py) where the
-    device and the model allow it and g.compiled_decode is on; whether it does."""
+    device and the model allow it, g.compiled_decode is on and the deadline leaves time for the
+    compile (COMPILE_WINDOW_S); whether it does."""
     if not g.compiled_decode or not can_compile_decode(trainer.model, device):
         return False
+    if deadline and deadline - time.time() < COMPILE_WINDOW_S:
+        return False  # the compile (up to minutes on large models) would eat most of what is left
     compile_decode(trainer.model, trainer.generation_config, cache_length(tokenizer, prompts, g.max_completion_length))
     batch = trainer.args.per_device_train_batch_size * trainer.args.steps_per_generation  # one generate call's
     return first_decode(trainer.model, tokenizer, prompts, batch, trainer.generation_config)
