@@ -28,9 +28,11 @@ class GrpoSettings:
     def __post_init__(self):
         for f in fields(self):
             value, least = getattr(self, f.name), 0 if f.name == "beta" else 1
-            if f.name == "compiled_decode" and value not in (None, True, False):
-                raise ValueError(f"TrainConfig.grpo.compiled_decode must be None (on), true or false, got {value!r}")
-            if f.name in ("sandbox", "compiled_decode"):
+            if f.name == "sandbox":
+                continue
+            if f.name == "compiled_decode":
+                if value not in (None, True, False):
+                    raise ValueError(f"TrainConfig.grpo.compiled_decode must be None (on), true or false, got {value!r}")
                 continue
             if value is not None and not (isinstance(value, (int, float)) and value >= least):
                 raise ValueError(f"TrainConfig.grpo.{f.name} must be None (the default) or >= {least}, got {value!r}")
