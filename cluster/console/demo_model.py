@@ -56,10 +56,12 @@ FAMILIES = tuple(_FAMILY_SHAPES)
 
 
 def build_tiny_model(out: Path, texts: list[str], family: str = "llama", vocab_size: int = 2048,
-                     bos_prefix: bool = False) -> Path:
+                     bos_prefix: bool = False, seed: int = 0) -> Path:
     """A randomly initialised model of `family` and a byte-level BPE tokenizer trained on
     `texts`, saved in HF format. `bos_prefix` makes the tokenizer add a BOS to every encoding
-    (as Llama-3 tokenizers do), which the instruct formatting must handle."""
+    (as Llama-3 tokenizers do), which the instruct formatting must handle. The weights come from
+    `seed` (not the caller's RNG state), so a test suite sees the same models in any order."""
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -79,6 +81,9 @@ def build_tiny_model(out: Path, texts: list[str], family: str = "llama", vocab_s
     ids = dict(bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
     config = AutoConfig.for_model(family, vocab_size=len(fast), **_FAMILY_SHAPES[family], **ids)
     out.mkdir(parents=True, exist_ok=True)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out)
     fast.save_pretrained(out)
     return out
