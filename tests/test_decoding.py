@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from trainers.decoding import CACHE_ROUND, cache_length, can_compile_decode, compile_decode, first_decode
+from trainers.decoding import CACHE_ROUND, KEPT_CACHES, cache_length, can_compile_decode, compile_decode, first_decode
 from trainers.modeling import load_tokenizer
 
 PROMPTS = ["Q: What is 2 plus 2?\nA:", "Q: Name a colour that is not blue, not red and not green.\nA:", "Hi"]
@@ -47,6 +47,26 @@ def test_static_cache_decodes_the_same_tokens_with_one_cache_length(base_model):
     static = _greedy(model, tokenizer, PROMPTS, generation_config=config)
     assert seen == [length, length]
     assert torch.equal(static, dynamic)
+
+
+def test_one_static_cache_serves_every_call_of_a_shape(base_model):
+    """A new cache per call would be new static addresses for the CUDA graph (a re-recording per
+    call): the same object comes back, reset, and still decodes what the dynamic cache does."""
+    tokenizer = load_tokenizer(str(base_model))
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).eval()
+    others = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time there was a"]
+    want = [_greedy(model, tokenizer, p) for p in (PROMPTS, others, PROMPTS)]
+    config = model.generation_config.__class__.from_dict(model.generation_config.to_dict())
+    compile_decode(model, config, cache_length(tokenizer, PROMPTS + others, 12))
+    caches, prepare = [], model._prepare_static_cache
+    model._prepare_static_cache = lambda *a, **k: caches.append(prepare(*a, **k)) or caches[-1]
+    got = [_greedy(model, tokenizer, p, generation_config=config) for p in (PROMPTS, others, PROMPTS)]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))  # a reused cache holds nothing of the last call
+    assert len(caches) == 3 and caches[0] is caches[1] is caches[2]
+    for rows in ([PROMPTS[0]], PROMPTS[:2], PROMPTS):  # other batch sizes: their own caches, the oldest freed
+        _greedy(model, tokenizer, rows, generation_config=config)
+    assert KEPT_CACHES == 2 and len(model._kept_static_caches) == 2
+    assert caches[-1] is not caches[0]  # two other shapes came between: the first one's memory went
 
 
 def test_trl_generation_goes_through_the_static_cache(tmp_path, base_model):

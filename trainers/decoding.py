@@ -13,6 +13,12 @@ The cache is sized once, for the longest prompt of the run plus the completion, 
 cache of a new length recompiles the decode step (transformers keeps the longest length seen, so a
 longer prompt than counted costs one recompile, not a failure). Sampling is unchanged: the same
 logits processors and the same sampler as the dynamic path.
+
+One cache object serves every call (`keep_one_cache`). transformers makes a new StaticCache per
+`generate`; its tensors are static inputs of the graph, held by address, so each new cache makes
+inductor record the decode step's graph again (once per call) and keep the old recording as one
+more child node to check on every later decode step: a cost that grows with the run's length.
+transformers 4.x kept one cache per model (`self._cache`, reset per call) for this reason.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import warnings
 import torch
 
 CACHE_ROUND = 64  # cache lengths round up to this: a few tokens more of cache, no recompiles
+KEPT_CACHES = 2   # cache shapes kept (e.g. training's and a dev pass's generation batch); older ones freed
 
 
 def hf_model(model):
@@ -50,6 +57,31 @@ def compile_decode(model, generation_config, length: int) -> None:
     # transformers sizes a static cache at max(this call's need, the longest so far): set the run's
     # longest now, so that the first batch's cache is already the one every later batch reuses
     hf._previous_max_cache_length = max(length, getattr(hf, "_previous_max_cache_length", 0))
+    keep_one_cache(hf)
+
+
+def keep_one_cache(hf) -> dict:
+    """Makes `hf.generate` reuse its static cache (reset: zeroed, length 0) while the batch size
+    and length stay the same, instead of allocating a new one per call (see the module docstring).
+    The kept caches by (implementation, batch, length), at most KEPT_CACHES of them."""
+    kept = getattr(hf, "_kept_static_caches", None)
+    if kept is not None:
+        return kept
+    make, kept = hf._prepare_static_cache, {}
+
+    def prepare(cache_implementation, batch_size, max_cache_len, *args, **kwargs):
+        key = (cache_implementation, batch_size, max(max_cache_len, getattr(hf, "_previous_max_cache_length", -1)))
+        cache = kept.pop(key, None)
+        if cache is None:
+            while len(kept) >= KEPT_CACHES:
+                kept.pop(next(iter(kept)))  # the least recently used
+            cache = make(cache_implementation, batch_size, max_cache_len, *args, **kwargs)
+        else:
+            cache.reset()
+        kept[key] = cache
+        return cache
+    hf._prepare_static_cache, hf._kept_static_caches = prepare, kept
+    return kept
 
 
 def first_decode(model, tokenizer, prompts: list[str], batch: int, generation_config) -> bool:
@@ -73,6 +105,7 @@ def first_decode(model, tokenizer, prompts: list[str], batch: int, generation_co
         warnings.warn(f"GRPO generation: the compiled decode step failed ({type(err).__name__}: {err}); "
                       "generating with a dynamic cache, uncompiled")
         generation_config.cache_implementation, generation_config.disable_compile = None, True
+        getattr(hf_model(model), "_kept_static_caches", {}).clear()  # no cache memory held for nothing
         return False
     finally:
         model.train(was_training)
