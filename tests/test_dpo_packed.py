@@ -117,3 +117,27 @@ def test_full_fine_tune_references_come_from_the_path_that_trains():
     collated = PairPlan(packed=False, batch_tokens=10_000, max_batch=64).collate(train + dev, 0, CPU)
     losses = PairLoss(model)(return_losses=True, **collated)  # every reference is there: none computed
     assert torch.allclose(losses, torch.full_like(losses, 0.693147), atol=1e-6)  # the untrained policy: ln 2
+
+
+def test_label_smoothing_steps_the_smoothed_loss_and_reports_the_plain_one():
+    """cDPO: the gradient is that of (1-e) L(m) + e L(-m) (the swapped pair's loss), computed from
+    full logits; the values returned stay the validator's plain per-pair losses."""
+    from trainers.dpo_format import dpo_loss, sequence_logps
+
+    model, e = _tiny(), 0.2
+    pairs = _with_reference(_pairs(2), model)
+    model.zero_grad()
+    policy = sequence_logps(model, pairs, 0, CPU)
+    reference = torch.tensor([ex.ref for ex in pairs]).T
+    plain = dpo_loss(policy, reference)
+    ((1 - e) * plain + e * dpo_loss(policy.flip(0), reference.flip(0))).mean().backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss, plan = PairLoss(model, chunk=24, smoothing=e), PairPlan(packed=False, batch_tokens=10_000, max_batch=64)
+    collated = plan.collate(pairs, 0, CPU)
+    assert torch.allclose(loss(return_losses=True, **collated), plain.detach(), atol=1e-5)
+    mean = loss(**collated)
+    assert mean.item() == pytest.approx(plain.mean().item(), abs=1e-5)
+    mean.backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, want_grads[name], atol=1e-6, rtol=1e-3), name

@@ -77,6 +77,8 @@ class TrainConfig:
     max_seq_len: int | None = None     # None: the validator's evaluation length
     kl_coef: float = 0.0               # a KL-weighted Instruct task (USE_KL/KL_COEF): train, evaluate and select on
                                        # CE + kl_coef x mean KL(model || base) over label tokens, as it is scored
+    dpo_label_smoothing: float = 0.0   # DPO: train on (1-e) x the pair's loss + e x the loss of the swapped pair
+                                       # (cDPO); the dev metric and selection stay the validator's plain loss
     # selection and deadline
     dev_fraction: float = 0.05
     max_dev_rows: int = 256
@@ -165,6 +167,7 @@ def _problems(c: TrainConfig) -> list[str]:
     rules += [(name, lambda v: v >= 0, ">= 0") for name in (
         "lora_alpha", "lora_mlp_r", "weight_decay", "max_grad_norm", "kl_coef", "max_dev_rows", "train_deadline",
         "max_steps", "base_margin_se", "max_rollbacks", "num_workers", "cpu_threads", "n_params")]
+    rules += [("dpo_label_smoothing", lambda v: 0 <= v < 0.5, "in [0, 0.5)")]
     rules += [(name, lambda v: 0 <= v <= 1, "in [0, 1]") for name in (
         "lora_dropout", "warmup_fraction", "min_lr_ratio", "dev_fraction", "eval_share", "ema_decay",
         "dev_pass_lr_ratio")]

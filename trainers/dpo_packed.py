@@ -67,15 +67,16 @@ class PairLoss(CausalLMLoss):
 
     sample_losses = True  # forward(return_losses=True): one value per pair (instruct.Steps.dev_loss)
 
-    def __init__(self, model, beta: float = BETA, chunk: int = CHUNK_ROWS, base_weights: bool = False):
+    def __init__(self, model, beta: float = BETA, chunk: int = CHUNK_ROWS, base_weights: bool = False,
+                 smoothing: float = 0.0):
         super().__init__(model)
-        self.beta, self.chunk, self.base_weights = beta, chunk, base_weights
+        self.beta, self.chunk, self.base_weights, self.smoothing = beta, chunk, base_weights, smoothing
 
     def _dpo(self, input_ids, label_index, label_targets, seq_index, pair_rows, reference, **layout):
         hidden, head = self._hidden(input_ids, **layout)
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=input_ids.is_cuda):
             return linear_dpo(hidden.index_select(0, label_index), head, label_targets, seq_index, reference,
-                              pair_rows, self.beta, self.chunk)
+                              pair_rows, self.beta, self.chunk, self.smoothing)
 
     def forward(self, pairs: list[PairExample], return_losses: bool = False, **layout):
         self.fill_references(pairs, **layout)
@@ -111,4 +112,5 @@ def pair_fast_path(model, cfg, device: torch.device, longest: int, reference=Non
     base's log-probs come from the adapter switched off (LoRA) or, with `base_weights`, from
     the model as it is (dpo.precompute_for_full, before training)."""
     plan = fast_plan(model, cfg, device, longest)
-    return PairLoss(model, base_weights=base_weights), PairPlan(**{f.name: getattr(plan, f.name) for f in fields(plan)})
+    loss = PairLoss(model, base_weights=base_weights, smoothing=cfg.dpo_label_smoothing)
+    return loss, PairPlan(**{f.name: getattr(plan, f.name) for f in fields(plan)})

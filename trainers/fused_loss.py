@@ -157,7 +157,7 @@ class _FusedPairLoss(torch.autograd.Function):
     onehot) from the same chunk; a pair larger than a chunk has its logits made twice."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, seq, reference, pair_rows, beta, chunk):
+    def forward(ctx, hidden, weight, targets, seq, reference, pair_rows, beta, chunk, smoothing):
         n_pairs = reference.shape[1]
         grads = _HeadGrads(hidden, weight)
         logps = torch.zeros(2 * n_pairs, dtype=torch.float32, device=hidden.device)
@@ -173,7 +173,10 @@ class _FusedPairLoss(torch.autograd.Function):
                 continue
             pol, ref = logps[2 * p:2 * q].view(-1, 2), reference[:, p:q].T
             margin = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
-            d_margin = -beta * torch.sigmoid(-beta * margin) / n_pairs  # d(mean loss)/d(margin)
+            # d(mean loss)/d(margin); label smoothing e: the loss (1-e) L(m) + e L(-m), whose gradient turns
+            # back to 0 at a finite margin (a confident pair stops being pushed further)
+            d_margin = beta * (smoothing * torch.sigmoid(beta * margin)
+                               - (1 - smoothing) * torch.sigmoid(-beta * margin)) / n_pairs
             d_logp = torch.stack([d_margin, -d_margin], 1).reshape(-1)  # per sequence of the group
             for (s, e), grad in zip(parts, kept):
                 if grad is None:
@@ -188,14 +191,17 @@ class _FusedPairLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_mean, _grad_losses, _grad_policy):
-        return (*_HeadGrads.scaled(ctx, grad_mean), None, None, None, None, None, None)
+        return (*_HeadGrads.scaled(ctx, grad_mean), None, None, None, None, None, None, None)
 
 
 def linear_dpo(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, seq: torch.Tensor,
                reference: torch.Tensor, pair_rows: list[int], beta: float,
-               chunk: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               chunk: int = CHUNK_ROWS, smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean over pairs of -logsigmoid(beta x margin), per-pair losses and the policy's [2, B]
     summed log-probs, both without grad). hidden (n, d): the scored rows, pair by pair (chosen's,
     then rejected's); targets (n,) the tokens they predict; seq (n,) each row's sequence, 2i for
-    pair i's chosen, 2i + 1 for its rejected; reference [2, B] fp32; pair_rows: rows per pair."""
-    return _FusedPairLoss.apply(hidden, weight, targets, seq, reference.float(), list(pair_rows), beta, chunk)
+    pair i's chosen, 2i + 1 for its rejected; reference [2, B] fp32; pair_rows: rows per pair.
+    `smoothing` e > 0: the gradient is that of the label-smoothed loss (1-e) L(m) + e L(-m); the
+    values returned stay the plain loss (the validator's metric)."""
+    return _FusedPairLoss.apply(hidden, weight, targets, seq, reference.float(), list(pair_rows), beta, chunk,
+                                smoothing)
