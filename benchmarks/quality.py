@@ -182,7 +182,7 @@ def run_one(task_dir: Path, model: Path, name: str, hp: dict, seed: int, budget_
     (default: work/out, which the next run overwrites); `per_sample` (loss tasks) also records each
     test example's metric ("losses"), whose mean is the score."""
     from trainers.config import TrainConfig
-    from trainers.launch import fit
+    from trainers.seed_soup import fit_with_soup
 
     meta = test.meta
     # on the GPU torch.compile's warm-up would take most of a short budget, for every config alike
@@ -196,7 +196,7 @@ def run_one(task_dir: Path, model: Path, name: str, hp: dict, seed: int, budget_
                       run_name=f"{task_dir.name}-{name}-{seed}-{budget_s:g}s",
                       num_workers=0, use_gpu=DEVICE.type == "cuda", train_deadline=started + budget_s, seed=seed,
                       max_dev_rows=128, batch_tokens=2048, extra=extra, **hp)
-    outcome = fit(cfg, out or work / "out")
+    outcome = fit_with_soup(cfg, out or work / "out")  # one run unless cfg.soup_runs > 1 and more fit
     wall = time.time() - started
     losses = test.per_sample_path(outcome.model_dir) if per_sample else None
     metric = sum(losses) / len(losses) if per_sample else test.score_path(outcome.model_dir)
@@ -206,7 +206,7 @@ def run_one(task_dir: Path, model: Path, name: str, hp: dict, seed: int, budget_
             "higher_better": test.higher_better, "steps": s.get("steps"),
             "selected_dev": outcome.checkpoint_metrics.get("dev_loss"),
             "weights": outcome.checkpoint_metrics.get("weights", "raw"),
-            "rollbacks": sum(1 for h in s.get("history", []) if "rollback_to" in h),
+            "rollbacks": sum(1 for h in s.get("history", []) if "rollback_to" in h), "soup": s.get("soup"),
             "wall_s": round(wall, 1), "t_start": round(started, 1), "t_end": round(time.time(), 1), "hp": hp}
 
 

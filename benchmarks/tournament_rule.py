@@ -146,15 +146,16 @@ def ours_config(runs, task: str) -> dict:
 # judged against the same defenders in the same run. "lr_xK": ours at K x its LR; "lora": the planner's
 # LoRA hyperparameters (what the tournament trains on a CPU, and what the quality benchmark measured);
 # "guardK": ours with the base guard at K paired standard errors (trainers/averaging.clearly_better);
-# "epK": K planned epochs; "lsK": DPO label smoothing K (cDPO); "full": the planner's full fine-tune (what the
-# tournament trains on a GPU), e.g. on a CPU beside its LoRA.
+# "epK": K planned epochs; "lsK": DPO label smoothing K (cDPO); "soupK": up to K runs averaged (seed_soup.py; 1: one
+# run); "full": the planner's full fine-tune (what the tournament trains on a GPU), e.g. on a CPU beside its LoRA.
 def alt_config(runs, task: str, name: str) -> dict:
     """`name`'s changes to ours, applied left to right; "+" joins several (e.g. full+lr_x1.6)."""
     from tuning.priors import default_hparams
 
     hp = ours_config(runs, task)
     scaled = {"lr_x": ("lr", lambda hp, k: hp["lr"] * k), "ep": ("epochs", lambda hp, k: k),
-              "guard": ("base_margin_se", lambda hp, k: k), "ls": ("dpo_label_smoothing", lambda hp, k: k)}
+              "guard": ("base_margin_se", lambda hp, k: k), "ls": ("dpo_label_smoothing", lambda hp, k: k),
+              "soup": ("soup_runs", lambda hp, k: int(k))}
     for part in name.split("+"):
         prefix = next((p for p in scaled if part.startswith(p)), None)
         try:
@@ -166,7 +167,7 @@ def alt_config(runs, task: str, name: str) -> dict:
             else:
                 raise ValueError(part)
         except ValueError:
-            raise SystemExit(f"unknown --alt {name!r}: lr_x<K>, ep<K>, guard<K>, ls<K>, lora, full, joined by +") from None
+            raise SystemExit(f"unknown --alt {name!r}: lr_x<K>, ep<K>, guard<K>, ls<K>, soup<K>, lora, full, joined by +") from None
     return hp
 
 
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where each run's exported model folder is kept")
     parser.add_argument("--out", default=str(RESULTS / "judge_parity_rule"))
     parser.add_argument("--report-only", action="store_true", help="judge the --jsonl runs, train nothing")
-    parser.add_argument("--alt", nargs="*", default=[], help="alternative challengers also trained: lr_x<K>, ep<K> (epochs), guard<K>, ls<K> (DPO label smoothing), lora, full (joined by +)")
+    parser.add_argument("--alt", nargs="*", default=[], help="alternative challengers also trained: lr_x<K>, ep<K> (epochs), guard<K>, ls<K> (DPO label smoothing), soup<K> (runs averaged), lora, full (joined by +)")
     parser.add_argument("--command", default="", help="the command that made the runs, for the report")
     args = parser.parse_args(argv)
     bench = Path(args.bench)

@@ -151,6 +151,7 @@ def test_every_visible_gpu_trains_with_the_clusters_planner(size, task, gpus, me
     assert cfg.num_workers * cfg.cpus_per_worker <= kwargs["num_cpus"]
     # a per-sample duel: the trained weights go out whenever dev says better (no 2-SE base guard)
     assert cfg.base_margin_se == 0.0 < TrainConfig.base_margin_se
+    assert cfg.soup_runs == 3 > TrainConfig.soup_runs  # the window's unspent time as more runs, averaged
     monkeypatch.setenv("MINER_TRAIN_OPTIONS", '{"base_margin_se": 1.5}')  # the operator's word is the last
     _, cfg, _ = prepare(args, load_settings(), load_tournament_env(), hw, tmp_path / "work", time.time())
     assert cfg.base_margin_se == 1.5
@@ -198,6 +199,29 @@ def _look(out: Path) -> bool | None:
     swapped = os.fstat(fd).st_ino != os.stat(out).st_ino  # no longer the output folder (being deleted)
     os.close(fd)
     return None if swapped else ok
+
+
+@pytest.mark.ray
+def test_a_full_fine_tune_with_time_left_trains_a_seed_soup_and_leaves_one_model(roots, base_model, demo_task,
+                                                                                monkeypatch, capsys):
+    """The entrypoint end to end on the CPU, with the full fine-tune a GPU would plan (the operator's
+    option here, and 2 runs for the test's time): the window holds another run, it trains, the dev choice is the one model in the
+    output folder, and the runs' folders leave the validator's volume."""
+    monkeypatch.setenv("MINER_TRAIN_OPTIONS", '{"method": "full", "epochs": 1, "lr": 1e-4, "soup_runs": 2}')
+    task_id = str(uuid.uuid4())
+    (roots[1] / "datasets" / f"{task_id}_train_data.json").write_text(json.dumps(demo_task["train"][:200]))
+    assert main(_args(task_id, base_model, "https://s3.example/x.json", demo_task["dataset_type"], "InstructTextTask",
+                      hours="0.1")) == 0
+    log = capsys.readouterr().out
+    work = roots[0] / task_id / ".work"
+    soup = json.loads((work / "soup.json").read_text())
+    assert soup["runs"] == 2 and "[soup] run 2 of up to 2" in log, log[-2000:]
+    assert soup["chosen"] in ("average", "run 1", "run 2")
+    assert json.loads((work / "summary.json").read_text())["soup"] == soup
+    out = roots[0] / task_id / "tournament-x"
+    assert model_folders(out) == [out] and checkpoint_is_complete(out)
+    assert sorted(p.name for p in (roots[0] / task_id).iterdir()) == [".work", "tournament-x"]
+    assert not (work / "runs").exists() and not (work / "model").exists()
 
 
 def test_output_folder_holds_exactly_one_complete_model_at_every_moment(tmp_path):

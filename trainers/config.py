@@ -101,6 +101,10 @@ class TrainConfig:
     dev_pass: bool = False             # at the end, one epoch over the dev rows at lr x dev_pass_lr_ratio
     dev_pass_lr_ratio: float = 0.25
     seed: int = 42
+    order_seed: int = 0                # added to the seed of the batch order and torch's RNG only: another run of the
+                                       # same recipe on the same dev split (a seed soup's member)
+    soup_runs: int = 1                 # full SFT/DPO: up to this many runs of the recipe while whole ones fit the window,
+                                       # averaged when dev says so (seed_soup.py); 1: one run
     # resources
     num_workers: int = 1
     use_gpu: bool = False
@@ -163,10 +167,11 @@ def _problems(c: TrainConfig) -> list[str]:
              ("max_seq_len", lambda v: v is None or v >= 1, "None or >= 1")]
     rules += [(name, lambda v: v > 0, "> 0") for name in ("lr", "epochs", "batch_tokens", "cpus_per_worker")]
     rules += [(name, lambda v: v >= 1, ">= 1") for name in (
-        "last_layers", "lora_r", "probe_batches", "max_batch", "grad_accum", "saves", "soup_size", "rollback_patience")]
+        "last_layers", "lora_r", "probe_batches", "max_batch", "grad_accum", "saves", "soup_size", "rollback_patience",
+        "soup_runs")]
     rules += [(name, lambda v: v >= 0, ">= 0") for name in (
         "lora_alpha", "lora_mlp_r", "weight_decay", "max_grad_norm", "kl_coef", "max_dev_rows", "train_deadline",
-        "max_steps", "base_margin_se", "max_rollbacks", "num_workers", "cpu_threads", "n_params")]
+        "max_steps", "base_margin_se", "max_rollbacks", "num_workers", "cpu_threads", "n_params", "order_seed")]
     rules += [("dpo_label_smoothing", lambda v: 0 <= v < 0.5, "in [0, 0.5)")]
     rules += [(name, lambda v: 0 <= v <= 1, "in [0, 1]") for name in (
         "lora_dropout", "warmup_fraction", "min_lr_ratio", "dev_fraction", "eval_share", "ema_decay",

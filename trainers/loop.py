@@ -96,7 +96,7 @@ def setup(cfg: TrainConfig, recipe: Recipe) -> Setup:
     if device.type == "cpu":
         # OMP_NUM_THREADS wins when set (shared CPUs: spinning extra threads under load is slow).
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // max(1, world)))
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + cfg.order_seed)
     log = print if rank == 0 else lambda *_: None
     cfg = zero3_supported(cfg, recipe, log=log)
 
@@ -187,7 +187,7 @@ class SftLoop:
         run.engine.module.train()
         done, t_prev = False, time.time()
         while not done:
-            batches = run.steps.batches(run.shard, cfg.seed + self.epoch)
+            batches = run.steps.batches(run.shard, cfg.seed + cfg.order_seed + self.epoch)
             for i, batch in enumerate(batches):
                 self.micro += 1
                 if self.micro <= self.plan.resume_step * cfg.grad_accum:

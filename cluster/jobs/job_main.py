@@ -156,10 +156,10 @@ def run_job(task_id: str, settings: Settings) -> int:
         phase("search")
         JobPaths(job_dir).hparams.write_text(json.dumps(cfg.to_dict(), indent=2))
         store.update_job(task_id, hparams=cfg.to_dict())
-        from trainers.launch import fit
+        from trainers.seed_soup import fit_with_soup
 
         with TrainingMonitor(job_dir / PROGRESS_FILE, task_id, job.task_type, job.deadline):
-            outcome = fit(cfg, job_dir / "model")
+            outcome = fit_with_soup(cfg, job_dir / "model")
         phase("train")
         for fault in outcome.faults:
             store.add_fault(task_id, fault)

@@ -233,14 +233,14 @@ def run(args: argparse.Namespace, settings: Settings, env: TournamentEnv) -> int
 
     if not ray.is_initialized():
         ray.init(**ray_init_kwargs(hw, temp_dir=str(Path(settings.tmp_dir) / "ray")))
-    from trainers.launch import fit
+    from trainers.seed_soup import fit_with_soup
 
     export = LiveExport(JobPaths(work).runs, out_dir, args.model, env.export_poll_s).start()
     try:
-        outcome = fit(cfg, work / "model")
+        outcome = fit_with_soup(cfg, work / "model")
         export.finish(outcome.model_dir)
         (work / "summary.json").write_text(json.dumps(outcome.summary, indent=2, default=str))
-        for bulky in ("runs", "model"):  # checkpoints on the validator's volume: only the logs stay
+        for bulky in ("runs", "model"):  # checkpoints (and a seed soup's runs) on the validator's volume: only the logs stay
             shutil.rmtree(work / bulky, ignore_errors=True)
     except Exception as exc:
         traceback.print_exc()

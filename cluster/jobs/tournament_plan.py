@@ -33,7 +33,9 @@ GIB = 1024**3
 # the base, which lost 61.8% of the decided samples to the strong recipe, where the plain dev comparison
 # published weights that won 57.5% of them (a knockout-round advance; benchmarks/results/judge_parity.md §3,
 # judge_parity_rule_cpu.md): the trained weights go out whenever dev says better.
-TOURNAMENT_TRAIN_OPTIONS = {"base_margin_se": 0.0}
+# A full fine-tune that ends long before the window trains up to 3 runs in other batch orders and averages
+# them (trainers/seed_soup.py): the average wins more of the samples (judge_parity.md, "Seed soups").
+TOURNAMENT_TRAIN_OPTIONS = {"base_margin_se": 0.0, "soup_runs": 3}
 RAY_OBJECT_STORE_MAX = 2 * GIB  # training passes no large objects through Ray: keep shm for NCCL/dataloaders
 
 
