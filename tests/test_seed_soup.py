@@ -2,6 +2,7 @@
 other batch orders on the same dev split, averaged when dev says so; none when they do not fit."""
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,3 +92,22 @@ def test_no_second_run_when_the_first_one_fills_the_window(tmp_path, tiny_models
     assert outcome.summary["steps"] < 200  # 200 epochs are >= 200 steps: the deadline, not the plan, ended it
     assert "soup" not in outcome.summary and not soup_dir(cfg).exists()
     assert (outcome.model_dir / "model.safetensors").exists()
+
+
+def test_a_failed_extra_run_keeps_the_run_already_made(tmp_path, tiny_models, demo_task, monkeypatch):
+    """The second run fails for real inside Ray Train (its data is gone): the first run's model
+    stays the outcome, and no third run is tried."""
+    import trainers.seed_soup as seed_soup
+
+    cfg = _cfg(tmp_path, tiny_models["qwen2"], demo_task, soup_runs=3, train_deadline=time.time() + 600)
+    calls, real_fit = [], seed_soup.fit
+
+    def fit_losing_the_data(run_cfg, out):
+        calls.append(run_cfg.run_name)
+        if len(calls) == 2:
+            Path(run_cfg.train_file).unlink()
+        return real_fit(run_cfg, out)
+    monkeypatch.setattr(seed_soup, "fit", fit_losing_the_data)
+    outcome = fit_with_soup(cfg, tmp_path / "model")
+    assert calls == ["ft", "ft-order1"] and "soup" not in outcome.summary
+    assert (outcome.model_dir / "model.safetensors").exists() and outcome.checkpoint_metrics["dev_loss"] > 0

@@ -75,10 +75,16 @@ def fit_with_soup(cfg: TrainConfig, out_dir: Path) -> TrainOutcome:
         k, t0 = len(members), time.time()
         print(f"[soup] run {k + 1} of up to {cfg.soup_runs}: the last took {durations[-1]:.0f} s, "
               f"{cfg.train_deadline - t0:.0f} s are left", flush=True)
-        members.append(fit(replace(cfg, run_name=f"{cfg.run_name}-order{k}", order_seed=cfg.order_seed + k),
-                           soup_dir(cfg) / f"run{k}"))
+        try:
+            member = fit(replace(cfg, run_name=f"{cfg.run_name}-order{k}", order_seed=cfg.order_seed + k),
+                         soup_dir(cfg) / f"run{k}")
+            score = judge.score(member.model_dir)
+        except Exception as exc:  # noqa: BLE001 - an extra run never costs the runs already made
+            print(f"[soup] run {k + 1} failed ({type(exc).__name__}: {exc}); no more runs", flush=True)
+            break
+        members.append(member)
         durations.append(time.time() - t0)
-        scores.append(judge.score(members[-1].model_dir))
+        scores.append(score)
     if len(members) == 1:
         return first
     try:
