@@ -2,6 +2,7 @@
 other batch orders on the same dev split, averaged when dev says so; none when they do not fit."""
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,11 @@ def test_the_average_is_the_mean_of_every_tensor(tmp_path, tiny_models, demo_tas
     for name in a:
         assert torch.allclose(avg[name], (a[name] + b[name]) / 2, atol=1e-6)
     judge = DevJudge(cfg)
-    assert judge.score(dirs[0]) < judge.score(dirs[1])  # the noisy copy is worse than the base on dev
+    plain = [judge.score(d) for d in dirs]
+    assert plain[0] < plain[1]  # the noisy copy is worse than the base on dev
+    # a KL-weighted task: + kl_coef x KL to the base, which is 0 for the base's own weights
+    weighted = DevJudge(replace(cfg, kl_coef=0.5))
+    assert weighted.score(dirs[0]) == pytest.approx(plain[0], abs=1e-5) and weighted.score(dirs[1]) > plain[1]
 
 
 def test_no_second_run_when_the_first_one_fills_the_window(tmp_path, tiny_models, demo_task):
