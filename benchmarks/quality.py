@@ -110,9 +110,7 @@ class TestSet:
     GRPO keeps the rows for trainers.grpo_eval.score_model (its reward sandbox starts per score)."""
 
     def __init__(self, task_dir: Path, model: Path, grpo_rows: int):
-        from trainers.batching import make_batches
-        from trainers.dpo import fill_reference
-        from trainers.evaluate import BATCH_TOKENS, load_submission
+        from trainers.evaluate import fill_references, load_submission
         from trainers.formats import tokenize_task
         from trainers.modeling import load_tokenizer
 
@@ -129,8 +127,7 @@ class TestSet:
         self.pad_id = tokenizer.pad_token_id
         self.examples = tokenize_task(self.task_type, rows, self.meta["dataset_type"], tokenizer, base.config).examples
         if self.task_type == "DpoTask":
-            for batch in make_batches(self.examples, BATCH_TOKENS, 16, seed=0):
-                fill_reference(base, batch, self.pad_id, DEVICE)
+            fill_references(base, self.examples, self.pad_id)
         # a task.json carrying kl_coef is a KL-weighted Instruct task: scored loss + kl_coef x KL(model || base)
         self.kl_coef = float(self.meta.get("kl_coef") or 0.0)
         self.base_model = base if self.kl_coef else None

@@ -72,13 +72,19 @@ def chat_loss(model, base_model: str, rows: list[dict], dataset_type: dict) -> f
     return sft_loss(model, base_model, rows, dataset_type, "ChatTask")
 
 
+def fill_references(base, examples: list, pad_id: int) -> None:
+    """The base's (chosen, rejected) log-probs on every DPO pair (dpo.fill_reference), in batches
+    of at most BATCH_TOKENS padded tokens, on the base's device."""
+    for batch in make_batches(examples, BATCH_TOKENS, 16, seed=0):
+        fill_reference(base, batch, pad_id, _device(base))
+
+
 def dpo_eval_loss(model, base_model: str, rows: list[dict], dataset_type: dict, reference=None) -> float:
     """The reference is the base model (loaded here unless given)."""
     tokenizer = load_tokenizer(str(base_model))
     examples = tokenize_task("DpoTask", rows, dataset_type, tokenizer, model.config).examples
     reference = reference if reference is not None else load_submission(base_model)
-    for batch in make_batches(examples, BATCH_TOKENS, 16, seed=0):
-        fill_reference(reference, batch, tokenizer.pad_token_id, _device(reference))
+    fill_references(reference, examples, tokenizer.pad_token_id)
     return dev_loss(model, examples, tokenizer.pad_token_id, _device(model), BATCH_TOKENS, DPO)
 
 

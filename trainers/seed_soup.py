@@ -141,9 +141,9 @@ class DevJudge:
     def __init__(self, cfg: TrainConfig):
         from transformers import AutoConfig
 
-        from .batching import make_batches
         from .dev_split import split_dev
-        from .dpo import DPO, fill_reference
+        from .dpo import DPO
+        from .evaluate import fill_references
         from .formats import tokenize_task
         from .instruct import SFT
         from .modeling import load_submission, load_tokenizer
@@ -163,8 +163,7 @@ class DevJudge:
             else None
         if self.recipe is DPO:  # the reference log-probs, once, kept on the dev pairs
             self.base.to(self.device)
-            for batch in make_batches(self.dev, BATCH_TOKENS, 16, seed=0):
-                fill_reference(self.base, batch, self.pad_id, self.device)
+            fill_references(self.base, self.dev, self.pad_id)
             self.base = None
 
     def score(self, folder: Path) -> float:
