@@ -147,7 +147,7 @@ def ours_config(runs, task: str) -> dict:
 # LoRA hyperparameters (what the tournament trains on a CPU, and what the quality benchmark measured);
 # "guardK": ours with the base guard at K paired standard errors (trainers/averaging.clearly_better);
 # "epK": K planned epochs; "lsK": DPO label smoothing K (cDPO); "soupK": up to K runs averaged (seed_soup.py; 1: one
-# run); "full": the planner's full fine-tune (what the tournament trains on a GPU), e.g. on a CPU beside its LoRA.
+# run); "shrink": a DPO full fine-tune shrunk toward the base by dev (dpo_shrink.py); "full": the planner's full fine-tune (what the tournament trains on a GPU), e.g. on a CPU beside its LoRA.
 def alt_config(runs, task: str, name: str) -> dict:
     """`name`'s changes to ours, applied left to right; "+" joins several (e.g. full+lr_x1.6)."""
     from tuning.priors import default_hparams
@@ -162,12 +162,15 @@ def alt_config(runs, task: str, name: str) -> dict:
             if prefix:
                 key, value = scaled[prefix]
                 hp = {**hp, key: value(hp, float(part[len(prefix):]))}
+            elif part == "shrink":
+                hp = {**hp, "dpo_shrink": True}
             elif part in ("lora", "full"):
                 hp = {**hp, **default_hparams(runs.n_params, runs.task_type(task), part), "saves": hp["saves"]}
             else:
                 raise ValueError(part)
         except ValueError:
-            raise SystemExit(f"unknown --alt {name!r}: lr_x<K>, ep<K>, guard<K>, ls<K>, soup<K>, lora, full, joined by +") from None
+            raise SystemExit(f"unknown --alt {name!r}: lr_x<K>, ep<K>, guard<K>, ls<K>, soup<K>, shrink, lora, full, "
+                             "joined by +") from None
     return hp
 
 
@@ -239,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where each run's exported model folder is kept")
     parser.add_argument("--out", default=str(RESULTS / "judge_parity_rule"))
     parser.add_argument("--report-only", action="store_true", help="judge the --jsonl runs, train nothing")
-    parser.add_argument("--alt", nargs="*", default=[], help="alternative challengers also trained: lr_x<K>, ep<K> (epochs), guard<K>, ls<K> (DPO label smoothing), soup<K> (runs averaged), lora, full (joined by +)")
+    parser.add_argument("--alt", nargs="*", default=[], help="alternative challengers also trained: lr_x<K>, ep<K> (epochs), guard<K>, ls<K> (DPO label smoothing), soup<K> (runs averaged), shrink (DPO toward the base), lora, full (joined by +)")
     parser.add_argument("--command", default="", help="the command that made the runs, for the report")
     args = parser.parse_args(argv)
     bench = Path(args.bench)

@@ -40,6 +40,15 @@ def test_near_duplicates_never_straddle_the_split_and_lengths_are_stratified():
     assert abs(short(dev) - short(examples)) < 0.08
 
 
+def test_the_dev_split_leaves_at_least_half_the_rows_to_train():
+    """A recipe's dev_scale (DPO: 4x) times a large dev_fraction would make every row dev and leave
+    the run nothing to train on."""
+    rng = random.Random(1)
+    examples = [_example([rng.randrange(8000) for _ in range(20)]) for _ in range(100)]
+    train, dev = split_dev(examples, fraction=1.0, max_dev=1000, seed=0)
+    assert 45 <= len(dev) <= 50 and len(train) + len(dev) == 100
+
+
 def _params(*values):
     return [torch.nn.Parameter(torch.tensor([v])) for v in values]
 

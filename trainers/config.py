@@ -79,6 +79,8 @@ class TrainConfig:
                                        # CE + kl_coef x mean KL(model || base) over label tokens, as it is scored
     dpo_label_smoothing: float = 0.0   # DPO: train on (1-e) x the pair's loss + e x the loss of the swapped pair
                                        # (cDPO); the dev metric and selection stay the validator's plain loss
+    dpo_shrink: bool = False           # DPO full fine-tune: publish base + a x (tuned - base) for the a in dpo_shrink.ALPHAS
+                                       # whose dev pairs give the surest gain over the base (the boss round's bound)
     # selection and deadline
     dev_fraction: float = 0.05
     max_dev_rows: int = 256

@@ -18,6 +18,7 @@ N_HASHES = 64
 BANDS = 16
 THRESHOLD = 0.8
 STRATA = 4
+MAX_FRACTION = 0.5
 _PRIME = (1 << 31) - 1
 
 
@@ -65,10 +66,11 @@ def near_duplicate_groups(token_lists: list[list[int]]) -> list[int]:
 
 def split_dev(examples: list, fraction: float, max_dev: int, seed: int) -> tuple[list, list]:
     """(train, dev): about min(max_dev, fraction x rows) dev rows, drawn as whole near-duplicate
-    groups, per length quartile in proportion to its size. No dev split under 20 examples."""
+    groups, per length quartile in proportion to its size; never more than half the rows (a recipe's
+    dev_scale can push the fraction to 1). No dev split under 20 examples."""
     if fraction <= 0 or len(examples) < 20:
         return examples, []
-    n_dev = max(1, min(max_dev, int(len(examples) * fraction)))
+    n_dev = max(1, min(max_dev, int(len(examples) * min(fraction, MAX_FRACTION))))
     group_of = near_duplicate_groups([tokens_of(ex) for ex in examples])
     groups: dict[int, list[int]] = {}
     for i, g in enumerate(group_of):

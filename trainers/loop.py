@@ -110,6 +110,9 @@ def setup(cfg: TrainConfig, recipe: Recipe) -> Setup:
     base = loading.result()
     train, dev = split_dev(data.examples, cfg.dev_fraction * recipe.dev_scale,
                            int(cfg.max_dev_rows * recipe.dev_scale), cfg.seed)
+    if not train:
+        raise ValueError(f"no training rows: {len(rows)} rows, {data.dropped} too long for {data.max_len} tokens, "
+                         f"{len(dev)} in the dev split")
     shard = train[rank::world]
     if recipe.prepare:
         base.to(device)

@@ -51,11 +51,19 @@ def wants_soup(cfg: TrainConfig) -> bool:
 
 def fit_with_soup(cfg: TrainConfig, out_dir: Path) -> TrainOutcome:
     """`fit`, then while a whole run more fits before cfg.train_deadline (and cfg.soup_runs allows),
-    one more in another order; the average of the runs or the best of them, by dev, in `out_dir`."""
+    one more in another order; the average of the runs or the best of them, by dev, in `out_dir`;
+    then (cfg.dpo_shrink) shrunk toward the base where dev says so (dpo_shrink.py)."""
+    from .dpo_shrink import shrink_toward_base
+
+    outcome, judge = _soup(cfg, out_dir)
+    return shrink_toward_base(cfg, outcome, judge)
+
+
+def _soup(cfg: TrainConfig, out_dir: Path) -> tuple[TrainOutcome, DevJudge | None]:
     started = time.time()
     first = fit(cfg, out_dir)
     if not wants_soup(cfg):
-        return first
+        return first, None
     members, durations = [first], [time.time() - started]
     try:
         t0 = time.time()
@@ -64,7 +72,7 @@ def fit_with_soup(cfg: TrainConfig, out_dir: Path) -> TrainOutcome:
         eval_s = time.time() - t0  # an upper bound of one score: it includes the dev split's set-up
     except Exception as exc:  # noqa: BLE001 - no dev metric to choose by: the one run it is
         print(f"[soup] no dev metric ({type(exc).__name__}: {exc}); one run", flush=True)
-        return first
+        return first, None
     weight_bytes = sum(p.stat().st_size for p in Path(out_dir).glob("*.safetensors"))
 
     def finish_s(runs: int) -> float:  # the next run's score, the average made and scored
@@ -86,7 +94,7 @@ def fit_with_soup(cfg: TrainConfig, out_dir: Path) -> TrainOutcome:
         durations.append(time.time() - t0)
         scores.append(score)
     if len(members) == 1:
-        return first
+        return first, judge
     try:
         average = average_weights([m.model_dir for m in members], soup_dir(cfg) / "average")
         average_dev = judge.score(average)
@@ -109,7 +117,7 @@ def fit_with_soup(cfg: TrainConfig, out_dir: Path) -> TrainOutcome:
     (Path(out_dir).parent / "soup.json").write_text(json.dumps(record, indent=2))
     metrics = {"dev_loss": average_dev, "weights": "soup"} if chosen == "average" else members[best].checkpoint_metrics
     return TrainOutcome(Path(out_dir), {**first.summary, "soup": record}, metrics,
-                        [f for m in members for f in m.faults])
+                        [f for m in members for f in m.faults]), judge
 
 
 def average_weights(dirs: list[Path], out: Path) -> Path:
@@ -165,6 +173,19 @@ class DevJudge:
             self.base.to(self.device)
             fill_references(self.base, self.dev, self.pad_id)
             self.base = None
+
+    def losses(self, folder: Path) -> list[float]:
+        """The validator's per-sample metric (without the KL term) of each dev example."""
+        from .instruct import sample_losses
+        from .modeling import load_submission
+
+        model = load_submission(folder).to(self.device)
+        try:
+            return sample_losses(model, self.dev, self.pad_id, self.device, BATCH_TOKENS, self.recipe)
+        finally:
+            del model
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the next run's workers plan from free memory
 
     def score(self, folder: Path) -> float:
         from .evaluate import mean_kl_to_base
