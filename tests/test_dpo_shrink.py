@@ -59,6 +59,10 @@ def test_interpolation_is_base_plus_a_times_the_update_by_tensor_name(tmp_path):
     assert got["a"].dtype == torch.bfloat16
     assert torch.allclose(got["a"].float(), (a + 0.25 * (tuned["a"].float() - a)).bfloat16().float())
     assert torch.allclose(got["b"], b * 1.5) and torch.equal(got["head"], torch.ones(2))
+    save_file({"model.a": a, "model.b": b}, str(tmp_path / "base" / "model-00001-of-00002.safetensors"))
+    (tmp_path / "base" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ValueError, match="do not match"):  # names of another convention: no line to move on
+        interpolate_weights(tmp_path / "base", tmp_path / "tuned", 0.25, tmp_path / "out")
 
 
 def test_a_fine_tune_worse_than_its_base_is_shrunk_and_the_shrunk_weights_go_out(tmp_path, tiny_models, demo_task):

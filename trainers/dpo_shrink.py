@@ -107,7 +107,11 @@ def interpolate_weights(base_dir: Path, tuned_dir: Path, alpha: float, out: Path
     for shard in sorted(Path(base_dir).glob("*.safetensors")):
         handle = safe_open(str(shard), "pt")
         base.update({name: handle for name in handle.keys()})
-    for shard in sorted(Path(tuned_dir).glob("*.safetensors")):
+    tuned_shards = sorted(Path(tuned_dir).glob("*.safetensors"))
+    names = [name for shard in tuned_shards for name in safe_open(str(shard), "pt").keys()]
+    if sum(name in base for name in names) < len(names) / 2:  # another naming: the line would be no line
+        raise ValueError(f"the base's tensors ({len(base)}) do not match the tuned model's ({len(names)}) by name")
+    for shard in tuned_shards:
         tuned, tensors = safe_open(str(shard), "pt"), {}
         for name in tuned.keys():
             value = tuned.get_tensor(name)
