@@ -147,7 +147,8 @@ def ours_config(runs, task: str) -> dict:
 # LoRA hyperparameters (what the tournament trains on a CPU, and what the quality benchmark measured);
 # "guardK": ours with the base guard at K paired standard errors (trainers/averaging.clearly_better);
 # "epK": K planned epochs; "lsK": DPO label smoothing K (cDPO); "soupK": up to K runs averaged (seed_soup.py; 1: one
-# run); "shrink": a DPO full fine-tune shrunk toward the base by dev (dpo_shrink.py); "full": the planner's full fine-tune (what the tournament trains on a GPU), e.g. on a CPU beside its LoRA.
+# run); "shrink": a DPO full fine-tune shrunk toward the base by dev (dpo_shrink.py); "full": the planner's full
+# fine-tune (what the tournament trains on a GPU), e.g. on a CPU beside its LoRA.
 def alt_config(runs, task: str, name: str) -> dict:
     """`name`'s changes to ours, applied left to right; "+" joins several (e.g. full+lr_x1.6)."""
     from tuning.priors import default_hparams

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from .config import TrainConfig
-from .launch import TrainOutcome, replace_dir
+from .launch import TrainOutcome, export_checkpoint
 
 ALPHAS = (0.75, 0.5, 0.35)   # tried below the trained weights' 1.0; below ~0.3 the mean gain falls off
 Z = 2.326                    # the one-sided 99% normal quantile: the boss round's confidence
@@ -80,10 +80,7 @@ def shrink_toward_base(cfg: TrainConfig, outcome: TrainOutcome, judge=None) -> T
     print("[shrink] dev gain lower bounds: " + ", ".join(f"a={a:g} {b:+.4f}" for a, b in bounds.items())
           + f" -> a={chosen:g}", flush=True)
     if chosen != 1.0:
-        tmp = out_dir.with_name(out_dir.name + ".shrink")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(work / f"a{chosen}", tmp)
-        replace_dir(tmp, out_dir)
+        export_checkpoint(work / f"a{chosen}", out_dir)
     shutil.rmtree(work, ignore_errors=True)
     record = {"alphas": list(bounds), "dev_gain_lb": list(bounds.values()), "dev": list(means.values()),
               "chosen": chosen}
@@ -107,17 +104,17 @@ def interpolate_weights(base_dir: Path, tuned_dir: Path, alpha: float, out: Path
     for shard in sorted(Path(base_dir).glob("*.safetensors")):
         handle = safe_open(str(shard), "pt")
         base.update({name: handle for name in handle.keys()})
-    tuned_shards = sorted(Path(tuned_dir).glob("*.safetensors"))
-    names = [name for shard in tuned_shards for name in safe_open(str(shard), "pt").keys()]
+    tuned = {shard: safe_open(str(shard), "pt") for shard in sorted(Path(tuned_dir).glob("*.safetensors"))}
+    names = [name for handle in tuned.values() for name in handle.keys()]
     if sum(name in base for name in names) < len(names) / 2:  # another naming: the line would be no line
         raise ValueError(f"the base's tensors ({len(base)}) do not match the tuned model's ({len(names)}) by name")
-    for shard in tuned_shards:
-        tuned, tensors = safe_open(str(shard), "pt"), {}
-        for name in tuned.keys():
-            value = tuned.get_tensor(name)
+    for shard, handle in tuned.items():
+        tensors = {}
+        for name in handle.keys():
+            value = handle.get_tensor(name)
             if name in base:
                 start = base[name].get_tensor(name).float()
                 value = (start + alpha * (value.float() - start)).to(value.dtype)
             tensors[name] = value
-        save_file(tensors, str(out / shard.name), metadata=tuned.metadata())
+        save_file(tensors, str(out / shard.name), metadata=handle.metadata())
     return out

@@ -23,6 +23,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import torch
 
 from .config import TrainConfig
 from .evaluate import BATCH_TOKENS
-from .launch import TrainOutcome, fit, replace_dir
+from .launch import TrainOutcome, export_checkpoint, fit
 
 SOUP_TASKS = {"InstructTextTask", "ChatTask", "DpoTask"}
 MARGIN = 1.25               # another run starts only when 1.25x the longest run so far still fits, and the finish
@@ -106,10 +107,7 @@ def _soup(cfg: TrainConfig, out_dir: Path) -> tuple[TrainOutcome, DevJudge | Non
     print(f"[soup] dev: runs {', '.join(f'{s:.4f}' for s in scores)}, average {average_dev:.4f} -> {chosen}", flush=True)
     source = average if chosen == "average" else members[best].model_dir
     if source != out_dir:
-        tmp = out_dir.with_name(out_dir.name + ".soup")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp)
-        replace_dir(tmp, out_dir)
+        export_checkpoint(source, out_dir)
     # dev: each candidate evaluated here; run_dev: what each run's own loop measured on its dev split
     record = {"runs": len(members), "run_s": [round(d, 1) for d in durations], "dev": scores,
               "run_dev": [m.checkpoint_metrics.get("dev_loss") for m in members],
@@ -174,31 +172,33 @@ class DevJudge:
             fill_references(self.base, self.dev, self.pad_id)
             self.base = None
 
-    def losses(self, folder: Path) -> list[float]:
-        """The validator's per-sample metric (without the KL term) of each dev example."""
-        from .instruct import sample_losses
+    @contextmanager
+    def _loaded(self, folder: Path):
         from .modeling import load_submission
 
         model = load_submission(folder).to(self.device)
         try:
-            return sample_losses(model, self.dev, self.pad_id, self.device, BATCH_TOKENS, self.recipe)
+            yield model
         finally:
             del model
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # the next run's workers plan from free memory
 
+    def losses(self, folder: Path) -> list[float]:
+        """The validator's per-sample metric (without the KL term) of each dev example."""
+        from .instruct import sample_losses
+
+        with self._loaded(folder) as model:
+            return sample_losses(model, self.dev, self.pad_id, self.device, BATCH_TOKENS, self.recipe)
+
     def score(self, folder: Path) -> float:
         from .evaluate import mean_kl_to_base
         from .instruct import dev_loss
-        from .modeling import load_submission
 
-        model = load_submission(folder).to(self.device)
-        score = float(dev_loss(model, self.dev, self.pad_id, self.device, BATCH_TOKENS, self.recipe))
-        if self.base is not None:  # a KL-weighted task
-            self.base.to(self.device)
-            score += self.kl_coef * mean_kl_to_base(model, self.base, self.dev)
-            self.base.to("cpu")
-        del model
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # the next run's workers plan from free memory
+        with self._loaded(folder) as model:
+            score = float(dev_loss(model, self.dev, self.pad_id, self.device, BATCH_TOKENS, self.recipe))
+            if self.base is not None:  # a KL-weighted task
+                self.base.to(self.device)
+                score += self.kl_coef * mean_kl_to_base(model, self.base, self.dev)
+                self.base.to("cpu")
         return score
